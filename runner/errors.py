@@ -1,0 +1,98 @@
+"""The runner's exceptions: one root, each carrying the exit code the contract gives it.
+
+    RunnerError (exit 1)
+    ├── JobInvalid (exit 2)          the job file: every problem with file, row and column
+    ├── ConfigError (exit 2)         options, environment, settings
+    ├── PreflightRefused (exit 3)    the provider cannot take the job as it stands
+    ├── LedgerLocked (exit 75)       another process holds this run key
+    ├── LedgerError (exit 2)         the ledger file cannot be used
+    └── ProviderError (exit 1)       the provider cannot be used at all (not one row's outcome)
+        └── AuthenticationFailed (exit 2)
+
+A single row's refusal, retry or unknown outcome is *not* an exception: it is a value of
+`runner.providers.base.Outcome`. Exceptions here stop a command; the CLI catches only
+`RunnerError`, prints its one-line message and exits with `exit_code`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class RunnerError(Exception):
+    """Root of everything the runner raises on purpose."""
+
+    exit_code: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a job file, located as precisely as the file allows."""
+
+    file: str
+    message: str
+    row: int | None = None
+    column: str | None = None
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.column is not None:
+            where.append(f"column {self.column}")
+        return f"{', '.join(where)}: {self.message}"
+
+
+class JobInvalid(RunnerError):
+    """The job file cannot be run; `problems` lists every problem found (up to a cap)."""
+
+    exit_code = 2
+
+    def __init__(self, problems: Sequence[Problem], truncated: int = 0) -> None:
+        self.problems = tuple(problems)
+        self.truncated = truncated
+        first = str(self.problems[0]) if self.problems else "invalid job"
+        more = len(self.problems) - 1 + truncated
+        suffix = f" (and {more} more problem{'s' if more != 1 else ''})" if more else ""
+        super().__init__(first + suffix)
+
+
+class ConfigError(RunnerError):
+    """An option, environment variable or setting is invalid."""
+
+    exit_code = 2
+
+
+class PreflightRefused(RunnerError):
+    """The provider's state (wallet, cards, limits) cannot take the job: nothing was sent."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        self.problems = tuple(problems)
+        super().__init__(message)
+
+
+class LedgerLocked(RunnerError):
+    """Another process holds the ledger's lock for this run key."""
+
+    exit_code = 75
+
+
+class LedgerError(RunnerError):
+    """The ledger cannot be opened or does not hold what was asked for."""
+
+    exit_code = 2
+
+
+class ProviderError(RunnerError):
+    """The provider cannot be used at all: unreachable, or answering nonsense to every call."""
+
+    exit_code = 1
+
+
+class AuthenticationFailed(ProviderError):
+    """The provider refused our credentials; nothing can be sent with them."""
+
+    exit_code = 2

@@ -1,0 +1,1 @@
+"""Card-platform adapters behind one protocol; nothing outside this package imports aiohttp."""

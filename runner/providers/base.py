@@ -1,0 +1,166 @@
+"""The provider protocol and the closed set of outcomes every adapter maps its answers to.
+
+A topup ends in exactly one of four outcomes, decided in one place per adapter:
+
+    Applied      the money moved (or, `pending=True`, was accepted and will settle later)
+    Refused      final refusal; the provider proves nothing was applied
+    RetryLater   nothing was applied and it is safe to send again, `after` seconds from now
+    Unknown      the answer was lost: money may have moved; reconcile before anything else
+
+Reconciling an `Unknown` ends in `Applied`, `NotApplied` or `Unknown` again (cannot tell).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """The provider applied the topup (or accepted it, when `pending`)."""
+
+    fee: Decimal | None = None
+    total_charged: Decimal | None = None
+    card_balance_after: Decimal | None = None
+    wallet_balance_after: Decimal | None = None
+    transaction_id: str | None = None
+    invoice_id: str | None = None
+    pending: bool = False
+    # How the outcome was learned: "response", or "reconciled" from provider state.
+    source: str = "response"
+
+
+class RefusalCode(enum.StrEnum):
+    """Why a provider refused a topup for good."""
+
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    CARD_LIMIT = "card_limit"
+    CARD_NOT_FOUND = "card_not_found"
+    INVALID_AMOUNT = "invalid_amount"
+    CARD_INACTIVE = "card_inactive"
+    REJECTED = "rejected"  # any other refusal the provider states
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A final refusal: nothing was applied and sending again would be refused again."""
+
+    code: RefusalCode
+    message: str
+
+
+class RetryKind(enum.StrEnum):
+    """Why a retry is safe, which decides whether it costs an attempt."""
+
+    COOLDOWN = "cooldown"  # the card's cooldown: reschedule the card, no attempt spent
+    RATE_LIMITED = "rate_limited"  # the provider's rate limit: slow the run, no attempt spent
+    TRANSIENT = "transient"  # refused before applying (connection refused, 503 ...): costs one
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    """Nothing was applied; send again no sooner than `after` seconds (None: our own backoff)."""
+
+    kind: RetryKind
+    message: str
+    after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """The outcome is not known: money may have moved. Never retried before reconciling."""
+
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotApplied:
+    """Reconciliation proved the topup was not applied: it is safe to send again."""
+
+    message: str
+
+
+Outcome = Applied | Refused | RetryLater | Unknown
+Settlement = Applied | NotApplied | Unknown
+
+
+class CardStatus(enum.StrEnum):
+    ACTIVE = "active"
+    FROZEN = "frozen"
+    CLOSED = "closed"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class CardState:
+    """What the provider says of a card at one moment; the snapshot reconciliation compares."""
+
+    card_id: str
+    status: CardStatus
+    balance: Decimal
+    deposit: Decimal | None = None
+    currency: str = "USD"
+    limit: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRules:
+    """What a provider documents about amounts and pacing."""
+
+    min_amount: Decimal
+    max_amount: Decimal
+    default_cooldown: float = 0.0
+    supports_idempotency_key: bool = False
+
+
+class Throttle(Protocol):
+    """The run's shared request pacing: every request to the provider goes through it."""
+
+    async def acquire(self) -> None: ...
+
+    def slow_down(self, retry_after: float | None) -> None: ...
+
+
+class UnlimitedThrottle:
+    """A throttle that never waits, for one-off calls outside a run."""
+
+    async def acquire(self) -> None:
+        return None
+
+    def slow_down(self, retry_after: float | None) -> None:
+        return None
+
+
+class Provider(Protocol):
+    """A card platform as the runner sees it."""
+
+    name: str
+    rules: ProviderRules
+
+    async def wallet_balance(self) -> Decimal:
+        """The wallet's balance; raises `ProviderError` (or `AuthenticationFailed`)."""
+        ...
+
+    async def get_card(self, card_id: str) -> CardState | None:
+        """The card's current state, None when the provider does not know it."""
+        ...
+
+    async def list_cards(self) -> Mapping[str, CardState]:
+        """Every card the account can see, in as few requests as the API allows."""
+        ...
+
+    async def topup(
+        self, card_id: str, amount: Decimal, *, idempotency_key: str | None = None
+    ) -> Outcome:
+        """Send one topup and classify the answer; never raises for a row's outcome."""
+        ...
+
+    async def reconcile(self, card_id: str, amount: Decimal, before: CardState) -> Settlement:
+        """Establish from provider state whether a topup of `amount` after `before` applied."""
+        ...
+
+    async def aclose(self) -> None: ...

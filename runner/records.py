@@ -1,0 +1,62 @@
+"""What the ledger keeps and the report shows about each job row: its status and its record."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+
+class RowStatus(enum.StrEnum):
+    """A row's status as the contract names it; the last three are final for a run."""
+
+    NOT_ATTEMPTED = "not_attempted"  # nothing sent (yet, or the run stopped / preflight refused)
+    PENDING = "pending"  # accepted by the provider, final status awaited (Alix)
+    SUCCEEDED = "succeeded"  # applied and confirmed
+    FAILED = "failed"  # refused or given up: nothing applied
+    NEEDS_REVIEW = "needs_review"  # the outcome could not be established: never retried blindly
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RowStatus.SUCCEEDED, RowStatus.FAILED, RowStatus.NEEDS_REVIEW)
+
+
+@dataclass(frozen=True, slots=True)
+class RowRecord:
+    """One job row with everything known about its outcome; the report's `Results` line."""
+
+    row: int
+    card_id: str
+    amount: Decimal
+    reference: str = ""
+    extra: tuple[tuple[str, str], ...] = ()
+    status: RowStatus = RowStatus.NOT_ATTEMPTED
+    fee: Decimal | None = None
+    total_charged: Decimal | None = None
+    card_balance_before: Decimal | None = None
+    card_balance_after: Decimal | None = None
+    wallet_balance_after: Decimal | None = None
+    transaction_id: str | None = None
+    invoice_id: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What the report's Summary sheet says about the run as a whole."""
+
+    run_key: str
+    provider: str
+    job_file: str
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    extra_columns: tuple[str, ...] = ()
+    notes: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def is_sandbox(self) -> bool:
+        return self.provider == "sandbox"
