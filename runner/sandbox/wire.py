@@ -1,0 +1,118 @@
+"""What every simulated API needs on the wire: JSON with exact decimals, connections dropped
+without an answer, a proxy's error page, and simulated waits that shutdown cuts short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from decimal import Decimal
+from typing import TypeAlias
+
+from aiohttp import web
+
+from runner.sandbox.config import CENT
+
+JSON: TypeAlias = (
+    bool | int | float | str | Decimal | Sequence["JSON"] | Mapping[str, "JSON"] | None
+)
+
+
+def dumps(value: JSON) -> str:
+    """JSON text of `value`, each Decimal written as a number with exactly two decimals.
+
+    json.dumps would need a float for that, and a float is not the amount.
+    """
+    if isinstance(value, Decimal):
+        return f"{value.quantize(CENT):f}"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if value is None or isinstance(value, bool | int | float):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        items = (f"{json.dumps(str(key))}:{dumps(item)}" for key, item in value.items())
+        return "{" + ",".join(items) + "}"
+    return "[" + ",".join(dumps(item) for item in value) + "]"
+
+
+def json_response(
+    payload: JSON, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        text=dumps(payload), status=status, headers=headers, content_type="application/json"
+    )
+
+
+# nginx's code for "closed without a response": what the access log shows; nothing is sent.
+DROPPED_STATUS = 444
+
+
+def drop_connection(request: web.BaseRequest) -> web.Response:
+    """Close the connection so that the client gets no answer at all.
+
+    Return the result from the handler: aiohttp then fails to write it to the closed transport,
+    takes that for a client that went away and logs at debug level only. Raising instead would
+    make aiohttp log an error and try to send a 500.
+    """
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=DROPPED_STATUS)
+
+
+_PROXY_PAGE = """<html>
+<head><title>{status} {reason}</title></head>
+<body>
+<center><h1>{status} {reason}</h1></center>
+<hr><center>nginx</center>
+</body>
+</html>
+"""
+
+
+def proxy_error_page(status: int = 502, reason: str = "Bad Gateway") -> web.Response:
+    """The HTML page a reverse proxy answers when the API behind it fails: not JSON at all."""
+    text = _PROXY_PAGE.format(status=status, reason=reason)
+    return web.Response(text=text, status=status, content_type="text/html")
+
+
+class Delays:
+    """Simulated waits (latency, slow answers) that end at once when the server shuts down.
+
+    aiohttp does not wait for handlers whose client has gone, so `close` waits for the tracked
+    ones itself: stopping the sandbox then leaves no handler sleeping behind it.
+    """
+
+    def __init__(self) -> None:
+        self._closing = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._active = 0
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Count a handler as in flight until the block exits."""
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the server is shutting down."""
+        if seconds <= 0 or self._closing.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
+
+    async def close(self, grace: float = 2.0) -> None:
+        """End every pause and wait (up to `grace` seconds) for tracked handlers to finish."""
+        self._closing.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
