@@ -980,8 +980,9 @@ def test_card_rejects_bad_status() -> None:
 
 def test_config_repr_hides_the_token() -> None:
     """The repr is readable and never shows the token."""
-    text = repr(SandboxConfig(token=TOKEN))
+    text = repr(SandboxConfig(token=TOKEN, fault_kinds=("slow",)))
     assert TOKEN not in text
+    assert "fault_kinds=('slow',)" in text
     assert text.startswith("SandboxConfig(token='uc_***', wallet_balance=Decimal('1000000.00')")
 
 

@@ -225,7 +225,7 @@ class SandboxConfig:
             if item.name == "token" and value is not None:
                 shown.append("token='uc_***'")  # a repr ends up in logs; the token must not
             elif item.name == "fault_kinds":
-                shown.append(f"fault_kinds=({', '.join(repr(str(kind)) for kind in value)})")
+                shown.append(f"fault_kinds={tuple(str(kind) for kind in value)!r}")
             else:
                 shown.append(f"{item.name}={value!r}")
         return f"SandboxConfig({', '.join(shown)})"
