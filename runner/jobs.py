@@ -47,7 +47,7 @@ _EXCEL_SCIENTIFIC = re.compile(r"[0-9](?:\.[0-9]+)?E\+[0-9]{1,3}", re.IGNORECASE
 _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _PLAIN_INT = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 # Bump when the canonical form changes: run keys derived from digests must not collide.
-_DIGEST_VERSION = "topup-runner job content v1"
+_DIGEST_VERSION = "topup-runner job content v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -702,7 +702,9 @@ def _validate(table: _Table, problems: _Problems) -> tuple[tuple[JobRow, ...], s
             text = str(amount)
         amounts[position] = text
         rows.append(JobRow(position + 1, card_id, amount, reference, extra))
-    digest = _content_digest(names, [card_ids, amounts, references, *extras])
+    # Only what moves money counts: fixing a typo in a name column must resume the run,
+    # not start a new one that pays everyone a second time.
+    digest = _content_digest([card_ids, amounts, references])
     return tuple(rows), digest
 
 
@@ -755,16 +757,16 @@ def _card_id_problem(card_id: str) -> str | None:
 # Content digest
 
 
-def _content_digest(extra_columns: list[str], columns: list[list[str]]) -> str:
+def _content_digest(columns: list[list[str]]) -> str:
     """sha256 of the rows' canonical form, whatever the file's format, encoding or line endings.
 
-    The form is column-wise (card_id, amount with two decimals, reference, each extra column),
+    The form is column-wise (card_id, amount with two decimals, reference),
     each column's values joined by the unit separator, length-prefixed; a column in which a
     value holds that separator is JSON-encoded instead, so the form is always unambiguous.
     """
     count = len(columns[0])
     digest = hashlib.sha256()
-    header = [_DIGEST_VERSION, extra_columns, count]
+    header = [_DIGEST_VERSION, count]
     digest.update(json.dumps(header, ensure_ascii=False).encode())
     for values in columns:
         joined = "\x1f".join(values)

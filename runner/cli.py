@@ -1,0 +1,201 @@
+"""The `topup-runner` command: parse arguments, build settings, call the engine, exit.
+
+Only `RunnerError` is caught: it is printed as one line per problem and turned into the
+contract's exit code. Anything else is a bug, reported as one line too (set TOPUP_DEBUG=1
+for the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+
+from runner.config import Settings, resolve_settings
+from runner.errors import JobInvalid, PreflightRefused, RunnerError
+from runner.jobs import Job, load_job
+from runner.logs import configure_logging
+from runner.records import RowStatus
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(exc: RunnerError) -> None:
+    if isinstance(exc, JobInvalid):
+        for problem in exc.problems:
+            click.echo(f"topup-runner: error: {problem}", err=True)
+        if exc.truncated:
+            click.echo(f"topup-runner: error: … and {exc.truncated} more problems", err=True)
+        click.echo("topup-runner: the job is invalid: nothing was sent", err=True)
+    elif isinstance(exc, PreflightRefused):
+        click.echo(f"topup-runner: error: {exc}", err=True)
+    else:
+        click.echo(f"topup-runner: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def guarded(func: F) -> F:
+    """Turn the runner's errors into one-line messages and the contract's exit codes."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RunnerError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            click.echo("topup-runner: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if os.environ.get("TOPUP_DEBUG"):
+                raise
+            click.echo(
+                f"topup-runner: internal error: {type(exc).__name__}: {exc} "
+                "(set TOPUP_DEBUG=1 for a traceback)",
+                err=True,
+            )
+            sys.exit(1)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def run_options(func: F) -> F:
+    """The options `run` and `check` share; each also comes from TOPUP_* and the job file."""
+    options = [
+        click.option("--provider", type=click.Choice(["sandbox", "uncash", "alix"])),
+        click.option("--base-url", help="The provider's API root."),
+        click.option("--output", type=click.Path(path_type=Path), help="Report (.xlsx or .csv)."),
+        click.option("--ledger", help="SQLite ledger path (default: per-user state dir)."),
+        click.option("--run-key", help="Names the run; the same key resumes it."),
+        click.option("--rate-limit", help="Requests per second, all requests together."),
+        click.option("--cooldown", help="Seconds between two topups of one card."),
+        click.option("--concurrency", help="Requests in flight at once."),
+        click.option("--max-attempts", help="Attempts per row for failures safe to retry."),
+        click.option("--timeout", help="Seconds per request."),
+        click.option("--log-format", type=click.Choice(["console", "json"])),
+        click.option("--no-progress", "no_progress", is_flag=True, help="No progress bar."),
+        click.option("--wait-settle", help="Seconds to wait for pending rows to settle."),
+        click.option(
+            "--allow-partial",
+            is_flag=True,
+            default=None,
+            help="Run the rows preflight accepts; set aside the rest as failed.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(job: Job, opts: dict[str, Any]) -> Settings:
+    cli = {k: v for k, v in opts.items() if k != "no_progress"}
+    cli["progress"] = False if opts.get("no_progress") else None
+    return resolve_settings(
+        cli,
+        job_settings=job.settings,
+        job_provider=job.provider,
+        job_run_key=job.run_key,
+        job_file=str(job.path),
+    )
+
+
+@click.group()
+@click.version_option(package_name="topup-runner")
+def main() -> None:
+    """Fund many virtual cards at once, exactly once, with a report that proves it."""
+
+
+@main.command()
+@click.argument("job_file", metavar="JOB")
+@run_options
+@guarded
+def run(job_file: str, **opts: Any) -> None:
+    """Execute a job: topups, retries, report."""
+    from runner.engine import JobRunner
+
+    job = load_job(job_file)
+    settings = _settings(job, opts)
+    configure_logging(provider=settings.provider, fmt=settings.log_format)
+    result = anyio.run(JobRunner(job, settings).run)
+    counts = ", ".join(f"{n} {s.value}" for s, n in result.counts.items())
+    label = "SANDBOX run (no real money moved)" if settings.is_sandbox else f"{result.provider} run"
+    click.echo(
+        f"{label} {result.run_key}: {sum(result.counts.values())} rows: {counts}; "
+        f"{result.sent} topups sent; report {result.report}"
+        + (f"; stopped: {result.stopped}" if result.stopped else "")
+    )
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("job_file", metavar="JOB")
+@run_options
+@guarded
+def check(job_file: str, **opts: Any) -> None:
+    """Validate the job and preflight it against the provider; sends no topup."""
+    from runner.engine import check_job
+
+    job = load_job(job_file)
+    settings = _settings(job, opts)
+    configure_logging(provider=settings.provider, fmt=settings.log_format)
+    summary = anyio.run(check_job, job, settings)
+    for line in summary:
+        click.echo(line)
+
+
+@main.command()
+@click.option("--ledger", help="SQLite ledger path (default: per-user state dir).")
+@guarded
+def status(ledger: str | None) -> None:
+    """Show the runs recorded in the ledger and their rows by status."""
+    from runner.engine import default_ledger_path
+    from runner.ledger import Ledger
+
+    path = Path(ledger or os.environ.get("TOPUP_LEDGER") or default_ledger_path(os.environ))
+    if not path.exists():
+        click.echo(f"no ledger at {path}")
+        return
+    book = Ledger.open(path)
+    try:
+        runs = book.overview()
+    finally:
+        book.close()
+    if not runs:
+        click.echo(f"no runs in {path}")
+    for run_ in runs:
+        counts = " ".join(f"{s.value}={run_.by_status.get(s.value, 0)}" for s in RowStatus)
+        state = "finished" if run_.finished_at else "open"
+        click.echo(
+            f"{run_.run_key}  {run_.provider}  {run_.row_count} rows  {state}  {counts}  "
+            f"{run_.job_file}"
+        )
+
+
+@main.command()
+@click.option("--ledger", help="SQLite ledger path (default: per-user state dir).")
+@click.option("--run-key", required=True, help="The run to report on.")
+@click.option("--output", type=click.Path(path_type=Path), required=True)
+@guarded
+def report(ledger: str | None, run_key: str, output: Path) -> None:
+    """Rewrite a run's spreadsheet from the ledger."""
+    from runner.engine import default_ledger_path, rewrite_report
+
+    path = Path(ledger or os.environ.get("TOPUP_LEDGER") or default_ledger_path(os.environ))
+    written = rewrite_report(path, run_key, output)
+    click.echo(f"report {written}")
+
+
+def _register_sandbox() -> None:
+    from runner.sandbox.command import sandbox
+
+    main.add_command(sandbox)
+
+
+_register_sandbox()

@@ -1,0 +1,174 @@
+"""Settings from flags, the job's `settings:`, and `TOPUP_*` variables, validated once.
+
+Precedence: command line, then environment, then the job file, then the provider's
+defaults. The environment beats the job file so that an operator (or a cron entry) can
+override a setting without editing a payroll file that may be under review.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from runner.errors import ConfigError
+
+PROVIDERS = ("sandbox", "uncash", "alix")
+LOG_FORMATS = ("console", "json")
+_RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
+
+# What each provider gets when nothing says otherwise. Uncash documents the 120 s cooldown;
+# its rate limit is undocumented, so the default is a cautious 5 requests per second. The
+# sandbox scales its cooldown down to 2 s so that a first run takes seconds, not minutes.
+PROVIDER_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+    "sandbox": {"cooldown": 2.0, "rate_limit": 20.0, "concurrency": 8},
+    "uncash": {"cooldown": 120.0, "rate_limit": 5.0, "concurrency": 4},
+    "alix": {"cooldown": 0.0, "rate_limit": 5.0, "concurrency": 4},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a run needs to know besides the job rows and the secrets."""
+
+    provider: str = "sandbox"
+    base_url: str | None = None
+    output: Path | None = None
+    ledger: str | None = None
+    run_key: str | None = None
+    rate_limit: float | None = 20.0
+    cooldown: float = 2.0
+    concurrency: int = 8
+    max_attempts: int = 5
+    timeout: float = 30.0
+    log_format: str | None = None
+    progress: bool | None = None
+    wait_settle: float = 0.0
+    allow_partial: bool = False
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"provider: {self.provider!r} is not one of {', '.join(PROVIDERS)}")
+        if self.base_url is not None and not re.match(r"^https?://[^\s/]+", self.base_url):
+            raise ConfigError(f"base-url: {self.base_url!r} is not an http(s) URL")
+        if self.output is not None and self.output.suffix.lower() not in (".xlsx", ".csv"):
+            raise ConfigError(f"output: {self.output} must end in .xlsx or .csv")
+        if self.run_key is not None and not _RUN_KEY.match(self.run_key):
+            raise ConfigError(
+                f"run-key: {self.run_key!r} must be 1-200 letters, digits or ._:@+- "
+                "and start with a letter or digit"
+            )
+        if self.rate_limit is not None and not (
+            self.rate_limit > 0 and math.isfinite(self.rate_limit)
+        ):
+            raise ConfigError("rate-limit: must be a positive number of requests per second")
+        if not (self.cooldown >= 0 and math.isfinite(self.cooldown)):
+            raise ConfigError("cooldown: must be zero or a positive number of seconds")
+        if self.concurrency < 1:
+            raise ConfigError("concurrency: must be at least 1")
+        if self.max_attempts < 1:
+            raise ConfigError("max-attempts: must be at least 1")
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ConfigError("timeout: must be a positive number of seconds")
+        if self.log_format is not None and self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log-format: {self.log_format!r} is not console or json")
+        if not (self.wait_settle >= 0 and math.isfinite(self.wait_settle)):
+            raise ConfigError("wait-settle: must be zero or a positive number of seconds")
+
+    @property
+    def is_sandbox(self) -> bool:
+        return self.provider == "sandbox"
+
+
+def _number(kind: Callable[[str], Any]) -> Callable[[object], Any]:
+    def convert(value: object) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
+        return kind(str(value).strip())
+
+    return convert
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _optional_rate(value: object) -> float | None:
+    if str(value).strip().lower() in ("none", "unlimited"):
+        return None
+    return float(_number(float)(value))
+
+
+_CONVERT: Mapping[str, Callable[[object], Any]] = {
+    "provider": lambda v: str(v).strip().lower(),
+    "base_url": lambda v: str(v).strip(),
+    "output": lambda v: Path(str(v)).expanduser(),
+    "ledger": lambda v: str(v).strip(),
+    "run_key": lambda v: str(v).strip(),
+    "rate_limit": _optional_rate,
+    "cooldown": _number(float),
+    "concurrency": _number(int),
+    "max_attempts": _number(int),
+    "timeout": _number(float),
+    "log_format": lambda v: str(v).strip().lower(),
+    "progress": _flag,
+    "wait_settle": _number(float),
+    "allow_partial": _flag,
+}
+SETTING_NAMES = tuple(f.name for f in fields(Settings))
+
+
+def env_name(setting: str) -> str:
+    return "TOPUP_" + setting.upper()
+
+
+def _convert(name: str, value: object, source: str) -> Any:
+    try:
+        return _CONVERT[name](value)
+    except (ValueError, ArithmeticError) as exc:
+        raise ConfigError(f"{source}: {value!r} is not valid for {name}: {exc}") from None
+
+
+def resolve_settings(
+    cli: Mapping[str, object | None],
+    job_settings: Mapping[str, object] | None = None,
+    job_provider: str | None = None,
+    job_run_key: str | None = None,
+    env: Mapping[str, str] | None = None,
+    job_file: str = "job",
+) -> Settings:
+    """Merge the sources by precedence and validate the result once."""
+    env = os.environ if env is None else env
+    job_values: dict[str, object] = dict(job_settings or {})
+    if job_provider is not None:
+        job_values.setdefault("provider", job_provider)
+    if job_run_key is not None:
+        job_values.setdefault("run_key", job_run_key)
+    unknown = sorted(set(job_values) - set(SETTING_NAMES))
+    if unknown:
+        raise ConfigError(f"{job_file}: unknown setting(s) {', '.join(unknown)}")
+
+    chosen: dict[str, Any] = {}
+    for name in SETTING_NAMES:
+        if cli.get(name) is not None:
+            chosen[name] = _convert(name, cli[name], f"--{name.replace('_', '-')}")
+        elif env.get(env_name(name), "").strip():
+            chosen[name] = _convert(name, env[env_name(name)], env_name(name))
+        elif name in job_values and job_values[name] is not None:
+            chosen[name] = _convert(name, job_values[name], f"{job_file}: settings.{name}")
+
+    provider = chosen.get("provider", "sandbox")
+    for name, value in PROVIDER_DEFAULTS.get(provider, {}).items():
+        chosen.setdefault(name, value)
+    return Settings(**chosen)

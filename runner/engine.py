@@ -1,0 +1,775 @@
+"""Runs a job: preflight, dispatch under the scheduler's rules, every outcome into the ledger.
+
+One dispatch loop decides what goes next (`runner.scheduler`); one task per request in
+flight sends it and records what came back. A row's fate is decided here by the outcome's
+type, never by reading messages, and an unknown outcome is always reconciled from provider
+state before the row is touched again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import structlog
+
+from runner.config import Settings
+from runner.errors import (
+    AuthenticationFailed,
+    JobInvalid,
+    LedgerError,
+    Problem,
+    RunnerError,
+)
+from runner.jobs import Job, JobRow
+from runner.ledger import Ledger, OpenAttempt, RunSpec, utcnow
+from runner.money import format_amount
+from runner.preflight import check_amount_rules, preflight
+from runner.providers.base import (
+    Applied,
+    CardState,
+    NotApplied,
+    Refused,
+    RetryKind,
+    RetryLater,
+    Unknown,
+)
+from runner.providers.factory import open_provider, rules_for
+from runner.records import RowStatus, RunInfo
+from runner.report import write_report
+from runner.sandbox.config import SandboxConfig
+from runner.scheduler import Dispatcher, Pacer, backoff_delay, lower_bound
+
+log = structlog.get_logger("runner.engine")
+
+# A provider that keeps answering "wait" for one row is not making progress: give up on
+# the row after this many waits rather than loop for ever.
+MAX_WAITS_PER_ROW = 50
+# A refusal that says "wait N seconds" is honoured with a little slack for clock skew.
+WAIT_SLACK = 0.05
+
+
+def default_ledger_path(env: Mapping[str, str]) -> Path:
+    state = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "topup-runner" / "ledger.sqlite"
+
+
+def target_of(settings: Settings) -> str:
+    """What a run key is bound to besides the job: the platform and the account's API root."""
+    if settings.is_sandbox:
+        return "sandbox:in-process"
+    return f"{settings.provider}:{settings.base_url or 'default'}"
+
+
+def derive_run_key(job: Job, settings: Settings) -> str:
+    """Same file, same target: same key, so rerunning resumes instead of paying twice."""
+    digest = hashlib.sha256(f"{target_of(settings)}\n{job.content_digest}".encode()).hexdigest()
+    stem = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in job.path.stem)[:80]
+    return f"{stem or 'job'}-{digest[:12]}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What a run ended with; `exit_code` follows the contract."""
+
+    run_key: str
+    provider: str
+    report: Path
+    counts: Mapping[RowStatus, int]
+    sent: int
+    makespan: float | None
+    lower_bound: float
+    stopped: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        unfinished = (
+            self.counts.get(RowStatus.FAILED, 0)
+            + self.counts.get(RowStatus.NEEDS_REVIEW, 0)
+            + self.counts.get(RowStatus.NOT_ATTEMPTED, 0)
+        )
+        return 0 if unfinished == 0 else 1
+
+
+@dataclass(slots=True)
+class _Work:
+    """A row on its way: what this process knows of it between attempts."""
+
+    job_row: JobRow
+    sent: int = 0  # topup requests recorded for the row, by any process
+    spent: int = 0  # of the retry budget (transient failures, proven non-applications)
+    waits: int = 0  # cooldown and rate-limit refusals (cost no budget)
+    unresolved: OpenAttempt | None = None  # an attempt whose outcome is not known yet
+
+
+class JobRunner:
+    """One run of one job against one provider; `await run()` once."""
+
+    def __init__(
+        self,
+        job: Job,
+        settings: Settings,
+        *,
+        env: Mapping[str, str] | None = None,
+        sandbox_config: SandboxConfig | None = None,
+        clock: Callable[[], float] = anyio.current_time,
+        handle_signals: bool = True,
+        stop_grace: float | None = None,
+        reconcile_grace: float = 1.0,
+        backoff_base: float = 0.5,
+        on_row_final: Callable[[RowStatus], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.settings = settings
+        self.env: Mapping[str, str] = os.environ if env is None else env
+        self.sandbox_config = sandbox_config
+        self.clock = clock
+        self.handle_signals = handle_signals
+        self.stop_grace = settings.timeout + 5.0 if stop_grace is None else stop_grace
+        self.reconcile_grace = reconcile_grace
+        self.backoff_base = backoff_base
+        self.on_row_final = on_row_final
+        self.run_key = settings.run_key or derive_run_key(job, settings)
+        self.sent = 0
+        self._stopping: str | None = None
+        self._fatal: RunnerError | None = None
+        self._in_flight = 0
+        self._changed = anyio.Event()
+        self._cards: dict[str, CardState] = {}
+        self._stale: set[str] = set()
+        self._applied_times: list[float] = []
+        # The cooldown measured from an answer: the gap a card's rows really have between them.
+        self._dispatcher: Dispatcher[_Work] = Dispatcher(settings.cooldown)
+        self._in_doubt: dict[int, _Work] = {}
+
+    # -- the run -------------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        settings = self.settings
+        rules = rules_for(settings.provider)
+        bad = check_amount_rules(self.job.rows, rules.min_amount, rules.max_amount)
+        if bad:
+            raise JobInvalid(
+                [Problem(str(self.job.path), why, row.row, "amount") for row, why in bad[:50]],
+                truncated=max(0, len(bad) - 50),
+            )
+        with ExitStack() as stack:
+            ledger_path = self._ledger_path(stack)
+            ledger = Ledger.open(ledger_path)
+            stack.callback(ledger.close)
+            ledger.lock(self.run_key)
+            self.ledger = ledger
+            structlog.contextvars.bind_contextvars(run_key=self.run_key)
+            return await self._run_locked(ledger)
+        raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
+
+    def _ledger_path(self, stack: ExitStack) -> Path:
+        if self.settings.ledger:
+            return Path(self.settings.ledger).expanduser()
+        if self.settings.is_sandbox:
+            # A sandbox's state dies with the run, so its ledger does too unless asked to keep it.
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="topup-sandbox-"))
+            return Path(tmp) / "ledger.sqlite"
+        return default_ledger_path(self.env)
+
+    async def _run_locked(self, ledger: Ledger) -> RunResult:
+        settings = self.settings
+        job = self.job
+        spec = RunSpec(
+            run_key=self.run_key,
+            provider=settings.provider,
+            base_url=target_of(settings),
+            job_file=str(job.path),
+            job_digest=job.content_digest,
+            extra_columns=job.extra_columns,
+            row_count=len(job.rows),
+        )
+        existing = ledger.find_run(self.run_key)
+        if existing is not None and (
+            existing.job_digest != spec.job_digest or existing.base_url != spec.base_url
+        ):
+            raise LedgerError(
+                f"run key {self.run_key!r} in {ledger.path} belongs to another job or provider "
+                f"({existing.job_file} on {existing.base_url}): choose a new run key"
+            )
+        if existing is None:
+            todo_rows = list(job.rows)
+            open_attempts: dict[int, OpenAttempt] = {}
+            sent_so_far: dict[int, int] = {}
+        else:
+            progress = ledger.progress(self.run_key)
+            open_attempts = {a.row: a for a in ledger.open_attempts(self.run_key)}
+            todo_rows = [
+                r
+                for r in job.rows
+                if r.row in open_attempts
+                or (r.row in progress and progress[r.row].status is RowStatus.NOT_ATTEMPTED)
+            ]
+            sent_so_far = {row: p.attempts for row, p in progress.items()}
+            for row in open_attempts.values():
+                sent_so_far[row.row] = max(sent_so_far.get(row.row, 0), row.attempt)
+            log.info(
+                "run.resuming",
+                rows_left=len(todo_rows),
+                in_doubt=len(open_attempts),
+                rows=len(job.rows),
+            )
+
+        pacer = Pacer(settings.rate_limit, clock=self.clock)
+        self.pacer = pacer
+        started = utcnow()
+        counts_rows = [r for r in todo_rows if r.row not in open_attempts]
+        busiest = _busiest(todo_rows)
+        lb = lower_bound(len(todo_rows), busiest, settings.rate_limit, settings.cooldown)
+        makespan: float | None = None
+        if todo_rows:
+            async with open_provider(
+                settings,
+                (r.card_id for r in todo_rows),
+                pacer,
+                env=self.env,
+                sandbox_config=self.sandbox_config,
+            ) as (provider, base_url):
+                self.provider = provider
+                log.info(
+                    "run.started",
+                    rows=len(job.rows),
+                    rows_to_do=len(todo_rows),
+                    base_url=base_url,
+                    rate_limit=settings.rate_limit,
+                    cooldown=settings.cooldown,
+                    concurrency=settings.concurrency,
+                    lower_bound_s=round(lb, 3),
+                )
+                report = await preflight(
+                    provider, counts_rows, allow_partial=settings.allow_partial
+                )
+                self._cards = dict(report.cards)
+                log.info(
+                    "preflight.ok",
+                    wallet_balance=format_amount(report.wallet_balance),
+                    total_amount=format_amount(report.total_amount),
+                    cards=len(report.cards),
+                    set_aside=len(report.set_aside),
+                )
+                if existing is None:
+                    await anyio.to_thread.run_sync(ledger.create_run, spec, job.rows)
+                await self._set_aside(report.set_aside)
+                for r in todo_rows:
+                    if r.row in report.set_aside:
+                        continue
+                    work = _Work(r, sent=sent_so_far.get(r.row, 0))
+                    work.unresolved = open_attempts.get(r.row)
+                    self._dispatcher.add(r.card_id, work, r.row)
+                await self._dispatch_all()
+                if len(self._applied_times) >= 1:
+                    makespan = self._applied_times[-1] - self._applied_times[0]
+        await self._mark_in_doubt()
+        counts = await anyio.to_thread.run_sync(ledger.status_counts, self.run_key)
+        if not self._stopping and counts[RowStatus.NOT_ATTEMPTED] == 0:
+            await anyio.to_thread.run_sync(ledger.finish_run, self.run_key)
+        output = settings.output or Path(f"{self.run_key}.xlsx")
+        info = RunInfo(
+            run_key=self.run_key,
+            provider=settings.provider,
+            job_file=str(job.path),
+            started_at=started,
+            finished_at=utcnow(),
+            extra_columns=job.extra_columns,
+            notes=self._notes(makespan, lb),
+        )
+        await anyio.to_thread.run_sync(write_report, output, ledger.records(self.run_key), info)
+        result = RunResult(
+            run_key=self.run_key,
+            provider=settings.provider,
+            report=output,
+            counts=counts,
+            sent=self.sent,
+            makespan=makespan,
+            lower_bound=lb,
+            stopped=self._stopping,
+        )
+        log.info(
+            "run.finished",
+            report=str(output),
+            sent=self.sent,
+            makespan_s=None if makespan is None else round(makespan, 3),
+            lower_bound_s=round(lb, 3),
+            makespan_ratio=_ratio(makespan, lb),
+            stopped=self._stopping,
+            **{f"rows_{s.value}": n for s, n in counts.items()},
+        )
+        if self._fatal is not None:
+            raise self._fatal
+        return result
+
+    def _notes(self, makespan: float | None, lb: float) -> tuple[tuple[str, str], ...]:
+        notes = [
+            ("topups sent by this process", str(self.sent)),
+            ("estimated minimum duration (s)", f"{lb:.1f}"),
+        ]
+        if makespan is not None:
+            notes.append(("first to last applied topup (s)", f"{makespan:.1f}"))
+        if self._stopping:
+            notes.append(("stopped", self._stopping))
+        return tuple(notes)
+
+    async def _set_aside(self, set_aside: Mapping[int, str]) -> None:
+        if not set_aside:
+            return
+        now = utcnow()
+        await self.ledger.write(
+            [
+                Ledger.row_update(
+                    self.run_key, row, status=RowStatus.FAILED, error=why, finished_at=now
+                )
+                for row, why in set_aside.items()
+            ]
+        )
+
+    async def _mark_in_doubt(self) -> None:
+        """Rows whose last answer was lost when the run stopped: the resume will settle them."""
+        if not self._in_doubt:
+            return
+        await self.ledger.write(
+            [
+                Ledger.row_update(
+                    self.run_key,
+                    row,
+                    status=RowStatus.NEEDS_REVIEW,
+                    error=(
+                        "outcome unknown when the run stopped: rerun the same run key to settle it"
+                    ),
+                )
+                for row in self._in_doubt
+            ]
+        )
+
+    # -- dispatching ---------------------------------------------------------------------
+
+    async def _dispatch_all(self) -> None:
+        async with anyio.create_task_group() as outer:
+            if self.handle_signals:
+                outer.start_soon(self._watch_signals)
+            async with anyio.create_task_group() as workers:
+                self._workers = workers
+                await self._dispatch_loop(workers)
+                if self._stopping:
+                    workers.cancel_scope.deadline = self.clock() + self.stop_grace
+            outer.cancel_scope.cancel()
+        # Whatever is still queued was never sent: it stays not_attempted in the ledger.
+        self._dispatcher.drain()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self._stopping:
+                    log.warning("run.stop_now", signal=name)
+                    self._workers.cancel_scope.cancel()
+                else:
+                    self._stop(f"{name} received")
+
+    def _stop(self, reason: str) -> None:
+        if self._stopping is None:
+            self._stopping = reason
+            log.warning(
+                "run.stopping",
+                reason=reason,
+                in_flight=self._in_flight,
+                grace_s=self.stop_grace,
+            )
+        self._changed.set()
+
+    async def _dispatch_loop(self, workers: anyio.abc.TaskGroup) -> None:
+        dispatcher = self._dispatcher
+        while not self._stopping and len(dispatcher):
+            self._changed = changed = anyio.Event()
+            now = self.clock()
+            wake_at = math.inf
+            if self._in_flight < self.settings.concurrency and dispatcher.queued:
+                # Wait for the rate slot first, so that the card is chosen at send time.
+                free_at = self.pacer.next_free()
+                if free_at > now:
+                    await anyio.sleep(free_at - now)
+                    continue
+                rate = self.pacer.current_rate
+                taken = dispatcher.take(now, 1.0 / rate if rate else 0.0)
+                if taken is not None:
+                    card, work = taken
+                    self._in_flight += 1
+                    workers.start_soon(self._serve, str(card), work)
+                    continue
+                wake_at = dispatcher.next_ready_at() or math.inf
+            with anyio.move_on_after(max(0.0, wake_at - now) if wake_at < math.inf else None):
+                await changed.wait()
+
+    async def _serve(self, card: str, work: _Work) -> None:
+        ready_at = self.clock()
+        put_back = False
+        try:
+            ready_at, put_back = await self._handle(card, work)
+        except RunnerError as exc:
+            # The provider or the ledger cannot be used at all: stop cleanly, keep the row.
+            self._fatal = self._fatal or exc
+            put_back = work.unresolved is None
+            self._stop(f"error: {exc}")
+        finally:
+            if work.unresolved is not None:
+                self._in_doubt[work.job_row.row] = work
+            else:
+                self._in_doubt.pop(work.job_row.row, None)
+            self._dispatcher.release(
+                card, ready_at, put_back=work if put_back else None, order=work.job_row.row
+            )
+            self._in_flight -= 1
+            self._changed.set()
+
+    # -- one row, one step ---------------------------------------------------------------
+
+    async def _handle(self, card: str, work: _Work) -> tuple[float, bool]:
+        """Take the row one step further; returns when its card may go next and whether
+        the row goes back in the queue."""
+        row = work.job_row
+        if work.unresolved is not None and not await self._reconcile(card, work):
+            return self.clock(), False
+        before = await self._snapshot(card)
+        if before is None:
+            await self._finish(
+                work, RowStatus.FAILED, error="card_not_found: the card is no longer visible"
+            )
+            return self.clock(), False
+
+        attempt = work.sent + 1
+        sent_at = utcnow()
+        await self.ledger.write(
+            [
+                *Ledger.intent(self.run_key, row.row, attempt, card, row.amount, before, sent_at),
+                Ledger.row_update(self.run_key, row.row, card_balance_before=before.balance),
+            ]
+        )
+        # From here until the outcome is recorded, the attempt is open in the ledger.
+        work.sent = attempt
+        work.unresolved = OpenAttempt(row.row, attempt, card, row.amount, before, sent_at)
+        self.sent += 1
+        sent_mono = self.clock()
+        try:
+            outcome = await self.provider.topup(card, row.amount)
+        except AuthenticationFailed as exc:
+            # Refused at the door: nothing was applied, so the attempt is closed, not in doubt.
+            work.unresolved = None
+            await self.ledger.write(
+                [
+                    Ledger.attempt_outcome(
+                        self.run_key, row.row, attempt, "unauthorized", str(exc), utcnow()
+                    )
+                ]
+            )
+            raise
+        received = self.clock()
+        # The card's next request waits a full cooldown after this answer: the provider saw
+        # this request no later than now, so the gap it measures can only be longer.
+        cool = received + self.settings.cooldown
+        fields: dict[str, Any]
+
+        if isinstance(outcome, Applied):
+            work.unresolved = None
+            self._applied_times.append(received)
+            self._cards[card] = _after(before, row.amount, outcome.card_balance_after)
+            status = RowStatus.PENDING if outcome.pending else RowStatus.SUCCEEDED
+            fields = _applied_fields(outcome)
+            log.info(
+                "topup.applied",
+                row=row.row,
+                card_id=card,
+                amount=format_amount(row.amount),
+                fee=_fmt(outcome.fee),
+                attempt=attempt,
+                pending=outcome.pending,
+            )
+            await self._finish(work, status, attempt=attempt, outcome="applied", **fields)
+            return cool, False
+
+        if isinstance(outcome, Refused):
+            work.unresolved = None
+            error = f"{outcome.code.value}: {outcome.message}"
+            log.warning("topup.refused", row=row.row, card_id=card, attempt=attempt, error=error)
+            await self._finish(
+                work, RowStatus.FAILED, attempt=attempt, outcome="refused", error=error
+            )
+            return cool, False
+
+        if isinstance(outcome, RetryLater):
+            work.unresolved = None
+            await self.ledger.write(
+                [
+                    Ledger.attempt_outcome(
+                        self.run_key,
+                        row.row,
+                        attempt,
+                        outcome.kind.value,
+                        outcome.message,
+                        utcnow(),
+                    )
+                ]
+            )
+            return await self._retry_later(card, work, outcome, received, cool)
+
+        assert isinstance(outcome, Unknown)
+        # Money may have moved. The attempt stays open in the ledger; the row goes back and
+        # is reconciled, not resent, when its card's turn comes again.
+        self._stale.add(card)
+        log.warning(
+            "topup.unknown", row=row.row, card_id=card, attempt=attempt, error=outcome.message
+        )
+        return max(cool, sent_mono + self.reconcile_grace), True
+
+    async def _retry_later(
+        self, card: str, work: _Work, outcome: RetryLater, received: float, cool: float
+    ) -> tuple[float, bool]:
+        row = work.job_row
+        if outcome.kind in (RetryKind.COOLDOWN, RetryKind.RATE_LIMITED):
+            work.waits += 1
+            if work.waits > MAX_WAITS_PER_ROW:
+                await self._finish(
+                    work,
+                    RowStatus.FAILED,
+                    error=f"gave up after {work.waits} refusals to wait: {outcome.message}",
+                )
+                return cool, False
+            wait = outcome.after if outcome.after is not None else 1.0
+            ready = received + wait * (1 + WAIT_SLACK) + WAIT_SLACK
+            log.info(
+                "topup.wait",
+                row=row.row,
+                card_id=card,
+                kind=outcome.kind.value,
+                wait_s=round(wait, 3),
+            )
+            return ready, True
+        work.spent += 1
+        if work.spent >= self.settings.max_attempts:
+            await self._finish(
+                work,
+                RowStatus.FAILED,
+                error=f"gave up after {work.spent} attempts: {outcome.message}",
+            )
+            return cool, False
+        delay = backoff_delay(work.spent, base=self.backoff_base)
+        log.info(
+            "topup.retry",
+            row=row.row,
+            card_id=card,
+            attempt=work.sent,
+            delay_s=round(delay, 3),
+            error=outcome.message,
+        )
+        return max(cool, received + delay), True
+
+    async def _reconcile(self, card: str, work: _Work) -> bool:
+        """Settle an attempt whose answer was lost. True: the row may be sent again now."""
+        pending = work.unresolved
+        assert pending is not None
+        row = work.job_row
+        if pending.before is None:
+            settled: Applied | NotApplied | Unknown = Unknown(
+                "no snapshot of the card from before the attempt"
+            )
+        else:
+            settled = await self.provider.reconcile(card, row.amount, pending.before)
+        self._stale.add(card)
+        if isinstance(settled, Applied):
+            work.unresolved = None
+            self._applied_times.append(self.clock())
+            log.info("reconcile.applied", row=row.row, card_id=card, attempt=pending.attempt)
+            await self._finish(
+                work,
+                RowStatus.SUCCEEDED,
+                attempt=pending.attempt,
+                outcome="applied (reconciled)",
+                **_applied_fields(settled),
+            )
+            return False
+        if isinstance(settled, NotApplied):
+            work.unresolved = None
+            work.spent += 1
+            log.info("reconcile.not_applied", row=row.row, card_id=card, attempt=pending.attempt)
+            await self.ledger.write(
+                [
+                    Ledger.attempt_outcome(
+                        self.run_key,
+                        row.row,
+                        pending.attempt,
+                        "not_applied",
+                        settled.message,
+                        utcnow(),
+                    )
+                ]
+            )
+            if work.spent >= self.settings.max_attempts:
+                await self._finish(
+                    work,
+                    RowStatus.FAILED,
+                    error=f"gave up after {work.spent} attempts: {settled.message}",
+                )
+                return False
+            return True
+        work.unresolved = None
+        log.warning(
+            "reconcile.unknown",
+            row=row.row,
+            card_id=card,
+            attempt=pending.attempt,
+            error=settled.message,
+        )
+        await self._finish(
+            work,
+            RowStatus.NEEDS_REVIEW,
+            attempt=pending.attempt,
+            outcome="unknown",
+            error=f"outcome could not be established: {settled.message}",
+        )
+        return False
+
+    async def _snapshot(self, card: str) -> CardState | None:
+        if card in self._cards and card not in self._stale:
+            return self._cards[card]
+        state = await self.provider.get_card(card)
+        self._stale.discard(card)
+        if state is None:
+            self._cards.pop(card, None)
+        else:
+            self._cards[card] = state
+        return state
+
+    async def _finish(
+        self,
+        work: _Work,
+        status: RowStatus,
+        *,
+        attempt: int | None = None,
+        outcome: str | None = None,
+        **fields: Any,
+    ) -> None:
+        row = work.job_row.row
+        now = utcnow()
+        statements = []
+        if attempt is not None and outcome is not None:
+            detail = str(fields.get("error") or "")
+            statements.append(
+                Ledger.attempt_outcome(self.run_key, row, attempt, outcome, detail, now)
+            )
+        fields.setdefault("error", None)
+        statements.append(
+            Ledger.row_update(self.run_key, row, status=status, finished_at=now, **fields)
+        )
+        await self.ledger.write(statements)
+        if self.on_row_final is not None:
+            self.on_row_final(status)
+
+
+def _applied_fields(outcome: Applied) -> dict[str, Any]:
+    return {
+        "fee": outcome.fee,
+        "total_charged": outcome.total_charged,
+        "card_balance_after": outcome.card_balance_after,
+        "wallet_balance_after": outcome.wallet_balance_after,
+        "transaction_id": outcome.transaction_id,
+        "invoice_id": outcome.invoice_id,
+    }
+
+
+def _after(before: CardState, amount: Decimal, balance_after: Decimal | None) -> CardState:
+    return replace(
+        before,
+        balance=balance_after if balance_after is not None else before.balance + amount,
+        deposit=None if before.deposit is None else before.deposit + amount,
+    )
+
+
+def _busiest(rows: list[JobRow]) -> int:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.card_id] = counts.get(r.card_id, 0) + 1
+    return max(counts.values(), default=0)
+
+
+def _fmt(value: Decimal | None) -> str | None:
+    return None if value is None else format_amount(value)
+
+
+def _ratio(makespan: float | None, lb: float) -> float | None:
+    if makespan is None or lb <= 0:
+        return None
+    return round(makespan / lb, 4)
+
+
+async def check_job(
+    job: Job,
+    settings: Settings,
+    *,
+    env: Mapping[str, str] | None = None,
+    sandbox_config: SandboxConfig | None = None,
+) -> list[str]:
+    """Validate and preflight a job without sending a topup; the lines `check` prints."""
+    rules = rules_for(settings.provider)
+    bad = check_amount_rules(job.rows, rules.min_amount, rules.max_amount)
+    if bad:
+        raise JobInvalid(
+            [Problem(str(job.path), why, row.row, "amount") for row, why in bad[:50]],
+            truncated=max(0, len(bad) - 50),
+        )
+    busiest = _busiest(list(job.rows))
+    lb = lower_bound(len(job.rows), busiest, settings.rate_limit, settings.cooldown)
+    pacer = Pacer(settings.rate_limit)
+    async with open_provider(
+        settings, (r.card_id for r in job.rows), pacer, env=env, sandbox_config=sandbox_config
+    ) as (provider, base_url):
+        report = await preflight(provider, job.rows, allow_partial=settings.allow_partial)
+    label = "SANDBOX (no real money moves)" if settings.is_sandbox else settings.provider
+    lines = [
+        f"provider: {label} at {base_url}",
+        f"job: {job.path}: {len(job.rows)} rows, {len({r.card_id for r in job.rows})} cards, "
+        f"busiest card {busiest} rows, total {format_amount(report.total_amount)}",
+        f"wallet: {format_amount(report.wallet_balance)} (fees come on top of the amounts)",
+        f"estimated minimum duration: {lb:.1f} s "
+        f"(rate {settings.rate_limit or 'unlimited'}/s, cooldown {settings.cooldown:g} s)",
+        f"run key: {settings.run_key or derive_run_key(job, settings)}",
+    ]
+    if report.set_aside:
+        lines.append(f"set aside by preflight: {len(report.set_aside)} rows")
+    lines.append("check passed: nothing was sent")
+    return lines
+
+
+def rewrite_report(ledger_path: Path, run_key: str, output: Path) -> Path:
+    """Write a run's spreadsheet again from the ledger alone."""
+    if not ledger_path.exists():
+        raise LedgerError(f"ledger {ledger_path}: no such file")
+    ledger = Ledger.open(ledger_path)
+    try:
+        spec = ledger.find_run(run_key)
+        if spec is None:
+            raise LedgerError(f"ledger {ledger_path}: no run with key {run_key!r}")
+        info = RunInfo(
+            run_key=run_key,
+            provider=spec.provider,
+            job_file=spec.job_file,
+            finished_at=utcnow(),
+            extra_columns=spec.extra_columns,
+        )
+        return write_report(output, ledger.records(run_key), info)
+    finally:
+        ledger.close()

@@ -1,0 +1,478 @@
+"""The durable record of every run, row and attempt: what makes a run resumable.
+
+SQLite in WAL mode. An attempt's intent is committed before its request is sent and its
+outcome after. Writers that arrive together share one transaction (group commit) on a
+worker thread, so the event loop never waits on the disk for long nor blocks on it at all.
+One process at a time may work on a run key: a byte-range lock in `<ledger>.lock` says who.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from runner.errors import LedgerError, LedgerLocked
+from runner.jobs import JobRow
+from runner.money import format_amount
+from runner.providers.base import CardState, CardStatus
+from runner.records import RowRecord, RowStatus
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_key TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    job_file TEXT NOT NULL,
+    job_digest TEXT NOT NULL,
+    extra_columns TEXT NOT NULL,
+    row_count INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    finished_at TEXT
+);
+CREATE TABLE IF NOT EXISTS rows (
+    run_key TEXT NOT NULL,
+    row INTEGER NOT NULL,
+    card_id TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    extra TEXT NOT NULL,
+    status TEXT NOT NULL,
+    fee TEXT,
+    total_charged TEXT,
+    card_balance_before TEXT,
+    card_balance_after TEXT,
+    wallet_balance_after TEXT,
+    transaction_id TEXT,
+    invoice_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    PRIMARY KEY (run_key, row)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    run_key TEXT NOT NULL,
+    row INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    card_id TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    before_status TEXT,
+    before_balance TEXT,
+    before_deposit TEXT,
+    sent_at TEXT NOT NULL,
+    outcome TEXT,
+    detail TEXT,
+    finished_at TEXT,
+    PRIMARY KEY (run_key, row, attempt)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS attempts_open ON attempts (run_key) WHERE outcome IS NULL;
+"""
+
+_MONEY_FIELDS = (
+    "fee",
+    "total_charged",
+    "card_balance_before",
+    "card_balance_after",
+    "wallet_balance_after",
+)
+_ROW_FIELDS = (
+    "status",
+    *_MONEY_FIELDS,
+    "transaction_id",
+    "invoice_id",
+    "attempts",
+    "error",
+    "started_at",
+    "finished_at",
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def _from_iso(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else format_amount(value)
+
+
+def _dec(value: str | None) -> Decimal | None:
+    return None if value is None else Decimal(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """What identifies a run: a run key may only ever be resumed with the same job and target."""
+
+    run_key: str
+    provider: str
+    base_url: str
+    job_file: str
+    job_digest: str
+    extra_columns: tuple[str, ...]
+    row_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAttempt:
+    """An attempt whose intent was recorded but whose outcome never was (a killed process)."""
+
+    row: int
+    attempt: int
+    card_id: str
+    amount: Decimal
+    before: CardState | None
+    sent_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RowProgress:
+    """Where a row stands when a run (re)starts."""
+
+    status: RowStatus
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunOverview:
+    """One line of `topup-runner status`."""
+
+    run_key: str
+    provider: str
+    job_file: str
+    row_count: int
+    created_at: datetime
+    finished_at: datetime | None
+    by_status: Mapping[str, int]
+
+
+class RunLock:
+    """Held while a process works on a run key; released on close or process death."""
+
+    def __init__(self, lock_path: Path, run_key: str) -> None:
+        self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        # One byte per run key in one lock file: no lock-file litter, and the kernel drops
+        # the lock when the process dies, even by SIGKILL.
+        self._offset = int.from_bytes(hashlib.sha256(run_key.encode()).digest()[:4]) & 0x7FFFFFFF
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._offset)
+        except OSError:
+            os.close(self._fd)
+            raise LedgerLocked(
+                f"another process is running run key {run_key!r} on ledger "
+                f"{lock_path.with_suffix('')}: nothing was sent"
+            ) from None
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._offset)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Ledger:
+    """SQLite ledger; use `Ledger.open(path)` and `close()`; writes are async, reads sync."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._conn = conn
+        self._pending: list[tuple[str, Sequence[Any]]] = []
+        self._written = 0  # how many queued statements have been committed
+        self._queued = 0
+        self._lock = anyio.Lock()
+        self._limiter = anyio.CapacityLimiter(1)
+        self._locks: list[RunLock] = []
+
+    @classmethod
+    def open(cls, path: str | Path) -> Ledger:
+        path = Path(path).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed intent survives power loss, not only a killed process.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"ledger {path}: cannot be opened as SQLite: {exc}") from None
+        except OSError as exc:
+            raise LedgerError(f"ledger {path}: {exc.strerror or exc}") from None
+        return cls(path, conn)
+
+    def lock(self, run_key: str) -> RunLock:
+        lock = RunLock(self.path.with_name(self.path.name + ".lock"), run_key)
+        self._locks.append(lock)
+        return lock
+
+    def close(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
+        self._conn.close()
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Commit `statements` durably; concurrent callers share one transaction."""
+        self._pending.extend(statements)
+        self._queued += len(statements)
+        mine = self._queued
+        async with self._lock:
+            if self._written >= mine:
+                return  # an earlier caller's transaction carried ours
+            batch, self._pending = self._pending, []
+            await anyio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
+            self._written += len(batch)
+
+    def _commit(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for sql, params in batch:
+                self._conn.execute(sql, params)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise LedgerError(f"ledger {self.path}: write failed: {exc}") from None
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def find_run(self, run_key: str) -> RunSpec | None:
+        row = self._conn.execute(
+            "SELECT run_key, provider, base_url, job_file, job_digest, extra_columns, row_count "
+            "FROM runs WHERE run_key = ?",
+            (run_key,),
+        ).fetchone()
+        if row is None:
+            return None
+        return RunSpec(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(row[5])), row[6])
+
+    def create_run(self, spec: RunSpec, rows: Sequence[JobRow]) -> None:
+        """Record a new run and all its rows as not attempted, in one transaction."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(
+                "INSERT INTO runs (run_key, provider, base_url, job_file, job_digest, "
+                "extra_columns, row_count, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    spec.run_key,
+                    spec.provider,
+                    spec.base_url,
+                    spec.job_file,
+                    spec.job_digest,
+                    json.dumps(list(spec.extra_columns)),
+                    spec.row_count,
+                    _iso(utcnow()),
+                ),
+            )
+            self._conn.executemany(
+                "INSERT INTO rows (run_key, row, card_id, amount, reference, extra, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (
+                        spec.run_key,
+                        r.row,
+                        r.card_id,
+                        format_amount(r.amount),
+                        r.reference,
+                        json.dumps(r.extra) if r.extra else "[]",
+                        RowStatus.NOT_ATTEMPTED.value,
+                    )
+                    for r in rows
+                ),
+            )
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise LedgerError(f"ledger {self.path}: cannot record the run: {exc}") from None
+
+    def progress(self, run_key: str) -> dict[int, RowProgress]:
+        """Status and attempts so far of every row that is not final."""
+        final = tuple(s.value for s in RowStatus if s.is_final)
+        cursor = self._conn.execute(
+            "SELECT row, status, attempts FROM rows WHERE run_key = ? AND status NOT IN (?, ?, ?)",
+            (run_key, *final),
+        )
+        return {r: RowProgress(RowStatus(s), a) for r, s, a in cursor}
+
+    def open_attempts(self, run_key: str) -> list[OpenAttempt]:
+        cursor = self._conn.execute(
+            "SELECT row, attempt, card_id, amount, before_status, before_balance, "
+            "before_deposit, sent_at FROM attempts WHERE run_key = ? AND outcome IS NULL "
+            "ORDER BY row, attempt",
+            (run_key,),
+        )
+        found = []
+        for row, attempt, card_id, amount, b_status, b_balance, b_deposit, sent_at in cursor:
+            before = None
+            if b_balance is not None:
+                before = CardState(
+                    card_id=card_id,
+                    status=CardStatus(b_status or "unknown"),
+                    balance=Decimal(b_balance),
+                    deposit=_dec(b_deposit),
+                )
+            sent = _from_iso(sent_at) or utcnow()
+            found.append(OpenAttempt(row, attempt, card_id, Decimal(amount), before, sent))
+        return found
+
+    def finish_run(self, run_key: str) -> None:
+        self._conn.execute(
+            "UPDATE runs SET finished_at = ? WHERE run_key = ?", (_iso(utcnow()), run_key)
+        )
+
+    def overview(self) -> list[RunOverview]:
+        runs = self._conn.execute(
+            "SELECT run_key, provider, job_file, row_count, created_at, finished_at FROM runs "
+            "ORDER BY created_at"
+        ).fetchall()
+        result = []
+        for key, provider, job_file, count, created, finished in runs:
+            by_status = dict(
+                self._conn.execute(
+                    "SELECT status, COUNT(*) FROM rows WHERE run_key = ? GROUP BY status", (key,)
+                ).fetchall()
+            )
+            result.append(
+                RunOverview(
+                    key,
+                    provider,
+                    job_file,
+                    count,
+                    _from_iso(created) or utcnow(),
+                    _from_iso(finished),
+                    by_status,
+                )
+            )
+        return result
+
+    def status_counts(self, run_key: str) -> dict[RowStatus, int]:
+        counts = dict.fromkeys(RowStatus, 0)
+        for status, n in self._conn.execute(
+            "SELECT status, COUNT(*) FROM rows WHERE run_key = ? GROUP BY status", (run_key,)
+        ):
+            counts[RowStatus(status)] = n
+        return counts
+
+    def records(self, run_key: str) -> Iterator[RowRecord]:
+        """Every row of the run in job order, streamed (opens its own connection)."""
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            cursor = conn.execute(
+                "SELECT row, card_id, amount, reference, extra, status, fee, total_charged, "
+                "card_balance_before, card_balance_after, wallet_balance_after, "
+                "transaction_id, invoice_id, attempts, error, started_at, finished_at "
+                "FROM rows WHERE run_key = ? ORDER BY row",
+                (run_key,),
+            )
+            for r in cursor:
+                yield RowRecord(
+                    row=r[0],
+                    card_id=r[1],
+                    amount=Decimal(r[2]),
+                    reference=r[3],
+                    extra=tuple((str(k), str(v)) for k, v in json.loads(r[4])),
+                    status=RowStatus(r[5]),
+                    fee=_dec(r[6]),
+                    total_charged=_dec(r[7]),
+                    card_balance_before=_dec(r[8]),
+                    card_balance_after=_dec(r[9]),
+                    wallet_balance_after=_dec(r[10]),
+                    transaction_id=r[11],
+                    invoice_id=r[12],
+                    attempts=r[13],
+                    error=r[14],
+                    started_at=_from_iso(r[15]),
+                    finished_at=_from_iso(r[16]),
+                )
+        finally:
+            conn.close()
+
+    # -- statements the engine commits through write() ------------------------------------
+
+    @staticmethod
+    def intent(
+        run_key: str,
+        row: int,
+        attempt: int,
+        card_id: str,
+        amount: Decimal,
+        before: CardState | None,
+        sent_at: datetime,
+    ) -> list[tuple[str, Sequence[Any]]]:
+        """The statements that record an attempt about to be sent."""
+        return [
+            (
+                "INSERT INTO attempts (run_key, row, attempt, card_id, amount, before_status, "
+                "before_balance, before_deposit, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_key,
+                    row,
+                    attempt,
+                    card_id,
+                    format_amount(amount),
+                    None if before is None else before.status.value,
+                    None if before is None else _money(before.balance),
+                    None if before is None else _money(before.deposit),
+                    _iso(sent_at),
+                ),
+            ),
+            (
+                "UPDATE rows SET attempts = ?, started_at = COALESCE(started_at, ?) "
+                "WHERE run_key = ? AND row = ?",
+                (attempt, _iso(sent_at), run_key, row),
+            ),
+        ]
+
+    @staticmethod
+    def attempt_outcome(
+        run_key: str, row: int, attempt: int, outcome: str, detail: str, at: datetime
+    ) -> tuple[str, Sequence[Any]]:
+        return (
+            "UPDATE attempts SET outcome = ?, detail = ?, finished_at = ? "
+            "WHERE run_key = ? AND row = ? AND attempt = ?",
+            (outcome, detail, _iso(at), run_key, row, attempt),
+        )
+
+    @staticmethod
+    def row_update(run_key: str, row: int, **values: Any) -> tuple[str, Sequence[Any]]:
+        """Set some of a row's report fields (money as Decimal, times as datetime)."""
+        unknown = set(values) - set(_ROW_FIELDS)
+        if unknown:
+            raise ValueError(f"not row fields: {sorted(unknown)}")
+        params: list[Any] = []
+        for name, value in values.items():
+            if name in _MONEY_FIELDS:
+                params.append(_money(value))
+            elif isinstance(value, datetime):
+                params.append(_iso(value))
+            elif isinstance(value, RowStatus):
+                params.append(value.value)
+            else:
+                params.append(value)
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        return (
+            f"UPDATE rows SET {assignments} WHERE run_key = ? AND row = ?",
+            (*params, run_key, row),
+        )

@@ -1,0 +1,81 @@
+"""Logging: structlog with stable dotted event names; console on a terminal, JSON lines else.
+
+Every event carries `provider`, so that a sandbox run can never be mistaken for a real one
+in a log file, and secrets are scrubbed from every event before it is rendered.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_secrets: list[str] = []
+_REDACTED = "[redacted]"
+
+
+def register_secret(value: str | None) -> None:
+    """Never let `value` reach a log line, whatever event field carries it."""
+    if value and len(value) >= 4 and value not in _secrets:
+        _secrets.append(value)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        for secret in _secrets:
+            if secret in value:
+                value = value.replace(secret, _REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def scrub_secrets(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: replace any registered secret in any field."""
+    if _secrets:
+        for key in list(event_dict):
+            event_dict[key] = _scrub(event_dict[key])
+    return event_dict
+
+
+def configure_logging(
+    *,
+    provider: str,
+    fmt: str | None = None,
+    stream: TextIO | None = None,
+    level: int = logging.INFO,
+) -> str:
+    """Set up structlog for this process; returns the format chosen."""
+    stream = stream or sys.stderr
+    if fmt is None:
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    processors: Iterable[Any] = (
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        scrub_secrets,
+        structlog.processors.format_exc_info,
+        renderer,
+    )
+    structlog.configure(
+        processors=list(processors),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(provider=provider)
+    return fmt

@@ -1,0 +1,108 @@
+"""Before anything is sent: the provider's state against the job (wallet, cards, amounts).
+
+Returns the card snapshots the run starts from, or refuses the job with every problem
+found. With `allow_partial`, rows whose card cannot take a topup are set aside instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import anyio
+
+from runner.errors import PreflightRefused
+from runner.jobs import JobRow
+from runner.money import format_amount
+from runner.providers.base import CardState, CardStatus, Provider
+
+_LOOKUP_CONCURRENCY = 8
+_LISTED = 10  # how many card ids a refusal message names before "and N more"
+
+
+@dataclass(frozen=True, slots=True)
+class PreflightReport:
+    """What preflight learned: the starting snapshots and the rows it set aside."""
+
+    wallet_balance: Decimal
+    cards: Mapping[str, CardState]
+    total_amount: Decimal
+    set_aside: Mapping[int, str] = field(default_factory=dict)  # row -> why not sent
+
+
+def check_amount_rules(
+    rows: Iterable[JobRow], min_amount: Decimal, max_amount: Decimal
+) -> list[tuple[JobRow, str]]:
+    """Rows whose amount the provider's documented rules refuse."""
+    bad = []
+    for row in rows:
+        if row.amount < min_amount:
+            bad.append((row, f"{format_amount(row.amount)} is below the minimum {min_amount}"))
+        elif row.amount > max_amount:
+            bad.append((row, f"{format_amount(row.amount)} is above the maximum {max_amount}"))
+    return bad
+
+
+def _name(ids: Sequence[str]) -> str:
+    shown = ", ".join(ids[:_LISTED])
+    return shown + (f" and {len(ids) - _LISTED} more" if len(ids) > _LISTED else "")
+
+
+async def snapshot_cards(provider: Provider, card_ids: Iterable[str]) -> dict[str, CardState]:
+    """The state of each card: one listing, then single lookups for cards it did not show."""
+    wanted = set(card_ids)
+    listed = await provider.list_cards()
+    found = {card: listed[card] for card in wanted if card in listed}
+    missing = sorted(wanted - set(found))
+    limiter = anyio.CapacityLimiter(_LOOKUP_CONCURRENCY)
+
+    async def lookup(card: str) -> None:
+        async with limiter:
+            state = await provider.get_card(card)
+        if state is not None:
+            found[card] = state
+
+    async with anyio.create_task_group() as tg:
+        for card in missing:
+            tg.start_soon(lookup, card)
+    return found
+
+
+async def preflight(
+    provider: Provider, rows: Sequence[JobRow], *, allow_partial: bool = False
+) -> PreflightReport:
+    """Refuse (exit 3) a job the provider cannot take, before a single topup is sent."""
+    wallet = await provider.wallet_balance()
+    cards = await snapshot_cards(provider, (r.card_id for r in rows))
+    problems: list[str] = []
+    set_aside: dict[int, str] = {}
+
+    unknown = sorted({r.card_id for r in rows if r.card_id not in cards})
+    if unknown:
+        problems.append(f"{len(unknown)} card(s) not found: {_name(unknown)}")
+    inactive = sorted(
+        {
+            r.card_id
+            for r in rows
+            if r.card_id in cards and cards[r.card_id].status is not CardStatus.ACTIVE
+        }
+    )
+    if inactive:
+        states = [f"{c} ({cards[c].status.value})" for c in inactive]
+        problems.append(f"{len(inactive)} card(s) not active: {_name(states)}")
+    for r in rows:
+        if r.card_id not in cards:
+            set_aside[r.row] = "preflight: card not found"
+        elif cards[r.card_id].status is not CardStatus.ACTIVE:
+            set_aside[r.row] = f"preflight: card is {cards[r.card_id].status.value}"
+
+    total = sum((r.amount for r in rows if r.row not in set_aside), Decimal("0"))
+    if total > wallet:
+        problems.append(
+            f"wallet balance {format_amount(wallet)} cannot cover the amounts "
+            f"{format_amount(total)} (fees come on top)"
+        )
+    if problems and not (allow_partial and total <= wallet):
+        raise PreflightRefused("preflight refused the job: " + "; ".join(problems), problems)
+    return PreflightReport(wallet, cards, total, set_aside)

@@ -1,0 +1,389 @@
+"""The Uncash adapter: aiohttp requests out, the closed set of outcomes back.
+
+Every answer Uncash can give is classified in `classify_topup()`, and every way a request
+can fail in `UncashProvider.topup()`'s handlers: nowhere else decides what a status, a
+message or a dropped connection means. Uncash documents its error messages but not the
+HTTP statuses that carry them, so messages are read first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+
+from runner.errors import AuthenticationFailed, ProviderError
+from runner.money import format_amount, parse_provider_decimal
+from runner.providers.base import (
+    Applied,
+    CardState,
+    CardStatus,
+    NotApplied,
+    Outcome,
+    ProviderRules,
+    RefusalCode,
+    Refused,
+    RetryKind,
+    RetryLater,
+    Settlement,
+    Throttle,
+    Unknown,
+    UnlimitedThrottle,
+)
+
+log = structlog.get_logger("runner.providers.uncash")
+
+PUBLIC_BASE_URL = "https://api.uncash.io/api/v1"
+RULES = ProviderRules(
+    min_amount=Decimal("5.00"),
+    max_amount=Decimal("10000.00"),
+    default_cooldown=120.0,
+    supports_idempotency_key=False,
+)
+
+_COOLDOWN = re.compile(r"please wait\s+(\d+(?:\.\d+)?)\s+seconds?", re.IGNORECASE)
+# Documented refusal messages, matched by their stable opening words.
+_REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
+    (re.compile(r"insufficient wallet balance", re.I), RefusalCode.INSUFFICIENT_FUNDS),
+    (re.compile(r"exceed card limit", re.I), RefusalCode.CARD_LIMIT),
+    (re.compile(r"card not found", re.I), RefusalCode.CARD_NOT_FOUND),
+    (re.compile(r"invalid input data", re.I), RefusalCode.INVALID_AMOUNT),
+    (re.compile(r"not active|frozen|closed", re.I), RefusalCode.CARD_INACTIVE),
+)
+_GET_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """What came back over HTTP, before any meaning is given to it."""
+
+    status: int
+    body: str
+    retry_after: str | None = None
+
+
+def _loads(body: str) -> Any:
+    return json.loads(body, parse_float=Decimal)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(Decimal(text)))
+    except ArithmeticError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _message_of(payload: Any) -> str:
+    if not isinstance(payload, Mapping):
+        return ""
+    message = str(payload.get("message") or "")
+    issues = payload.get("error")
+    if isinstance(issues, list):
+        details = [str(i.get("message")) for i in issues if isinstance(i, Mapping)]
+        if details:
+            message = f"{message}: {'; '.join(details)}"
+    return message
+
+
+def _decimal_field(data: Mapping[str, Any], *names: str) -> Decimal | None:
+    for name in names:
+        if name in data and data[name] is not None:
+            try:
+                return parse_provider_decimal(data[name])
+            except ValueError:
+                return None
+    return None
+
+
+def _text_field(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    return None if value is None else str(value)
+
+
+def parse_applied(data: Mapping[str, Any]) -> Applied:
+    """Both documented response versions of a successful topup's `data`."""
+    return Applied(
+        fee=_decimal_field(data, "platform_fee_amount", "platform_fee"),
+        total_charged=_decimal_field(data, "total_charged"),
+        card_balance_after=_decimal_field(data, "new_card_balance", "new_balance"),
+        wallet_balance_after=_decimal_field(data, "wallet_balance"),
+        transaction_id=_text_field(data, "transaction_id"),
+        invoice_id=_text_field(data, "invoice_id"),
+    )
+
+
+def classify_topup(answer: HttpAnswer) -> Outcome:
+    """Give an HTTP answer to a topup POST its meaning; the only place that does.
+
+    Messages are read before statuses because Uncash documents its messages but not the
+    statuses that carry them. A 5xx may come from a proxy after the topup applied, so it
+    is Unknown; a 401 stops the run (raised), since no row can succeed without credentials.
+    """
+    try:
+        payload = _loads(answer.body)
+    except ValueError:
+        payload = None
+    message = _message_of(payload)
+
+    if answer.status == 401:
+        raise AuthenticationFailed(
+            "Uncash refused the API token (HTTP 401): check UNCASH_API_TOKEN"
+        )
+    if wait := _COOLDOWN.search(message):
+        return RetryLater(RetryKind.COOLDOWN, message, after=float(wait.group(1)))
+    if answer.status == 429:
+        return RetryLater(
+            RetryKind.RATE_LIMITED,
+            message or "HTTP 429 Too Many Requests",
+            after=parse_retry_after(answer.retry_after),
+        )
+    if 200 <= answer.status < 300:
+        if isinstance(payload, Mapping) and payload.get("success") is True:
+            data = payload.get("data")
+            return parse_applied(data if isinstance(data, Mapping) else {})
+        if isinstance(payload, Mapping) and payload.get("success") is False:
+            return _refusal(message or f"HTTP {answer.status} with success=false")
+        return Unknown(f"HTTP {answer.status} with an unreadable body: {_snippet(answer.body)}")
+    if answer.status == 408:
+        return RetryLater(RetryKind.TRANSIENT, "HTTP 408 Request Timeout")
+    if 400 <= answer.status < 500:
+        return _refusal(message or f"HTTP {answer.status}: {_snippet(answer.body)}")
+    return Unknown(f"HTTP {answer.status}: {message or _snippet(answer.body)}")
+
+
+def _refusal(message: str) -> Refused:
+    for pattern, code in _REFUSALS:
+        if pattern.search(message):
+            return Refused(code, message)
+    return Refused(RefusalCode.REJECTED, message)
+
+
+def _snippet(body: str, limit: int = 120) -> str:
+    flat = " ".join(body.split())
+    return flat[:limit] + ("…" if len(flat) > limit else "") if flat else "(empty body)"
+
+
+def _card_state(data: Mapping[str, Any]) -> CardState:
+    status_text = str(data.get("status") or "").lower()
+    try:
+        status = CardStatus(status_text)
+    except ValueError:
+        status = CardStatus.UNKNOWN
+    balance = _decimal_field(data, "balance")
+    if balance is None:
+        raise ValueError("card without a readable balance")
+    return CardState(
+        card_id=str(data.get("id") or data.get("card_id") or ""),
+        status=status,
+        balance=balance,
+        deposit=_decimal_field(data, "deposit"),
+        currency=str(data.get("currency") or "USD"),
+    )
+
+
+class UncashProvider:
+    """Uncash over aiohttp; one instance per run, closed with `aclose()`."""
+
+    name = "uncash"
+    rules = RULES
+
+    def __init__(
+        self,
+        token: str,
+        *,
+        base_url: str = PUBLIC_BASE_URL,
+        timeout: float = 30.0,
+        concurrency: int = 8,
+        throttle: Throttle | None = None,
+        name: str = "uncash",
+    ) -> None:
+        self.name = name
+        self._base = base_url.rstrip("/")
+        self._throttle: Throttle = throttle or UnlimitedThrottle()
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = {
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+        }
+        self._connector_limit = max(1, concurrency) + 4
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:  # never show the token
+        return f"UncashProvider(base_url={self._base!r})"
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=self._connector_limit),
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @asynccontextmanager
+    async def _request(
+        self, method: str, path: str, body: str | None = None
+    ) -> AsyncIterator[HttpAnswer]:
+        await self._throttle.acquire()
+        async with self._client().request(
+            method, self._base + path, data=body, allow_redirects=False
+        ) as response:
+            text = await response.text(errors="replace")
+            yield HttpAnswer(response.status, text, response.headers.get("Retry-After"))
+
+    async def topup(
+        self, card_id: str, amount: Decimal, *, idempotency_key: str | None = None
+    ) -> Outcome:
+        # Uncash takes no idempotency key; the argument exists for providers that do.
+        body = '{"amount": ' + format_amount(amount) + "}"
+        path = f"/cards/{quote(card_id, safe='')}/topup"
+        try:
+            async with self._request("POST", path, body) as answer:
+                outcome = classify_topup(answer)
+        except aiohttp.ClientConnectorError as exc:
+            # The TCP connection was never made: the request cannot have been seen.
+            return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {exc.os_error or exc}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return Unknown(_transport_message(exc))
+        if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
+            self._throttle.slow_down(outcome.after)
+        return outcome
+
+    async def _get(self, path: str) -> tuple[int, Any]:
+        """GET with bounded retries: reads are safe to repeat, unlike topups."""
+        delay = 0.2
+        last = ""
+        for attempt in range(1, _GET_ATTEMPTS + 1):
+            try:
+                async with self._request("GET", path) as answer:
+                    if answer.status == 401:
+                        raise AuthenticationFailed(
+                            "Uncash refused the API token (HTTP 401): check UNCASH_API_TOKEN"
+                        )
+                    if answer.status == 429:
+                        after = parse_retry_after(answer.retry_after)
+                        self._throttle.slow_down(after)
+                        last = "HTTP 429"
+                        await asyncio.sleep(after if after is not None else delay)
+                        continue
+                    if answer.status >= 500:
+                        last = f"HTTP {answer.status}"
+                    else:
+                        try:
+                            return answer.status, _loads(answer.body)
+                        except ValueError:
+                            last = f"HTTP {answer.status} with a body that is not JSON"
+            except aiohttp.ClientError as exc:
+                last = _transport_message(exc)
+            except TimeoutError:
+                last = "timed out"
+            if attempt < _GET_ATTEMPTS:
+                await asyncio.sleep(delay * (1 + random.random()))
+                delay *= 2
+        raise ProviderError(f"Uncash GET {path} failed {_GET_ATTEMPTS} times: {last}")
+
+    async def _get_data(self, path: str) -> Any:
+        status, payload = await self._get(path)
+        if status == 200 and isinstance(payload, Mapping) and payload.get("success") is True:
+            return payload.get("data")
+        raise ProviderError(f"Uncash GET {path}: HTTP {status}: {_message_of(payload) or payload}")
+
+    async def wallet_balance(self) -> Decimal:
+        data = await self._get_data("/wallet/balance")
+        balance = _decimal_field(data, "balance") if isinstance(data, Mapping) else None
+        if balance is None:
+            raise ProviderError("Uncash GET /wallet/balance: no readable balance in the answer")
+        return balance
+
+    async def get_card(self, card_id: str) -> CardState | None:
+        path = f"/cards/{quote(card_id, safe='')}"
+        status, payload = await self._get(path)
+        if status == 404 or (
+            isinstance(payload, Mapping)
+            and payload.get("success") is False
+            and "not found" in _message_of(payload).lower()
+        ):
+            return None
+        if status != 200 or not isinstance(payload, Mapping) or payload.get("success") is not True:
+            raise ProviderError(f"Uncash GET {path}: HTTP {status}: {_message_of(payload)}")
+        data = payload.get("data")
+        try:
+            return _card_state(data if isinstance(data, Mapping) else {})
+        except ValueError as exc:
+            raise ProviderError(f"Uncash GET {path}: {exc}") from None
+
+    async def list_cards(self) -> Mapping[str, CardState]:
+        data = await self._get_data("/cards")
+        cards = data.get("cards") if isinstance(data, Mapping) else None
+        if not isinstance(cards, list):
+            raise ProviderError("Uncash GET /cards: no card list in the answer")
+        states: dict[str, CardState] = {}
+        for item in cards:
+            if isinstance(item, Mapping):
+                try:
+                    state = _card_state(item)
+                except ValueError:
+                    continue
+                states[state.card_id] = state
+        return states
+
+    async def reconcile(self, card_id: str, amount: Decimal, before: CardState) -> Settlement:
+        """Compare the card with its snapshot from before the attempt.
+
+        We hold the only request in flight for this card, so its `deposit` (which spending
+        does not lower) moved by exactly `amount` or by nothing; anything else cannot be told.
+        """
+        try:
+            now = await self.get_card(card_id)
+        except ProviderError as exc:
+            return Unknown(f"could not read the card to reconcile: {exc}")
+        if now is None:
+            return Unknown("the card is no longer visible to reconcile against")
+        if before.deposit is not None and now.deposit is not None:
+            moved = now.deposit - before.deposit
+        else:
+            moved = now.balance - before.balance
+        if moved == 0:
+            return NotApplied("the card's deposit did not move: the topup was not applied")
+        if moved == amount:
+            return Applied(card_balance_after=now.balance, source="reconciled")
+        return Unknown(
+            f"the card's deposit moved by {format_amount(moved)}, "
+            f"neither 0 nor the amount {format_amount(amount)}"
+        )
+
+
+def _transport_message(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer before the timeout"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the connection was closed before an answer"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

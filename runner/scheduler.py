@@ -1,0 +1,271 @@
+"""Who goes next: per-card cooldowns, the global request rate, and retry timing.
+
+`Dispatcher` is pure bookkeeping with time passed in, so that its policy can be tested and
+simulated without an event loop: among cards whose cooldown has passed and that have no
+request in flight, the card with the most rows left goes first (ties: earliest row), which
+starts heavy cards early and fills the gaps with light ones. Each step is O(log cards).
+`Pacer` spaces every request to the provider evenly at the allowed rate, slowing down
+when the provider says so.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Card(Generic[T]):
+    key: Hashable
+    items: deque[tuple[int, T]] = field(default_factory=deque)
+    busy: bool = False
+    ready_at: float = -math.inf
+
+
+class Dispatcher(Generic[T]):
+    """Queues of work items per card; hands out the next item that may be sent now.
+
+    Items of one card go out in the order they were added (job order), one at a time:
+    a card is `busy` from `take()` until `release()`.
+    """
+
+    def __init__(self, cooldown: float = 0.0) -> None:
+        self.cooldown = cooldown
+        self._cards: dict[Hashable, _Card[T]] = {}
+        # (-rows left, first row's order, tiebreak, card) for idle cards whose cooldown passed
+        self._ready: list[tuple[int, int, int, Hashable]] = []
+        # (ready_at, tiebreak, card) for idle cards waiting out a cooldown
+        self._cooling: list[tuple[float, int, Hashable]] = []
+        self._tiebreak = 0
+        self._queued = 0
+        self._busy = 0
+
+    def add(self, card: Hashable, item: T, order: int) -> None:
+        """Queue `item` for `card`; `order` is its position in the job (ties go to the lower)."""
+        entry = self._cards.get(card)
+        if entry is None:
+            entry = self._cards[card] = _Card(card)
+        was_empty = not entry.items
+        entry.items.append((order, item))
+        self._queued += 1
+        if was_empty and not entry.busy:
+            self._schedule(entry, entry.ready_at)
+
+    def extend(self, items: Iterable[tuple[Hashable, T, int]]) -> None:
+        for card, item, order in items:
+            self.add(card, item, order)
+
+    @property
+    def queued(self) -> int:
+        """Items not yet taken (including ones put back)."""
+        return self._queued
+
+    @property
+    def busy(self) -> int:
+        """Cards with an item taken and not yet released."""
+        return self._busy
+
+    def __len__(self) -> int:
+        return self._queued + self._busy
+
+    def _schedule(self, entry: _Card[T], ready_at: float) -> None:
+        self._tiebreak += 1
+        entry.ready_at = ready_at
+        heapq.heappush(self._cooling, (ready_at, self._tiebreak, entry.key))
+
+    def _promote(self, now: float) -> None:
+        while self._cooling and self._cooling[0][0] <= now:
+            _, _, key = heapq.heappop(self._cooling)
+            entry = self._cards[key]
+            if entry.busy or not entry.items:
+                continue
+            self._tiebreak += 1
+            heapq.heappush(self._ready, (-len(entry.items), entry.items[0][0], self._tiebreak, key))
+
+    def take(self, now: float, slot: float = 0.0) -> tuple[Hashable, T] | None:
+        """The next (card, item) that may go now, or None; the card becomes busy.
+
+        `slot` is the time between two requests at the current rate. When the rate and a
+        heavy card's cooldown both bind, giving this slot to a light card would make the
+        heavy card wait for the next slot on every cycle; so if a heavier card comes out of
+        its cooldown before the next slot and its chain of cooldowns, not the rate, decides
+        when the job ends, the slot is left for it (None: wait until `next_ready_at()`).
+        """
+        self._promote(now)
+        if slot > 0 and self._waits_for_critical_card(now, slot):
+            return None
+        while self._ready:
+            _, _, _, key = heapq.heappop(self._ready)
+            entry = self._cards[key]
+            if entry.busy or not entry.items:
+                continue
+            _, item = entry.items.popleft()
+            entry.busy = True
+            self._queued -= 1
+            self._busy += 1
+            return key, item
+        return None
+
+    def _waits_for_critical_card(self, now: float, slot: float) -> bool:
+        ready_at = self.next_ready_at()
+        if ready_at is None or ready_at >= now + slot:
+            return False
+        coming = self._cards[self._cooling[0][2]]
+        best_ready = -self._ready[0][0] if self._ready else 0
+        if len(coming.items) <= best_ready:
+            return False
+        chain_end = ready_at + (len(coming.items) - 1) * self.cooldown
+        rate_end = now + (self._queued - 1) * slot
+        return chain_end >= rate_end
+
+    def next_ready_at(self) -> float | None:
+        """When the earliest cooling card becomes ready (None: nothing is cooling)."""
+        while self._cooling:
+            ready_at, _, key = self._cooling[0]
+            entry = self._cards[key]
+            if entry.busy or not entry.items or entry.ready_at != ready_at:
+                heapq.heappop(self._cooling)
+                continue
+            return ready_at
+        return None
+
+    def release(
+        self, card: Hashable, ready_at: float, *, put_back: T | None = None, order: int = 0
+    ) -> None:
+        """End the card's busy spell; its next item may go at `ready_at`.
+
+        `put_back` returns the taken item to the front of the card's queue (a retry).
+        """
+        entry = self._cards[card]
+        if not entry.busy:
+            raise RuntimeError(f"release of card {card!r} that was not taken")
+        entry.busy = False
+        self._busy -= 1
+        if put_back is not None:
+            entry.items.appendleft((order, put_back))
+            self._queued += 1
+        if entry.items:
+            self._schedule(entry, ready_at)
+        elif not entry.items:
+            del self._cards[card]
+
+    def drain(self) -> list[T]:
+        """Remove and return every queued item (the run is stopping)."""
+        left = [item for entry in self._cards.values() for _, item in entry.items]
+        for entry in self._cards.values():
+            entry.items.clear()
+        self._queued = 0
+        self._ready.clear()
+        self._cooling.clear()
+        return left
+
+
+def lower_bound(rows: int, busiest_card_rows: int, rate: float | None, cooldown: float) -> float:
+    """The shortest possible time from first to last topup: max((N-1)/R, (k-1)*c)."""
+    by_rate = (rows - 1) / rate if rate else 0.0
+    by_cooldown = max(0, busiest_card_rows - 1) * cooldown
+    return max(0.0, by_rate, by_cooldown)
+
+
+def tight_lower_bound(rows_per_card: Iterable[int], rate: float | None, cooldown: float) -> float:
+    """LB refined for several heavy cards: the i-th heaviest card (0-based) with k rows
+    cannot finish before (k-1)*c + i/R, since its first row waited for i slots."""
+    counts = sorted(rows_per_card, reverse=True)
+    slot = 1.0 / rate if rate else 0.0
+    by_cards = max(((k - 1) * cooldown + i * slot for i, k in enumerate(counts)), default=0.0)
+    return max(lower_bound(sum(counts), counts[0] if counts else 0, rate, cooldown), by_cards)
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    base: float = 0.5,
+    cap: float = 30.0,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Exponential backoff with jitter for the `attempt`-th failure (1-based).
+
+    "Equal jitter": half the exponential step is kept, half is random, so retries of many
+    rows that failed together spread out without ever retrying immediately.
+    """
+    step: float = min(cap, base * 2.0 ** max(0, attempt - 1))
+    return step / 2 + rand() * step / 2
+
+
+Clock = Callable[[], float]
+
+
+class Pacer:
+    """Spaces requests at most `rate` per second, evenly, for every caller together.
+
+    Each `acquire()` reserves the next free slot (FIFO) and sleeps until it. A 429 from the
+    provider (`slow_down`) pauses all callers for its Retry-After and lowers the rate, which
+    climbs back to the configured rate after a run of undisturbed requests.
+    """
+
+    RECOVERY_REQUESTS = 50
+    SLOWDOWN_FACTOR = 0.7
+    MIN_FRACTION = 0.05
+
+    def __init__(
+        self,
+        rate: float | None,
+        *,
+        clock: Clock = anyio.current_time,
+    ) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError("rate must be positive (or None for unlimited)")
+        self.rate = rate
+        self.current_rate = rate
+        self._clock = clock
+        self._next_at = -math.inf
+        self._paused_until = -math.inf
+        self._undisturbed = 0
+        self.slowdowns = 0
+
+    def reserve(self) -> float:
+        """Take the next slot and return when it is (no sleeping): the pure part of acquire."""
+        now = self._clock()
+        at = max(now, self._next_at, self._paused_until)
+        if self.current_rate is not None:
+            self._next_at = at + 1.0 / self.current_rate
+            self._recover()
+        return at
+
+    def next_free(self) -> float:
+        """When a request could go if nobody else asked first (a past time means now)."""
+        return max(self._next_at, self._paused_until)
+
+    async def acquire(self) -> None:
+        delay = self.reserve() - self._clock()
+        if delay > 0:
+            await anyio.sleep(delay)
+
+    def slow_down(self, retry_after: float | None) -> None:
+        """The provider said 429: pause everyone for `retry_after` and lower the rate."""
+        now = self._clock()
+        self.slowdowns += 1
+        self._undisturbed = 0
+        pause = retry_after if retry_after is not None else 1.0
+        self._paused_until = max(self._paused_until, now + pause)
+        if self.rate is not None and self.current_rate is not None:
+            self.current_rate = max(
+                self.rate * self.MIN_FRACTION, self.current_rate * self.SLOWDOWN_FACTOR
+            )
+
+    def _recover(self) -> None:
+        if self.rate is None or self.current_rate is None or self.current_rate >= self.rate:
+            return
+        self._undisturbed += 1
+        if self._undisturbed >= self.RECOVERY_REQUESTS:
+            self._undisturbed = 0
+            self.current_rate = min(self.rate, self.current_rate / self.SLOWDOWN_FACTOR)
