@@ -6,6 +6,7 @@ found. With `allow_partial`, rows whose card cannot take a topup are set aside i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,6 +19,7 @@ from runner.money import format_amount
 from runner.providers.base import CardState, CardStatus, Provider
 
 _LOOKUP_CONCURRENCY = 8
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _LISTED = 10  # how many card ids a refusal message names before "and N more"
 
 
@@ -49,11 +51,16 @@ def _name(ids: Sequence[str]) -> str:
     return shown + (f" and {len(ids) - _LISTED} more" if len(ids) > _LISTED else "")
 
 
+def _card_key(card_id: str) -> str:
+    # UUIDs are case-insensitive: a provider may answer in another case than the job wrote.
+    return card_id.lower() if _UUID.fullmatch(card_id) else card_id
+
+
 async def snapshot_cards(provider: Provider, card_ids: Iterable[str]) -> dict[str, CardState]:
     """The state of each card: one listing, then single lookups for cards it did not show."""
     wanted = set(card_ids)
-    listed = await provider.list_cards()
-    found = {card: listed[card] for card in wanted if card in listed}
+    listed = {_card_key(card): state for card, state in (await provider.list_cards()).items()}
+    found = {card: listed[_card_key(card)] for card in wanted if _card_key(card) in listed}
     missing = sorted(wanted - set(found))
     limiter = anyio.CapacityLimiter(_LOOKUP_CONCURRENCY)
 
