@@ -21,6 +21,7 @@ from runner.config import Settings, resolve_settings
 from runner.errors import JobInvalid, PreflightRefused, RunnerError
 from runner.jobs import Job, load_job
 from runner.logs import configure_logging
+from runner.progress import LazyStderr, NoProgress, RichProgress
 from runner.records import RowStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,8 +123,11 @@ def run(job_file: str, **opts: Any) -> None:
 
     job = load_job(job_file)
     settings = _settings(job, opts)
-    configure_logging(provider=settings.provider, fmt=settings.log_format)
-    result = anyio.run(JobRunner(job, settings).run)
+    show_progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
+    configure_logging(provider=settings.provider, fmt=settings.log_format, stream=LazyStderr())
+    label = "sandbox" if settings.is_sandbox else settings.provider
+    with RichProgress(label) if show_progress else NoProgress() as progress:
+        result = anyio.run(JobRunner(job, settings, progress=progress).run)
     counts = ", ".join(f"{n} {s.value}" for s, n in result.counts.items())
     label = "SANDBOX run (no real money moved)" if settings.is_sandbox else f"{result.provider} run"
     click.echo(

@@ -18,7 +18,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -37,6 +37,7 @@ from runner.jobs import Job, JobRow
 from runner.ledger import Ledger, OpenAttempt, RunSpec, utcnow
 from runner.money import format_amount
 from runner.preflight import check_amount_rules, preflight
+from runner.progress import NoProgress
 from runner.providers.base import (
     Applied,
     CardState,
@@ -103,6 +104,14 @@ class RunResult:
         return 0 if unfinished == 0 else 1
 
 
+class RunProgress(Protocol):
+    """Who watches a run: told the size once, then each row that reaches a final status."""
+
+    def start(self, total: int, done: int) -> None: ...
+
+    def row_final(self, status: RowStatus) -> None: ...
+
+
 @dataclass(slots=True)
 class _Work:
     """A row on its way: what this process knows of it between attempts."""
@@ -129,7 +138,7 @@ class JobRunner:
         stop_grace: float | None = None,
         reconcile_grace: float = 1.0,
         backoff_base: float = 0.5,
-        on_row_final: Callable[[RowStatus], None] | None = None,
+        progress: RunProgress | None = None,
     ) -> None:
         self.job = job
         self.settings = settings
@@ -140,7 +149,7 @@ class JobRunner:
         self.stop_grace = settings.timeout + 5.0 if stop_grace is None else stop_grace
         self.reconcile_grace = reconcile_grace
         self.backoff_base = backoff_base
-        self.on_row_final = on_row_final
+        self.progress: RunProgress = progress or NoProgress()
         self.run_key = settings.run_key or derive_run_key(job, settings)
         self.sent = 0
         self._stopping: str | None = None
@@ -266,6 +275,7 @@ class JobRunner:
                 )
                 if existing is None:
                     await anyio.to_thread.run_sync(ledger.create_run, spec, job.rows)
+                self.progress.start(len(job.rows), len(job.rows) - len(todo_rows))
                 await self._set_aside(report.set_aside)
                 for r in todo_rows:
                     if r.row in report.set_aside:
@@ -338,6 +348,8 @@ class JobRunner:
                 for row, why in set_aside.items()
             ]
         )
+        for _ in set_aside:
+            self.progress.row_final(RowStatus.FAILED)
 
     async def _mark_in_doubt(self) -> None:
         """Rows whose last answer was lost when the run stopped: the resume will settle them."""
@@ -676,8 +688,7 @@ class JobRunner:
             Ledger.row_update(self.run_key, row, status=status, finished_at=now, **fields)
         )
         await self.ledger.write(statements)
-        if self.on_row_final is not None:
-            self.on_row_final(status)
+        self.progress.row_final(status)
 
 
 def _applied_fields(outcome: Applied) -> dict[str, Any]:

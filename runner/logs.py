@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, cast
 
 import structlog
 
@@ -46,11 +46,21 @@ def scrub_secrets(
     return event_dict
 
 
+class Stream(Protocol):
+    """Where log lines go: a text file, or something that forwards to one."""
+
+    def write(self, text: str, /) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def isatty(self) -> bool: ...
+
+
 def configure_logging(
     *,
     provider: str,
     fmt: str | None = None,
-    stream: TextIO | None = None,
+    stream: Stream | None = None,
     level: int = logging.INFO,
 ) -> str:
     """Set up structlog for this process; returns the format chosen."""
@@ -73,7 +83,7 @@ def configure_logging(
     structlog.configure(
         processors=list(processors),
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, stream)),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
