@@ -242,11 +242,6 @@ async def test_amount_out_of_bounds_is_refused_with_the_zod_message(
     assert zod_message in outcome.message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: topup() sends format_amount(amount), which rounds half-up to cents, so "
-    "5.001 is sent as 5.00 and 5.005 as 5.01 and applied instead of refused",
-)
 @pytest.mark.anyio
 @pytest.mark.parametrize("amount", [Decimal("5.001"), Decimal("5.005")])
 async def test_amount_with_three_decimals_is_refused_not_rounded(amount: Decimal) -> None:
@@ -822,12 +817,6 @@ def test_429_without_retry_after_leaves_the_wait_to_us() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: parse_retry_after subtracts an aware now() from the naive datetime "
-    "parsedate_to_datetime returns for asctime / -0000 dates, so classify_topup raises TypeError",
-)
 @pytest.mark.parametrize("when", ["Sun Nov  6 08:49:37 1994", "Sun, 06 Nov 1994 08:49:37 -0000"])
 def test_429_with_a_date_without_zone_is_rate_limited(when: str) -> None:
     """A Retry-After in the asctime form (which HTTP recipients must accept) does not crash."""
@@ -837,11 +826,6 @@ def test_429_with_a_date_without_zone_is_rate_limited(when: str) -> None:
     assert outcome.after in (0.0, None)  # a date in the past: no wait, or our own backoff
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_retry_after accepts any Decimal spelling, so 'Infinity' or '1e400' "
-    "becomes after=inf and a throttle's slow_down(inf) pauses the run for ever",
-)
 @pytest.mark.parametrize("value", ["Infinity", "1e400"])
 def test_429_with_a_non_numeric_retry_after_never_waits_for_ever(value: str) -> None:
     """A Retry-After that is not delta-seconds or a date gives a finite wait or none."""

@@ -25,7 +25,7 @@ import aiohttp
 import structlog
 
 from runner.errors import AuthenticationFailed, ProviderError
-from runner.money import format_amount, parse_provider_decimal
+from runner.money import format_amount, parse_provider_decimal, quantize_cents
 from runner.providers.base import (
     Applied,
     CardState,
@@ -78,20 +78,25 @@ def _loads(body: str) -> Any:
     return json.loads(body, parse_float=Decimal)
 
 
+_RETRY_AFTER_SECONDS = re.compile(r"\d{1,9}(?:\.\d{1,6})?")
+# A Retry-After longer than this is not believed: the run would stall on a typo.
+MAX_RETRY_AFTER = 3600.0
+
+
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent."""
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if unreadable."""
     if value is None or not value.strip():
         return None
     text = value.strip()
-    try:
-        return max(0.0, float(Decimal(text)))
-    except ArithmeticError:
-        pass
+    if _RETRY_AFTER_SECONDS.fullmatch(text):
+        return min(MAX_RETRY_AFTER, float(text))
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # HTTP dates are GMT, whatever their spelling
+    return min(MAX_RETRY_AFTER, max(0.0, (when - datetime.now(UTC)).total_seconds()))
 
 
 def _message_of(payload: Any) -> str:
@@ -263,6 +268,10 @@ class UncashProvider:
         self, card_id: str, amount: Decimal, *, idempotency_key: str | None = None
     ) -> Outcome:
         # Uncash takes no idempotency key; the argument exists for providers that do.
+        if amount != quantize_cents(amount):
+            return Refused(
+                RefusalCode.INVALID_AMOUNT, f"{amount} has more than two decimals: not sent"
+            )
         body = '{"amount": ' + format_amount(amount) + "}"
         path = f"/cards/{quote(card_id, safe='')}/topup"
         try:
@@ -326,12 +335,14 @@ class UncashProvider:
     async def get_card(self, card_id: str) -> CardState | None:
         path = f"/cards/{quote(card_id, safe='')}"
         status, payload = await self._get(path)
-        if status == 404 or (
-            isinstance(payload, Mapping)
-            and payload.get("success") is False
-            and "not found" in _message_of(payload).lower()
-        ):
+        message = _message_of(payload).lower()
+        if "card not found" in message:
             return None
+        if status == 404:
+            # Not the documented card refusal: most likely a wrong --base-url.
+            raise ProviderError(
+                f"Uncash GET {path}: HTTP 404 {message or 'without a message'}: check --base-url"
+            )
         if status != 200 or not isinstance(payload, Mapping) or payload.get("success") is not True:
             raise ProviderError(f"Uncash GET {path}: HTTP {status}: {_message_of(payload)}")
         data = payload.get("data")
@@ -363,6 +374,8 @@ class UncashProvider:
         """
         try:
             now = await self.get_card(card_id)
+        except AuthenticationFailed:
+            raise
         except ProviderError as exc:
             return Unknown(f"could not read the card to reconcile: {exc}")
         if now is None:
