@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
@@ -205,7 +206,7 @@ class JobRunner:
             extra_columns=job.extra_columns,
             row_count=len(job.rows),
         )
-        existing = ledger.find_run(self.run_key)
+        existing = await ledger.call(ledger.find_run, self.run_key)
         if existing is not None and (
             existing.job_digest != spec.job_digest or existing.base_url != spec.base_url
         ):
@@ -213,13 +214,16 @@ class JobRunner:
                 f"run key {self.run_key!r} in {ledger.path} belongs to another job or provider "
                 f"({existing.job_file} on {existing.base_url}): choose a new run key"
             )
+        last_sent: dict[str, datetime] = {}
         if existing is None:
             todo_rows = list(job.rows)
             open_attempts: dict[int, OpenAttempt] = {}
             sent_so_far: dict[int, int] = {}
         else:
-            progress = ledger.progress(self.run_key)
-            open_attempts = {a.row: a for a in ledger.open_attempts(self.run_key)}
+            last_sent = await ledger.call(ledger.last_attempts, self.run_key)
+            progress = await ledger.call(ledger.progress, self.run_key)
+            found = await ledger.call(ledger.open_attempts, self.run_key)
+            open_attempts = {a.row: a for a in found}
             todo_rows = [
                 r
                 for r in job.rows
@@ -274,22 +278,23 @@ class JobRunner:
                     set_aside=len(report.set_aside),
                 )
                 if existing is None:
-                    await anyio.to_thread.run_sync(ledger.create_run, spec, job.rows)
+                    await ledger.call(ledger.create_run, spec, job.rows)
                 self.progress.start(len(job.rows), len(job.rows) - len(todo_rows))
                 await self._set_aside(report.set_aside)
+                hold = self._cooldowns_left(last_sent)
                 for r in todo_rows:
                     if r.row in report.set_aside:
                         continue
                     work = _Work(r, sent=sent_so_far.get(r.row, 0))
                     work.unresolved = open_attempts.get(r.row)
-                    self._dispatcher.add(r.card_id, work, r.row)
+                    self._dispatcher.add(r.card_id, work, r.row, hold.get(r.card_id, -math.inf))
                 await self._dispatch_all()
                 if len(self._applied_times) >= 1:
                     makespan = self._applied_times[-1] - self._applied_times[0]
         await self._mark_in_doubt()
-        counts = await anyio.to_thread.run_sync(ledger.status_counts, self.run_key)
+        counts = await ledger.call(ledger.status_counts, self.run_key)
         if not self._stopping and counts[RowStatus.NOT_ATTEMPTED] == 0:
-            await anyio.to_thread.run_sync(ledger.finish_run, self.run_key)
+            await ledger.call(ledger.finish_run, self.run_key)
         output = settings.output or Path(f"{self.run_key}.xlsx")
         info = RunInfo(
             run_key=self.run_key,
@@ -324,6 +329,20 @@ class JobRunner:
         if self._fatal is not None:
             raise self._fatal
         return result
+
+    def _cooldowns_left(self, last_sent: Mapping[str, datetime]) -> dict[str, float]:
+        """Cards an earlier process sent to recently: when, on our clock, each may go again.
+
+        An attempt left open by a killed process is reconciled no sooner either, so a topup
+        the platform was still processing has landed before its card is read.
+        """
+        now_wall, now = utcnow(), self.clock()
+        wait = max(self.settings.cooldown, self.reconcile_grace)
+        return {
+            card: now + left
+            for card, sent in last_sent.items()
+            if (left := wait - (now_wall - sent).total_seconds()) > 0
+        }
 
     def _notes(self, makespan: float | None, lb: float) -> tuple[tuple[str, str], ...]:
         notes = [

@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -28,6 +28,8 @@ from runner.jobs import JobRow
 from runner.money import format_amount
 from runner.providers.base import CardState, CardStatus
 from runner.records import RowRecord, RowStatus
+
+R = TypeVar("R")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -230,6 +232,10 @@ class Ledger:
         self._locks.clear()
         self._conn.close()
 
+    async def call(self, func: Callable[..., R], *args: Any) -> R:
+        """Run a blocking ledger method off the event loop, one at a time with the writes."""
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
     # -- writing -------------------------------------------------------------------------
 
     async def write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
@@ -336,6 +342,14 @@ class Ledger:
             sent = _from_iso(sent_at) or utcnow()
             found.append(OpenAttempt(row, attempt, card_id, Decimal(amount), before, sent))
         return found
+
+    def last_attempts(self, run_key: str) -> dict[str, datetime]:
+        """When each card's latest attempt was sent: a resumed run honours its cooldown."""
+        cursor = self._conn.execute(
+            "SELECT card_id, MAX(sent_at) FROM attempts WHERE run_key = ? GROUP BY card_id",
+            (run_key,),
+        )
+        return {card: when for card, sent in cursor if (when := _from_iso(sent)) is not None}
 
     def finish_run(self, run_key: str) -> None:
         self._conn.execute(

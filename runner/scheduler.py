@@ -49,11 +49,14 @@ class Dispatcher(Generic[T]):
         self._queued = 0
         self._busy = 0
 
-    def add(self, card: Hashable, item: T, order: int) -> None:
-        """Queue `item` for `card`; `order` is its position in the job (ties go to the lower)."""
+    def add(self, card: Hashable, item: T, order: int, not_before: float = -math.inf) -> None:
+        """Queue `item` for `card`; `order` is its position in the job (ties go to the lower).
+
+        `not_before` holds a card that is new to the dispatcher (a resumed run's cooldown).
+        """
         entry = self._cards.get(card)
         if entry is None:
-            entry = self._cards[card] = _Card(card)
+            entry = self._cards[card] = _Card(card, ready_at=not_before)
         was_empty = not entry.items
         entry.items.append((order, item))
         self._queued += 1

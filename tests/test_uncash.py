@@ -462,7 +462,7 @@ async def test_connection_refused_is_safe_to_retry() -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("kind", [FaultKind.DROP_AFTER, FaultKind.ERROR_AFTER])
 async def test_reconcile_finds_a_lost_topup_that_applied(kind: FaultKind) -> None:
-    """After an answer lost once applied, reconcile says Applied(source="reconciled")."""
+    """After an answer lost once applied, reconcile says Applied, with the transaction id."""
     async with running() as (sb, provider):
         before = await provider.get_card(CARD)
         assert before is not None
@@ -470,7 +470,11 @@ async def test_reconcile_finds_a_lost_topup_that_applied(kind: FaultKind) -> Non
         assert isinstance(await provider.topup(CARD, HUNDRED), Unknown)
         settled = await provider.reconcile(CARD, HUNDRED, before)
         record = sb.state.applied[-1]
-    assert settled == Applied(card_balance_after=record.card_balance_after, source="reconciled")
+    assert settled == Applied(
+        card_balance_after=record.card_balance_after,
+        transaction_id=record.transaction_id,
+        source="reconciled",
+    )
 
 
 @pytest.mark.anyio
@@ -522,7 +526,10 @@ async def test_reconcile_falls_back_to_the_balance_without_a_deposit() -> None:
         sb.faults.script(FaultKind.DROP_AFTER, card_id=CARD)
         await provider.topup(CARD, HUNDRED)
         settled = await provider.reconcile(CARD, HUNDRED, before)
-    assert settled == Applied(card_balance_after=HUNDRED, source="reconciled")
+        record = sb.state.applied[-1]
+    assert settled == Applied(
+        card_balance_after=HUNDRED, transaction_id=record.transaction_id, source="reconciled"
+    )
 
 
 @pytest.mark.anyio

@@ -366,6 +366,24 @@ class UncashProvider:
                 states[state.card_id] = state
         return states
 
+    async def _latest_credit(self, card_id: str, amount: Decimal) -> str | None:
+        """The id of the card's newest credit of `amount`, if the transactions list shows one.
+
+        Only an enrichment for a topup already proven applied: the docs do not say whether
+        topups appear in this list, so any failure here just leaves the id unknown.
+        """
+        path = f"/cards/transactions?card_id={quote(card_id, safe='')}&limit=10&page=1"
+        try:
+            items = _transaction_items(await self._get_data(path))
+        except ProviderError:
+            return None
+        for item in items:
+            if not isinstance(item, Mapping) or str(item.get("side", "Credit")) != "Credit":
+                continue
+            if _decimal_field(item, "amount") == amount and item.get("id") is not None:
+                return str(item["id"])
+        return None
+
     async def reconcile(self, card_id: str, amount: Decimal, before: CardState) -> Settlement:
         """Compare the card with its snapshot from before the attempt.
 
@@ -387,11 +405,26 @@ class UncashProvider:
         if moved == 0:
             return NotApplied("the card's deposit did not move: the topup was not applied")
         if moved == amount:
-            return Applied(card_balance_after=now.balance, source="reconciled")
+            return Applied(
+                card_balance_after=now.balance,
+                transaction_id=await self._latest_credit(card_id, amount),
+                source="reconciled",
+            )
         return Unknown(
             f"the card's deposit moved by {format_amount(moved)}, "
             f"neither 0 nor the amount {format_amount(amount)}"
         )
+
+
+def _transaction_items(data: Any) -> list[Any]:
+    """The list of a transactions page, whatever the container key (it is undocumented)."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, Mapping):
+        for key in ("transactions", "items", "data"):
+            if isinstance(data.get(key), list):
+                return list(data[key])
+    return []
 
 
 def _transport_message(exc: BaseException) -> str:
