@@ -441,17 +441,19 @@ class JobRunner:
                 if taken is not None:
                     card, work = taken
                     self._in_flight += 1
-                    workers.start_soon(self._serve, str(card), work)
+                    workers.start_soon(self._serve, str(card), work, self.pacer.reserve())
                     continue
                 wake_at = dispatcher.next_ready_at() or math.inf
             with anyio.move_on_after(max(0.0, wake_at - now) if wake_at < math.inf else None):
                 await changed.wait()
 
-    async def _serve(self, card: str, work: _Work) -> None:
+    async def _serve(self, card: str, work: _Work, slot: float) -> None:
         ready_at = self.clock()
         put_back = False
         try:
-            ready_at, put_back = await self._handle(card, work)
+            # The slot reserved when the card was chosen goes to this step's first request.
+            with self.pacer.prepaid(slot):
+                ready_at, put_back = await self._handle(card, work)
         except RunnerError as exc:
             # The provider or the ledger cannot be used at all: stop cleanly, keep the row.
             self._fatal = self._fatal or exc

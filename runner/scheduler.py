@@ -14,7 +14,9 @@ import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -205,6 +207,7 @@ def backoff_delay(
 
 
 Clock = Callable[[], float]
+_prepaid: ContextVar[float | None] = ContextVar("prepaid_slot", default=None)
 
 
 class Pacer:
@@ -249,9 +252,28 @@ class Pacer:
         return max(self._next_at, self._paused_until)
 
     async def acquire(self) -> None:
-        delay = self.reserve() - self._clock()
+        """Wait for this request's slot: the one prepaid for it, or the next free one."""
+        slot = _prepaid.get()
+        if slot is not None:
+            _prepaid.set(None)
+        else:
+            slot = self.reserve()
+        delay = slot - self._clock()
         if delay > 0:
             await anyio.sleep(delay)
+
+    @contextmanager
+    def prepaid(self, slot: float) -> Iterator[None]:
+        """The next `acquire()` in this task uses `slot`, reserved earlier with `reserve()`.
+
+        The dispatch loop reserves a slot when it chooses a card, so that the choice is made
+        when the request can go, not several slots ahead of it.
+        """
+        token = _prepaid.set(slot)
+        try:
+            yield
+        finally:
+            _prepaid.reset(token)
 
     def slow_down(self, retry_after: float | None) -> None:
         """The provider said 429: pause everyone for `retry_after` and lower the rate."""

@@ -241,3 +241,17 @@ def test_backoff_grows_and_is_capped(attempt: int, r: float) -> None:
     step = min(30.0, 0.5 * 2 ** (attempt - 1))
     assert step / 2 <= delay <= step
     assert not math.isnan(delay)
+
+
+@pytest.mark.anyio
+async def test_prepaid_slot_serves_the_first_request_only() -> None:
+    """A slot reserved when the card was chosen is used by the task's first request only."""
+    clock = FakeClock()
+    pacer = Pacer(4.0, clock=clock)
+    slot = pacer.reserve()
+    clock.now = 10.0  # every slot below is in the past: nothing sleeps
+    with pacer.prepaid(slot):
+        await pacer.acquire()  # uses the prepaid slot: reserves nothing new
+        assert pacer.next_free() == pytest.approx(0.25)
+        await pacer.acquire()  # a second request in the same step reserves its own
+    assert pacer.next_free() == pytest.approx(10.25)
