@@ -84,6 +84,14 @@ def run_options(func: F) -> F:
         click.option("--no-progress", "no_progress", is_flag=True, help="No progress bar."),
         click.option("--wait-settle", help="Seconds to wait for pending rows to settle."),
         click.option(
+            "--metrics-file",
+            type=click.Path(path_type=Path),
+            help="Write Prometheus text-format metrics here (node_exporter textfile).",
+        ),
+        click.option(
+            "--fee-rate", help="Fee estimate as a fraction of the amount, e.g. 0.025 (preflight)."
+        ),
+        click.option(
             "--allow-partial",
             is_flag=True,
             default=None,

@@ -12,6 +12,8 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,9 @@ class Settings:
     progress: bool | None = None
     wait_settle: float = 0.0
     allow_partial: bool = False
+    metrics_file: Path | None = None
+    # Fee as a fraction of the amount, for preflight when the provider gives none in advance.
+    fee_rate: Decimal | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -76,6 +81,8 @@ class Settings:
             raise ConfigError("timeout: must be a positive number of seconds")
         if self.log_format is not None and self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log-format: {self.log_format!r} is not console or json")
+        if self.fee_rate is not None and not (Decimal(0) <= self.fee_rate < 1):
+            raise ConfigError("fee-rate: must be a fraction of the amount, from 0 to below 1")
         if not (self.wait_settle >= 0 and math.isfinite(self.wait_settle)):
             raise ConfigError("wait-settle: must be zero or a positive number of seconds")
 
@@ -104,6 +111,15 @@ def _flag(value: object) -> bool:
     raise ValueError("expected true or false")
 
 
+def _fraction(value: object) -> Decimal:
+    if isinstance(value, bool | float):
+        raise ValueError("write the fee rate as a quoted decimal, e.g. '0.025'")
+    result = Decimal(str(value).strip())
+    if not result.is_finite():
+        raise ValueError("expected a finite decimal")
+    return result
+
+
 def _optional_rate(value: object) -> float | None:
     if str(value).strip().lower() in ("none", "unlimited"):
         return None
@@ -125,6 +141,8 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "progress": _flag,
     "wait_settle": _number(float),
     "allow_partial": _flag,
+    "metrics_file": lambda v: Path(str(v)).expanduser(),
+    "fee_rate": _fraction,
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 
@@ -168,7 +186,36 @@ def resolve_settings(
         elif name in job_values and job_values[name] is not None:
             chosen[name] = _convert(name, job_values[name], f"{job_file}: settings.{name}")
 
+    if "run_key" in chosen and "{" in chosen["run_key"]:
+        chosen["run_key"] = expand_run_key(chosen["run_key"], job_file)
     provider = chosen.get("provider", "sandbox")
     for name, value in PROVIDER_DEFAULTS.get(provider, {}).items():
         chosen.setdefault(name, value)
     return Settings(**chosen)
+
+
+def expand_run_key(template: str, job_file: str, now: datetime | None = None) -> str:
+    """Fill a recurring job's run key: `daily-{date}` gives `daily-2026-11-21`.
+
+    Fields use the machine's local time, as a crontab does: {date} 2026-11-21, {month}
+    2026-11, {year} 2026, {week} 2026-W47, {datetime} 20261121T030000, {job} the file's stem.
+    """
+    now = now or datetime.now().astimezone()
+    iso = now.isocalendar()
+    values = {
+        "date": now.strftime("%Y-%m-%d"),
+        "month": now.strftime("%Y-%m"),
+        "year": now.strftime("%Y"),
+        "week": f"{iso.year}-W{iso.week:02d}",
+        "datetime": now.strftime("%Y%m%dT%H%M%S"),
+        "job": Path(job_file).stem,
+    }
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        raise ConfigError(
+            f"run-key: unknown field {{{exc.args[0]}}} in {template!r}; "
+            f"use {', '.join('{' + name + '}' for name in values)}"
+        ) from None
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"run-key: {template!r} is not a valid template: {exc}") from None

@@ -36,8 +36,15 @@ from runner.errors import (
 )
 from runner.jobs import Job, JobRow
 from runner.ledger import Ledger, OpenAttempt, RunSpec, utcnow
+from runner.metrics import RunMetrics, write_metrics
 from runner.money import format_amount
-from runner.preflight import check_amount_rules, preflight
+from runner.preflight import (
+    FeeModel,
+    check_amount_rules,
+    duplicate_rows,
+    fit_fee_model,
+    preflight,
+)
 from runner.progress import NoProgress
 from runner.providers.base import (
     Applied,
@@ -50,7 +57,7 @@ from runner.providers.base import (
 )
 from runner.providers.factory import open_provider, rules_for
 from runner.records import RowStatus, RunInfo
-from runner.report import write_report
+from runner.report import failed_rows_path_for, write_failed_rows, write_report
 from runner.sandbox.config import SandboxConfig
 from runner.scheduler import Dispatcher, Pacer, backoff_delay, lower_bound
 
@@ -266,14 +273,20 @@ class JobRunner:
                     concurrency=settings.concurrency,
                     lower_bound_s=round(lb, 3),
                 )
+                duplicates = duplicate_rows(counts_rows)
+                if duplicates:
+                    log.warning("job.duplicates", rows=duplicates[:20], groups=len(duplicates))
+                fees = fee_model(settings, await ledger.call(ledger.fee_samples, settings.provider))
                 report = await preflight(
-                    provider, counts_rows, allow_partial=settings.allow_partial
+                    provider, counts_rows, allow_partial=settings.allow_partial, fees=fees
                 )
                 self._cards = dict(report.cards)
                 log.info(
                     "preflight.ok",
                     wallet_balance=format_amount(report.wallet_balance),
                     total_amount=format_amount(report.total_amount),
+                    estimated_fees=_fmt(report.estimated_fees),
+                    fee_source=report.fee_source,
                     cards=len(report.cards),
                     set_aside=len(report.set_aside),
                 )
@@ -306,6 +319,10 @@ class JobRunner:
             notes=self._notes(makespan, lb),
         )
         await anyio.to_thread.run_sync(write_report, output, ledger.records(self.run_key), info)
+        failed_file = failed_rows_path_for(output)
+        failed = await anyio.to_thread.run_sync(
+            write_failed_rows, failed_file, ledger.records(self.run_key), job.extra_columns
+        )
         result = RunResult(
             run_key=self.run_key,
             provider=settings.provider,
@@ -324,8 +341,21 @@ class JobRunner:
             lower_bound_s=round(lb, 3),
             makespan_ratio=_ratio(makespan, lb),
             stopped=self._stopping,
+            failed_rows_job=str(failed_file) if failed else None,
             **{f"rows_{s.value}": n for s, n in counts.items()},
         )
+        if settings.metrics_file is not None:
+            totals = await ledger.call(ledger.totals, self.run_key)
+            metrics = RunMetrics(
+                job=job.path.stem,
+                provider=settings.provider,
+                run_key=self.run_key,
+                totals=totals,
+                duration=(utcnow() - started).total_seconds(),
+                exit_code=result.exit_code,
+                finished=utcnow(),
+            )
+            await anyio.to_thread.run_sync(write_metrics, settings.metrics_file, metrics)
         if self._fatal is not None:
             raise self._fatal
         return result
@@ -731,6 +761,13 @@ def _after(before: CardState, amount: Decimal, balance_after: Decimal | None) ->
     )
 
 
+def fee_model(settings: Settings, samples: list[tuple[Decimal, Decimal]]) -> FeeModel | None:
+    """The fee estimate preflight uses: the configured rate, else one learned from the ledger."""
+    if settings.fee_rate is not None:
+        return FeeModel(Decimal(0), settings.fee_rate, f"--fee-rate {settings.fee_rate}")
+    return fit_fee_model(samples)
+
+
 def _busiest(rows: list[JobRow]) -> int:
     counts: dict[str, int] = {}
     for r in rows:
@@ -766,22 +803,45 @@ async def check_job(
     busiest = _busiest(list(job.rows))
     lb = lower_bound(len(job.rows), busiest, settings.rate_limit, settings.cooldown)
     pacer = Pacer(settings.rate_limit)
+    samples: list[tuple[Decimal, Decimal]] = []
+    ledger_path = Path(settings.ledger) if settings.ledger else None
+    if ledger_path is None and not settings.is_sandbox:
+        ledger_path = default_ledger_path(os.environ if env is None else env)
+    if ledger_path is not None and ledger_path.exists():
+        ledger = Ledger.open(ledger_path)
+        try:
+            samples = await ledger.call(ledger.fee_samples, settings.provider)
+        finally:
+            ledger.close()
+    fees = fee_model(settings, samples)
     async with open_provider(
         settings, (r.card_id for r in job.rows), pacer, env=env, sandbox_config=sandbox_config
     ) as (provider, base_url):
-        report = await preflight(provider, job.rows, allow_partial=settings.allow_partial)
+        report = await preflight(
+            provider, job.rows, allow_partial=settings.allow_partial, fees=fees
+        )
     label = "SANDBOX (no real money moves)" if settings.is_sandbox else settings.provider
     lines = [
         f"provider: {label} at {base_url}",
         f"job: {job.path}: {len(job.rows)} rows, {len({r.card_id for r in job.rows})} cards, "
         f"busiest card {busiest} rows, total {format_amount(report.total_amount)}",
-        f"wallet: {format_amount(report.wallet_balance)} (fees come on top of the amounts)",
+        f"wallet: {format_amount(report.wallet_balance)}; "
+        + (
+            f"estimated fees {format_amount(report.estimated_fees)} ({report.fee_source})"
+            if report.estimated_fees is not None
+            else "fees unknown in advance: they come on top of the amounts (see --fee-rate)"
+        ),
         f"estimated minimum duration: {lb:.1f} s "
         f"(rate {settings.rate_limit or 'unlimited'}/s, cooldown {settings.cooldown:g} s)",
         f"run key: {settings.run_key or derive_run_key(job, settings)}",
     ]
     if report.set_aside:
         lines.append(f"set aside by preflight: {len(report.set_aside)} rows")
+    for group in duplicate_rows(job.rows):
+        lines.append(
+            f"warning: {job.path}: rows {', '.join(map(str, group))} have the same card, "
+            "amount and reference: pasted twice?"
+        )
     lines.append("check passed: nothing was sent")
     return lines
 

@@ -25,6 +25,7 @@ import anyio.to_thread
 
 from runner.errors import LedgerError, LedgerLocked
 from runner.jobs import JobRow
+from runner.metrics import StatusTotals
 from runner.money import format_amount
 from runner.providers.base import CardState, CardStatus
 from runner.records import RowRecord, RowStatus
@@ -350,6 +351,32 @@ class Ledger:
             (run_key,),
         )
         return {card: when for card, sent in cursor if (when := _from_iso(sent)) is not None}
+
+    def totals(self, run_key: str) -> dict[RowStatus, StatusTotals]:
+        """Rows and money of the run by status, summed exactly."""
+        sums: dict[RowStatus, list[Any]] = {
+            s: [0, Decimal(0), Decimal(0), Decimal(0)] for s in RowStatus
+        }
+        cursor = self._conn.execute(
+            "SELECT status, amount, fee, total_charged FROM rows WHERE run_key = ?", (run_key,)
+        )
+        for status, amount, fee, total in cursor:
+            entry = sums[RowStatus(status)]
+            entry[0] += 1
+            entry[1] += Decimal(amount)
+            entry[2] += Decimal(fee) if fee is not None else 0
+            entry[3] += Decimal(total) if total is not None else 0
+        return {s: StatusTotals(*values) for s, values in sums.items()}
+
+    def fee_samples(self, provider: str, limit: int = 2000) -> list[tuple[Decimal, Decimal]]:
+        """(amount, fee) of the provider's most recent topups that reported a fee."""
+        cursor = self._conn.execute(
+            "SELECT rows.amount, rows.fee FROM rows JOIN runs USING (run_key) "
+            "WHERE runs.provider = ? AND rows.fee IS NOT NULL "
+            "ORDER BY rows.finished_at DESC LIMIT ?",
+            (provider, limit),
+        )
+        return [(Decimal(a), Decimal(f)) for a, f in cursor]
 
     def finish_run(self, run_key: str) -> None:
         self._conn.execute(

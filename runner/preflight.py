@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 
 import anyio
 
@@ -20,7 +20,51 @@ from runner.providers.base import CardState, CardStatus, Provider
 
 _LOOKUP_CONCURRENCY = 8
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
-_LISTED = 10  # how many card ids a refusal message names before "and N more"
+_LISTED = 10
+_CENT = Decimal("0.01")  # how many card ids a refusal message names before "and N more"
+
+
+@dataclass(frozen=True, slots=True)
+class FeeModel:
+    """A fee estimate, `fixed + rate × amount` rounded up to the cent; `source` says whence."""
+
+    fixed: Decimal
+    rate: Decimal
+    source: str
+
+    def fee(self, amount: Decimal) -> Decimal:
+        return (self.fixed + self.rate * amount).quantize(_CENT, rounding=ROUND_CEILING)
+
+
+def fit_fee_model(samples: Sequence[tuple[Decimal, Decimal]]) -> FeeModel | None:
+    """Learn a fee estimate from earlier (amount, fee) pairs, erring on the high side.
+
+    A least-squares line, then raised until no earlier fee lies above it: preflight must not
+    promise that a wallet covers a job when the fees it has seen say otherwise.
+    """
+    if not samples:
+        return None
+    amounts = {a for a, _ in samples}
+    if len(amounts) < 2:
+        rate = max(f / a for a, f in samples if a > 0)
+        return FeeModel(Decimal(0), rate, f"learned from {len(samples)} earlier topups")
+    n = Decimal(len(samples))
+    sx = sum((a for a, _ in samples), Decimal(0))
+    sy = sum((f for _, f in samples), Decimal(0))
+    sxx = sum((a * a for a, _ in samples), Decimal(0))
+    sxy = sum((a * f for a, f in samples), Decimal(0))
+    rate = max(Decimal(0), (n * sxy - sx * sy) / (n * sxx - sx * sx))
+    fixed = (sy - rate * sx) / n
+    fixed += max(Decimal(0), max(f - (fixed + rate * a) for a, f in samples))
+    return FeeModel(max(Decimal(0), fixed), rate, f"learned from {len(samples)} earlier topups")
+
+
+def duplicate_rows(rows: Iterable[JobRow]) -> list[list[int]]:
+    """Groups of rows with the same card, amount and reference: likely pasted twice."""
+    groups: dict[tuple[str, Decimal, str], list[int]] = {}
+    for row in rows:
+        groups.setdefault((row.card_id, row.amount, row.reference), []).append(row.row)
+    return [found for found in groups.values() if len(found) > 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +75,8 @@ class PreflightReport:
     cards: Mapping[str, CardState]
     total_amount: Decimal
     set_aside: Mapping[int, str] = field(default_factory=dict)  # row -> why not sent
+    estimated_fees: Decimal | None = None
+    fee_source: str = "unknown"
 
 
 def check_amount_rules(
@@ -77,7 +123,11 @@ async def snapshot_cards(provider: Provider, card_ids: Iterable[str]) -> dict[st
 
 
 async def preflight(
-    provider: Provider, rows: Sequence[JobRow], *, allow_partial: bool = False
+    provider: Provider,
+    rows: Sequence[JobRow],
+    *,
+    allow_partial: bool = False,
+    fees: FeeModel | None = None,
 ) -> PreflightReport:
     """Refuse (exit 3) a job the provider cannot take, before a single topup is sent."""
     wallet = await provider.wallet_balance()
@@ -104,12 +154,22 @@ async def preflight(
         elif cards[r.card_id].status is not CardStatus.ACTIVE:
             set_aside[r.row] = f"preflight: card is {cards[r.card_id].status.value}"
 
-    total = sum((r.amount for r in rows if r.row not in set_aside), Decimal("0"))
-    if total > wallet:
+    going = [r for r in rows if r.row not in set_aside]
+    total = sum((r.amount for r in going), Decimal("0"))
+    estimated = None if fees is None else sum((fees.fee(r.amount) for r in going), Decimal("0"))
+    needed = total + (estimated or Decimal("0"))
+    if needed > wallet:
+        fee_words = (
+            "fees unknown, they come on top"
+            if estimated is None
+            else f"+ estimated fees {format_amount(estimated)}, {fees.source if fees else ''}"
+        )
         problems.append(
             f"wallet balance {format_amount(wallet)} cannot cover the amounts "
-            f"{format_amount(total)} (fees come on top)"
+            f"{format_amount(total)} ({fee_words})"
         )
-    if problems and not (allow_partial and total <= wallet):
+    if problems and not (allow_partial and needed <= wallet):
         raise PreflightRefused("preflight refused the job: " + "; ".join(problems), problems)
-    return PreflightReport(wallet, cards, total, set_aside)
+    return PreflightReport(
+        wallet, cards, total, set_aside, estimated, fees.source if fees else "unknown"
+    )

@@ -23,6 +23,7 @@ from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 
 from runner.errors import ConfigError, RunnerError
+from runner.money import format_amount
 from runner.records import RowRecord, RowStatus, RunInfo
 
 RESULT_COLUMNS: Final[tuple[str, ...]] = (
@@ -112,6 +113,46 @@ def write_report(path: Path, records: Iterable[RowRecord], info: RunInfo) -> Pat
         # Not ConfigError: by the time a run writes its report, money may have moved.
         raise RunnerError(f"{path}: cannot write the report: {exc.strerror or exc}") from exc
     return path
+
+
+def failed_rows_path_for(path: Path) -> Path:
+    """Where the rerunnable job of a report's failed rows goes: `<stem>.failed.csv` beside it."""
+    return path.with_name(f"{path.stem}.failed.csv")
+
+
+def write_failed_rows(
+    path: Path, records: Iterable[RowRecord], extra_columns: tuple[str, ...]
+) -> int:
+    """Write the `failed` rows as a job file ready to rerun under a new run key.
+
+    Only `failed` rows: nothing of theirs was applied. `needs_review` rows are left out on
+    purpose, since their money may have moved. Returns how many rows were written; with
+    none, no file is left behind (a stale one from an earlier attempt is removed).
+    """
+    written = 0
+    with _replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        out = csv.writer(handle)
+        out.writerow(
+            ["card_id", "amount", "reference", *extra_columns, "original_row", "original_error"]
+        )
+        for record in records:
+            if record.status is not RowStatus.FAILED:
+                continue
+            extras = dict(record.extra)
+            out.writerow(
+                [
+                    record.card_id,
+                    format_amount(record.amount),
+                    record.reference,
+                    *(extras.get(name, "") for name in extra_columns),
+                    record.row,
+                    record.error or "",
+                ]
+            )
+            written += 1
+    if not written:
+        path.unlink()  # no failed rows: no rerun file, not even a stale one
+    return written
 
 
 def report_format(path: Path) -> Literal["xlsx", "csv"]:

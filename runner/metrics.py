@@ -1,0 +1,120 @@
+"""Prometheus text-format metrics of a run, for node_exporter's textfile collector.
+
+Written atomically (temporary file, then rename) so the collector never reads half a file;
+the last success time is carried over from the previous file when this run did not succeed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+
+from runner.records import RowStatus
+
+_LAST_SUCCESS = re.compile(r"^topup_runner_last_success_timestamp_seconds(?:\{[^}]*\})? (\S+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusTotals:
+    """Rows of one status and their money."""
+
+    rows: int = 0
+    amount: Decimal = Decimal("0")
+    fee: Decimal = Decimal("0")
+    total_charged: Decimal = Decimal("0")
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _previous_success(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if match := _LAST_SUCCESS.match(line):
+            return match.group(1)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RunMetrics:
+    """What a finished run reports to monitoring."""
+
+    job: str
+    provider: str
+    run_key: str
+    totals: Mapping[RowStatus, StatusTotals]
+    duration: float
+    exit_code: int
+    finished: datetime
+
+
+def render_metrics(run: RunMetrics, last_success: str | None) -> str:
+    base = f'job="{_label(run.job)}",provider="{_label(run.provider)}"'
+    totals = run.totals
+    lines = [
+        "# HELP topup_runner_run_info The run these metrics describe.",
+        "# TYPE topup_runner_run_info gauge",
+        f'topup_runner_run_info{{{base},run_key="{_label(run.run_key)}"}} 1',
+    ]
+
+    def family(name: str, help_text: str, value_of: str) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} gauge")
+        for status in RowStatus:
+            value = getattr(totals.get(status, StatusTotals()), value_of)
+            lines.append(f'{name}{{{base},status="{status.value}"}} {value}')
+
+    family("topup_runner_rows", "Rows of the last run by status.", "rows")
+    family("topup_runner_amount", "Sum of the amounts of the last run by status.", "amount")
+    family("topup_runner_fee", "Sum of the fees of the last run by status.", "fee")
+    family(
+        "topup_runner_total_charged",
+        "Sum of what the wallet was charged in the last run by status.",
+        "total_charged",
+    )
+    stamp = f"{run.finished.timestamp():.3f}"
+    success = stamp if run.exit_code == 0 else last_success
+    lines += [
+        "# HELP topup_runner_duration_seconds Wall time of the last run.",
+        "# TYPE topup_runner_duration_seconds gauge",
+        f"topup_runner_duration_seconds{{{base}}} {run.duration:.3f}",
+        "# HELP topup_runner_exit_code Exit code of the last run.",
+        "# TYPE topup_runner_exit_code gauge",
+        f"topup_runner_exit_code{{{base}}} {run.exit_code}",
+        "# HELP topup_runner_last_run_timestamp_seconds When the last run finished.",
+        "# TYPE topup_runner_last_run_timestamp_seconds gauge",
+        f"topup_runner_last_run_timestamp_seconds{{{base}}} {stamp}",
+    ]
+    if success is not None:
+        lines += [
+            "# HELP topup_runner_last_success_timestamp_seconds When a run last ended with "
+            "every row succeeded or pending.",
+            "# TYPE topup_runner_last_success_timestamp_seconds gauge",
+            f"topup_runner_last_success_timestamp_seconds{{{base}}} {success}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(path: Path, run: RunMetrics) -> None:
+    """Render and atomically replace `path`."""
+    text = render_metrics(run, _previous_success(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
