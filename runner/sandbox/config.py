@@ -1,9 +1,11 @@
-"""Settings of the sandbox: the account it starts with, the pacing it enforces and the faults it
-injects. Validated once in `__post_init__`; every problem is a ValueError naming the setting.
+"""Settings of the sandbox: the account it starts with, the pacing it enforces, the faults it
+injects and, when partner credentials are given, how its Alix side behaves. Validated once in
+`__post_init__`; every problem is a ValueError naming the setting.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import time
@@ -11,10 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 from runner.sandbox.faults import FaultKind, parse_fault_kind
+from runner.sandbox.signing import load_private_key, load_public_key
 
 ResponseVersion = Literal["new", "old", "mixed"]
+# How the Alix side answers a refusal: HTTP 4xx, HTTP 200 with success:false, or either at random.
+FailureStyle = Literal["http", "ok", "mixed"]
 CARD_STATUSES = ("active", "frozen", "closed")
 CENT = Decimal("0.01")
 # Far above any real balance, and low enough that every amount fits Decimal's 28 digits.
@@ -59,6 +65,19 @@ def to_money(name: str, value: object) -> Decimal:
     return amount.quantize(CENT)
 
 
+def check_fee_rate(name: str, value: object) -> Decimal:
+    """`value` as a fee rate: a decimal fraction, at least 0 and below 1."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
+        raise ValueError(f"{name} must be a Decimal, got {value!r}")
+    try:
+        rate = Decimal(value)
+    except InvalidOperation:
+        raise ValueError(f"{name} is not a decimal number: {value!r}") from None
+    if not rate.is_finite() or not 0 <= rate < 1:
+        raise ValueError(f"{name} must be at least 0 and below 1, got {value!r}")
+    return rate
+
+
 def _check_seconds(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
@@ -97,6 +116,118 @@ class SandboxCard:
             object.__setattr__(self, "limit", to_money(f"card {self.card_id}: limit", self.limit))
 
 
+def _check_rate(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string")
+
+
+def check_loopback_url(name: str, url: object) -> str:
+    """`url` if it is an http(s) URL on this machine; ValueError otherwise.
+
+    The sandbox POSTs webhooks only to loopback: a simulator must not reach out to the world.
+    """
+    if not isinstance(url, str):
+        raise ValueError(f"{name} must be a URL string, got {url!r}")
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parts.scheme not in ("http", "https") or not loopback:
+        raise ValueError(
+            f"{name} must be an http(s) URL on loopback (127.0.0.1, ::1 or localhost), got {url!r}"
+        )
+    return url
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class AlixConfig:
+    """The Alix Pay side of the sandbox (served under /api/v2 only when this is given).
+
+    The partner's credentials are what the sandbox checks signatures against; `alix_private_key_pem`
+    is the key it signs webhooks with (None: a fresh one at startup, whose public half the running
+    sandbox exposes). The rules these settings feed are listed in alix_state.py's docstring.
+    """
+
+    partner_code: str
+    secret_key: str
+    user_email: str
+    partner_public_key_pem: str
+    alix_private_key_pem: str | None = None
+    webhook_url: str | None = None
+    access_token_ttl: float = 2.0
+    refresh_token_ttl: float = 600.0
+    settle_delay: float = 1.0
+    settle_failure_rate: float = 0.0
+    webhook_duplicate_rate: float = 0.0
+    webhook_attempts: int = 4
+    webhook_backoff: float = 0.25
+    min_amount: Decimal = Decimal("10.00")
+    max_amount: Decimal = Decimal("10000.00")
+    fee_rate: Decimal = Decimal("0.01")
+    fee_fixed: Decimal = Decimal("0.00")
+    failure_style: FailureStyle = "mixed"
+
+    def __post_init__(self) -> None:
+        for name in ("partner_code", "secret_key", "user_email"):
+            _check_text(name, getattr(self, name))
+        load_public_key("partner_public_key_pem", self.partner_public_key_pem)
+        if self.alix_private_key_pem is not None:
+            load_private_key("alix_private_key_pem", self.alix_private_key_pem)
+        if self.webhook_url is not None:
+            check_loopback_url("webhook_url", self.webhook_url)
+        for name in ("access_token_ttl", "refresh_token_ttl"):
+            _check_seconds(name, getattr(self, name))
+            if getattr(self, name) == 0:
+                raise ValueError(f"{name} must be above 0 seconds")
+        if self.refresh_token_ttl < self.access_token_ttl:
+            raise ValueError(
+                f"refresh_token_ttl ({self.refresh_token_ttl!r}) cannot be shorter than "
+                f"access_token_ttl ({self.access_token_ttl!r})"
+            )
+        _check_seconds("settle_delay", self.settle_delay)
+        _check_seconds("webhook_backoff", self.webhook_backoff)
+        _check_rate("settle_failure_rate", self.settle_failure_rate)
+        _check_rate("webhook_duplicate_rate", self.webhook_duplicate_rate)
+        attempts = self.webhook_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"webhook_attempts must be a positive integer, got {attempts!r}")
+        for name in ("min_amount", "max_amount", "fee_fixed"):
+            object.__setattr__(self, name, to_money(name, getattr(self, name)))
+        if self.min_amount <= 0:
+            raise ValueError(f"min_amount must be above 0, got {self.min_amount}")
+        if self.max_amount < self.min_amount:
+            raise ValueError(
+                f"max_amount ({self.max_amount}) cannot be below min_amount ({self.min_amount})"
+            )
+        object.__setattr__(self, "fee_rate", check_fee_rate("fee_rate", self.fee_rate))
+        if self.failure_style not in get_args(FailureStyle):
+            raise ValueError(
+                f"failure_style must be one of http, ok, mixed, got {self.failure_style!r}"
+            )
+
+    def __repr__(self) -> str:
+        shown = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "secret_key":
+                shown.append("secret_key='***'")  # a repr ends up in logs; secrets must not
+            elif item.name == "alix_private_key_pem":
+                hidden = "None" if value is None else "'***'"
+                shown.append(f"alix_private_key_pem={hidden}")
+            elif item.name == "partner_public_key_pem":
+                shown.append("partner_public_key_pem='<PEM>'")
+            else:
+                shown.append(f"{item.name}={value!r}")
+        return f"AlixConfig({', '.join(shown)})"
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class SandboxConfig:
     """How the simulated Uncash account starts and behaves; see the module docstring of state.py
@@ -124,6 +255,7 @@ class SandboxConfig:
     fault_kinds: tuple[str, ...] = tuple(FaultKind)
     slow_seconds: float = 5.0
     seed: int | None = None
+    alix: AlixConfig | None = None
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +268,7 @@ class SandboxConfig:
         object.__setattr__(
             self, "default_card_limit", to_money("default_card_limit", self.default_card_limit)
         )
-        self._check_fee_rate()
+        object.__setattr__(self, "fee_rate", check_fee_rate("fee_rate", self.fee_rate))
         _check_seconds("cooldown", self.cooldown)
         _check_seconds("latency", self.latency)
         _check_seconds("slow_seconds", self.slow_seconds)
@@ -168,20 +300,10 @@ class SandboxConfig:
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.alix is not None and not isinstance(self.alix, AlixConfig):
+            raise ValueError(f"alix must be an AlixConfig or None, got {self.alix!r}")
         if not callable(self.clock):
             raise ValueError("clock must be a callable returning seconds as a float")
-
-    def _check_fee_rate(self) -> None:
-        rate = self.fee_rate
-        if isinstance(rate, bool) or not isinstance(rate, Decimal | int | str):
-            raise ValueError(f"fee_rate must be a Decimal, got {rate!r}")
-        try:
-            rate = Decimal(rate)
-        except InvalidOperation:
-            raise ValueError(f"fee_rate is not a decimal number: {self.fee_rate!r}") from None
-        if not rate.is_finite() or not 0 <= rate < 1:
-            raise ValueError(f"fee_rate must be at least 0 and below 1, got {self.fee_rate!r}")
-        object.__setattr__(self, "fee_rate", rate)
 
     def _check_rate_limit(self) -> None:
         rate = self.rate_limit

@@ -28,13 +28,17 @@ class FaultKind(enum.StrEnum):
         return self in (FaultKind.DROP_AFTER, FaultKind.ERROR_AFTER, FaultKind.SLOW)
 
 
-def parse_fault_kind(value: str) -> FaultKind:
-    """The kind named `value`, or ValueError listing the known names."""
+def parse_fault_kind(value: str, allowed: Iterable[FaultKind] = tuple(FaultKind)) -> FaultKind:
+    """The kind named `value` among `allowed`, or ValueError listing the allowed names."""
+    allowed = tuple(allowed)
     try:
-        return FaultKind(value)
+        kind = FaultKind(value)
     except ValueError:
-        known = ", ".join(kind.value for kind in FaultKind)
+        kind = None
+    if kind is None or kind not in allowed:
+        known = ", ".join(item.value for item in allowed)
         raise ValueError(f"unknown fault kind {value!r} (known: {known})") from None
+    return kind
 
 
 @dataclass(slots=True)
@@ -54,7 +58,9 @@ class FaultPlan:
     """Decides, for each topup POST in arrival order, which fault (if any) it gets.
 
     `canonical_id` maps a card id to the form the sandbox stores it under, so that a fault
-    scripted for one spelling of a card id matches requests using another.
+    scripted for one spelling of a card id matches requests using another. `allowed` limits the
+    kinds an API knows (Alix has no cooldown); `stream` names the RNG stream, so that two plans
+    seeded alike do not draw the same faults.
     """
 
     def __init__(
@@ -64,15 +70,18 @@ class FaultPlan:
         *,
         seed: int | None = None,
         canonical_id: Callable[[str], str] = _unchanged,
+        allowed: Iterable[FaultKind] = tuple(FaultKind),
+        stream: str = "faults",
     ) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"fault rate must be between 0 and 1, got {rate}")
         self.rate = rate
-        self.kinds = tuple(parse_fault_kind(kind) for kind in kinds)
+        self.allowed = tuple(allowed)
+        self.kinds = tuple(parse_fault_kind(kind, self.allowed) for kind in kinds)
         if rate > 0 and not self.kinds:
             raise ValueError("a fault rate above 0 needs at least one fault kind")
         # A string seed keeps this stream independent of the state's RNG seeded with the same int.
-        self._rng = random.Random(None if seed is None else f"faults:{seed}")
+        self._rng = random.Random(None if seed is None else f"{stream}:{seed}")
         self._canonical_id = canonical_id
         self._scripts: list[ScriptedFault] = []
 
@@ -81,7 +90,7 @@ class FaultPlan:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be a positive integer, got {count!r}")
         target = None if card_id is None else self._canonical_id(card_id)
-        self._scripts.append(ScriptedFault(parse_fault_kind(kind), target, count))
+        self._scripts.append(ScriptedFault(parse_fault_kind(kind, self.allowed), target, count))
 
     def clear(self) -> None:
         """Forget every scripted fault that has not fired yet."""

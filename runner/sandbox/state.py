@@ -188,7 +188,7 @@ def decimal_places(amount: Decimal) -> int:
     return places
 
 
-class _Gcra:
+class Gcra:
     """Generic cell rate algorithm: `rate` per second on average, `burst` at once."""
 
     def __init__(self, rate: float, burst: int) -> None:
@@ -225,7 +225,7 @@ class SandboxState:
         for card in config.cards:
             self.put_card(card)
         self._limiter = (
-            None if config.rate_limit is None else _Gcra(config.rate_limit, config.rate_burst)
+            None if config.rate_limit is None else Gcra(config.rate_limit, config.rate_burst)
         )
         self.applied: list[AppliedTopup] = []
         self.requests: Counter[str] = Counter()

@@ -35,7 +35,14 @@ from runner.sandbox.state import (
     TopupApplied,
     TopupResult,
 )
-from runner.sandbox.wire import JSON, Delays, drop_connection, json_response, proxy_error_page
+from runner.sandbox.wire import (
+    JSON,
+    Delays,
+    drop_connection,
+    json_response,
+    proxy_error_page,
+    seconds_text,
+)
 
 API_PREFIX = "/api/v1"
 
@@ -216,13 +223,13 @@ def _render_topup(state: SandboxState, result: TopupResult, version: Version) ->
 
 
 def _cooldown_refusal(state: SandboxState, remaining: float) -> web.Response:
-    wait = _seconds_text(remaining, whole=state.config.cooldown >= 1)
+    wait = seconds_text(remaining, whole=state.config.cooldown >= 1)
     message = f"Please wait {wait} seconds before topping up this card again"
     return _error(state, state.config.cooldown_status, message)
 
 
 def _too_many(state: SandboxState, wait: float) -> web.Response:
-    headers = {"Retry-After": _seconds_text(wait, whole=wait >= 1)}
+    headers = {"Retry-After": seconds_text(wait, whole=wait >= 1)}
     return _error(state, 429, TOO_MANY_MESSAGE, headers=headers)
 
 
@@ -512,11 +519,3 @@ def _error(
 def _plain(amount: Decimal) -> str:
     """An amount as the card-limit message shows it: 500, but 500.50."""
     return f"{amount:.0f}" if amount == amount.to_integral_value() else f"{amount:.2f}"
-
-
-def _seconds_text(seconds: float, *, whole: bool) -> str:
-    """Seconds rounded up, so that waiting that long is always enough: "87", or "0.15"."""
-    if whole:
-        return str(max(1, math.ceil(seconds - 1e-9)))
-    hundredths = max(1, math.ceil(seconds * 100 - 1e-6))
-    return f"{hundredths // 100}.{hundredths % 100:02d}"

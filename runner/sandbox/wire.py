@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import TypeAlias
@@ -20,29 +21,54 @@ JSON: TypeAlias = (
 )
 
 
-def dumps(value: JSON) -> str:
+def dumps(value: JSON, *, js_numbers: bool = False) -> str:
     """JSON text of `value`, each Decimal written as a number with exactly two decimals.
 
-    json.dumps would need a float for that, and a float is not the amount.
+    json.dumps would need a float for that, and a float is not the amount. With `js_numbers`,
+    a Decimal is written as JavaScript writes a number instead: 100, 3.5, 103.25.
     """
     if isinstance(value, Decimal):
-        return f"{value.quantize(CENT):f}"
+        return js_number_text(value) if js_numbers else f"{value.quantize(CENT):f}"
     if isinstance(value, str):
         return json.dumps(value)
     if value is None or isinstance(value, bool | int | float):
         return json.dumps(value)
     if isinstance(value, Mapping):
-        items = (f"{json.dumps(str(key))}:{dumps(item)}" for key, item in value.items())
+        items = (
+            f"{json.dumps(str(key))}:{dumps(item, js_numbers=js_numbers)}"
+            for key, item in value.items()
+        )
         return "{" + ",".join(items) + "}"
-    return "[" + ",".join(dumps(item) for item in value) + "]"
+    return "[" + ",".join(dumps(item, js_numbers=js_numbers) for item in value) + "]"
+
+
+def js_number_text(value: Decimal) -> str:
+    """`value` without trailing zeros, as JSON.stringify writes a number: 100, 3.5, 0."""
+    text = f"{value.normalize():f}"
+    return "0" if text == "-0" else text
 
 
 def json_response(
-    payload: JSON, status: int = 200, headers: Mapping[str, str] | None = None
+    payload: JSON,
+    status: int = 200,
+    headers: Mapping[str, str] | None = None,
+    *,
+    js_numbers: bool = False,
 ) -> web.Response:
     return web.Response(
-        text=dumps(payload), status=status, headers=headers, content_type="application/json"
+        text=dumps(payload, js_numbers=js_numbers),
+        status=status,
+        headers=headers,
+        content_type="application/json",
     )
+
+
+def seconds_text(seconds: float, *, whole: bool) -> str:
+    """Seconds rounded up, so that waiting that long is always enough: "87", or "0.15"."""
+    if whole:
+        return str(max(1, math.ceil(seconds - 1e-9)))
+    hundredths = max(1, math.ceil(seconds * 100 - 1e-6))
+    return f"{hundredths // 100}.{hundredths % 100:02d}"
 
 
 # nginx's code for "closed without a response": what the access log shows; nothing is sent.
