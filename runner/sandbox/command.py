@@ -1,20 +1,27 @@
-"""`topup-runner sandbox`: the simulated Uncash API, set from the command line.
+"""`topup-runner sandbox`: the simulated Uncash API, and the Alix API beside it when partner
+credentials are given, set from the command line.
 
-Every default comes from `SandboxConfig`, so the command and the in-process sandbox agree.
+Every default comes from `SandboxConfig` and `AlixConfig`, so the command and the in-process
+sandbox agree.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any, cast
 
 import click
 
-from runner.sandbox.config import ResponseVersion, SandboxConfig
+from runner.sandbox.config import AlixConfig, ResponseVersion, SandboxConfig
 from runner.sandbox.server import run_standalone
 
 _DEFAULTS: dict[str, Any] = {item.name: item.default for item in fields(SandboxConfig)}
+_ALIX_DEFAULTS: dict[str, Any] = {
+    item.name: item.default for item in fields(AlixConfig) if item.default is not MISSING
+}
+_PEM_FILE = click.Path(exists=True, dir_okay=False, readable=True, path_type=Path)
 
 
 class _DecimalType(click.ParamType[Decimal]):
@@ -131,6 +138,65 @@ DECIMAL = _DecimalType()
     help="Accept only this API token (better set in SANDBOX_UNCASH_TOKEN than on the command "
     "line); default: any well-formed uc_ token.",
 )
+@click.option("--alix-partner-code", help="Serve the Alix API for this partner code.")
+@click.option(
+    "--alix-user-email", help="The partner's user email the access-token call must carry."
+)
+@click.option(
+    "--alix-secret-key",
+    envvar="SANDBOX_ALIX_SECRET_KEY",
+    show_envvar=True,
+    help="The partner's secret key, signed as partnerCode|secretKey (better set in "
+    "SANDBOX_ALIX_SECRET_KEY than on the command line).",
+)
+@click.option(
+    "--alix-partner-public-key",
+    type=_PEM_FILE,
+    help="PEM file of the partner's RSA public key, which verifies its auth signatures.",
+)
+@click.option(
+    "--alix-signing-key",
+    type=_PEM_FILE,
+    help="PEM file of the RSA private key webhooks are signed with (default: a fresh one).",
+)
+@click.option(
+    "--alix-public-key-out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write the webhook-verification public key (PEM) here, for the runner.",
+)
+@click.option("--webhook-url", help="POST TopupCard webhooks here (loopback URLs only).")
+@click.option(
+    "--token-ttl",
+    type=float,
+    help=f"Seconds an Alix access token lives  [default: {_ALIX_DEFAULTS['access_token_ttl']:g}]",
+)
+@click.option(
+    "--refresh-token-ttl",
+    type=float,
+    help=f"Seconds an Alix refresh token lives  [default: {_ALIX_DEFAULTS['refresh_token_ttl']:g}]",
+)
+@click.option(
+    "--settle-delay",
+    type=float,
+    help=f"Seconds from an accepted Alix topup to its settlement  "
+    f"[default: {_ALIX_DEFAULTS['settle_delay']:g}]",
+)
+@click.option(
+    "--settle-failure-rate",
+    type=float,
+    help="Probability (0-1) that an Alix topup settles Failed (refunded)  [default: 0]",
+)
+@click.option(
+    "--webhook-duplicate-rate",
+    type=float,
+    help="Probability (0-1) that a delivered webhook is sent once more  [default: 0]",
+)
+@click.option(
+    "--alix-failure-style",
+    type=click.Choice(["http", "ok", "mixed"]),
+    help="Alix refusals as HTTP 4xx, as HTTP 200 with success:false, or either at random  "
+    f"[default: {_ALIX_DEFAULTS['failure_style']}]",
+)
 @click.pass_context
 def sandbox(
     ctx: click.Context,
@@ -151,9 +217,55 @@ def sandbox(
     latency: float,
     response_version: str,
     token: str | None,
+    alix_partner_code: str | None,
+    alix_user_email: str | None,
+    alix_secret_key: str | None,
+    alix_partner_public_key: Path | None,
+    alix_signing_key: Path | None,
+    alix_public_key_out: Path | None,
+    webhook_url: str | None,
+    token_ttl: float | None,
+    refresh_token_ttl: float | None,
+    settle_delay: float | None,
+    settle_failure_rate: float | None,
+    webhook_duplicate_rate: float | None,
+    alix_failure_style: str | None,
 ) -> None:
-    """Serve the simulated Uncash API until Ctrl-C: no money moves, nothing leaves this machine."""
+    """Serve the simulated Uncash API (and, given partner credentials, the Alix API) until
+    Ctrl-C: no money moves, nothing leaves this machine."""
+    credentials = {
+        "--alix-partner-code": alix_partner_code,
+        "--alix-user-email": alix_user_email,
+        "--alix-secret-key": alix_secret_key,
+        "--alix-partner-public-key": alix_partner_public_key,
+    }
+    settings: dict[str, Any] = {
+        "alix_private_key_pem": alix_signing_key,
+        "webhook_url": webhook_url,
+        "access_token_ttl": token_ttl,
+        "refresh_token_ttl": refresh_token_ttl,
+        "settle_delay": settle_delay,
+        "settle_failure_rate": settle_failure_rate,
+        "webhook_duplicate_rate": webhook_duplicate_rate,
+        "failure_style": alix_failure_style,
+    }
+    given = {name: value for name, value in settings.items() if value is not None}
+    missing = [option for option, value in credentials.items() if not value]
+    if missing and (len(missing) < len(credentials) or given or alix_public_key_out):
+        click.echo(f"Error: the Alix API also needs {', '.join(missing)}", err=True)
+        ctx.exit(2)
     try:
+        alix = None
+        if not missing:
+            if alix_signing_key is not None:
+                given["alix_private_key_pem"] = _read_pem(alix_signing_key)
+            alix = AlixConfig(
+                partner_code=cast(str, alix_partner_code),
+                secret_key=cast(str, alix_secret_key),
+                user_email=cast(str, alix_user_email),
+                partner_public_key_pem=_read_pem(cast(Path, alix_partner_public_key)),
+                **given,
+            )
         config = SandboxConfig(
             token=token or None,
             wallet_balance=wallet,
@@ -170,12 +282,21 @@ def sandbox(
             fault_kinds=tuple(kind.strip() for kind in fault_kinds.split(",") if kind.strip()),
             slow_seconds=slow_seconds,
             seed=seed,
+            alix=alix,
         )
     except ValueError as exc:
         click.echo(f"Error: invalid sandbox setting: {exc}", err=True)
         ctx.exit(2)
     try:
-        run_standalone(config, host, port)
+        run_standalone(config, host, port, alix_public_key_out=alix_public_key_out)
     except OSError as exc:
-        click.echo(f"Error: the sandbox cannot listen on {host}:{port}: {exc}", err=True)
+        click.echo(f"Error: the sandbox cannot serve on {host}:{port}: {exc}", err=True)
         ctx.exit(2)
+
+
+def _read_pem(path: Path) -> str:
+    """The text of a PEM file; ValueError (an invalid setting) if it cannot be read as one."""
+    try:
+        return path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the PEM file {path}: {exc}") from None
