@@ -204,6 +204,38 @@ def report(ledger: str | None, run_key: str, output: Path) -> None:
     click.echo(f"report {written}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8090, show_default=True)
+@click.option("--ledger", help="SQLite ledger path (default: per-user state dir).")
+@click.option("--log-format", type=click.Choice(["console", "json"]))
+@guarded
+def webhook(host: str, port: int, ledger: str | None, log_format: str | None) -> None:
+    """Receive Alix webhooks at POST /webhooks/alix, verify them, settle pending rows.
+
+    The public key that verifies them comes from ALIX_WEBHOOK_PUBLIC_KEY_FILE (PEM).
+    """
+    from runner.engine import default_ledger_path
+    from runner.errors import ConfigError
+    from runner.providers.alix_auth import load_public_key
+    from runner.webhook import run_receiver
+
+    key_file = os.environ.get("ALIX_WEBHOOK_PUBLIC_KEY_FILE", "").strip()
+    if not key_file:
+        raise ConfigError("ALIX_WEBHOOK_PUBLIC_KEY_FILE is not set: the PEM key Alix gave you")
+    try:
+        key = Path(key_file).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"ALIX_WEBHOOK_PUBLIC_KEY_FILE: {key_file}: {exc.strerror}") from None
+    load_public_key(key)  # a bad PEM is a configuration error now, not at the first webhook
+    path = Path(ledger or os.environ.get("TOPUP_LEDGER") or default_ledger_path(os.environ))
+    configure_logging(provider="alix", fmt=log_format)
+    try:
+        run_receiver(path, key, host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def _register_sandbox() -> None:
     from runner.sandbox.command import sandbox
 

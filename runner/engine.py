@@ -35,7 +35,7 @@ from runner.errors import (
     RunnerError,
 )
 from runner.jobs import Job, JobRow
-from runner.ledger import Ledger, OpenAttempt, RunSpec, utcnow
+from runner.ledger import Ledger, OpenAttempt, PendingRow, ProviderEvent, RunSpec, utcnow
 from runner.metrics import RunMetrics, write_metrics
 from runner.money import format_amount
 from runner.preflight import (
@@ -145,6 +145,7 @@ class JobRunner:
         handle_signals: bool = True,
         stop_grace: float | None = None,
         reconcile_grace: float = 1.0,
+        settle_poll: float = 1.0,
         backoff_base: float = 0.5,
         progress: RunProgress | None = None,
     ) -> None:
@@ -156,6 +157,7 @@ class JobRunner:
         self.handle_signals = handle_signals
         self.stop_grace = settings.timeout + 5.0 if stop_grace is None else stop_grace
         self.reconcile_grace = reconcile_grace
+        self.settle_poll = settle_poll
         self.backoff_base = backoff_base
         self.progress: RunProgress = progress or NoProgress()
         self.run_key = settings.run_key or derive_run_key(job, settings)
@@ -283,7 +285,7 @@ class JobRunner:
                 self._cards = dict(report.cards)
                 log.info(
                     "preflight.ok",
-                    wallet_balance=format_amount(report.wallet_balance),
+                    wallet_balance=_fmt(report.wallet_balance),
                     total_amount=format_amount(report.total_amount),
                     estimated_fees=_fmt(report.estimated_fees),
                     fee_source=report.fee_source,
@@ -302,6 +304,8 @@ class JobRunner:
                     work.unresolved = open_attempts.get(r.row)
                     self._dispatcher.add(r.card_id, work, r.row, hold.get(r.card_id, -math.inf))
                 await self._dispatch_all()
+                if not self._stopping and self._fatal is None:
+                    await self._settle_pending()
                 if len(self._applied_times) >= 1:
                     makespan = self._applied_times[-1] - self._applied_times[0]
         await self._mark_in_doubt()
@@ -359,6 +363,48 @@ class JobRunner:
         if self._fatal is not None:
             raise self._fatal
         return result
+
+    async def _settle_pending(self) -> None:
+        """Settle rows the provider accepted as pending: from webhook events already in the
+        ledger, then, for up to --wait-settle seconds, by polling the provider."""
+        ledger, provider_name = self.ledger, self.settings.provider
+        deadline = self.clock() + self.settings.wait_settle
+        while True:
+            await ledger.call(ledger.settle_from_events, self.run_key, provider_name)
+            pending = await ledger.call(ledger.pending, self.run_key)
+            if not pending or self._stopping:
+                break
+            if self.clock() >= deadline:
+                log.info("settle.waiting_ended", pending=len(pending))
+                break
+            limiter = anyio.CapacityLimiter(self.settings.concurrency)
+            async with anyio.create_task_group() as tg:
+                for row in pending:
+                    tg.start_soon(self._poll_settlement, row, limiter)
+            left = deadline - self.clock()
+            still = await ledger.call(ledger.pending, self.run_key)
+            if left > 0 and still:
+                await anyio.sleep(min(self.settle_poll, left))
+
+    async def _poll_settlement(self, row: PendingRow, limiter: anyio.CapacityLimiter) -> None:
+        async with limiter:
+            final = await self.provider.settle(row.card_id, row.amount, row.provider_ref)
+        if final is None:
+            return
+        status = RowStatus.SUCCEEDED if isinstance(final, Applied) else RowStatus.FAILED
+        event = ProviderEvent(
+            self.settings.provider,
+            row.card_id,
+            row.amount,
+            row.provider_ref,
+            status,
+            final.fee if isinstance(final, Applied) else None,
+            final.card_balance_after if isinstance(final, Applied) else None,
+        )
+        settled, _ = await self.ledger.call(self.ledger.apply_event, event)
+        if settled:
+            log.info("settle.polled", row=row.row, card_id=row.card_id, status=status.value)
+            self.progress.row_final(status)
 
     def _cooldowns_left(self, last_sent: Mapping[str, datetime]) -> dict[str, float]:
         """Cards an earlier process sent to recently: when, on our clock, each may go again.
@@ -508,21 +554,23 @@ class JobRunner:
         row = work.job_row
         if work.unresolved is not None and not await self._reconcile(card, work):
             return self.clock(), False
-        before = await self._snapshot(card)
-        if before is None:
-            await self._finish(
-                work, RowStatus.FAILED, error="card_not_found: the card is no longer visible"
-            )
-            return self.clock(), False
+        before: CardState | None = None
+        if self.provider.rules.reads_cards:
+            before = await self._snapshot(card)
+            if before is None:
+                await self._finish(
+                    work, RowStatus.FAILED, error="card_not_found: the card is no longer visible"
+                )
+                return self.clock(), False
 
         attempt = work.sent + 1
         sent_at = utcnow()
-        await self.ledger.write(
-            [
-                *Ledger.intent(self.run_key, row.row, attempt, card, row.amount, before, sent_at),
-                Ledger.row_update(self.run_key, row.row, card_balance_before=before.balance),
-            ]
-        )
+        intent = Ledger.intent(self.run_key, row.row, attempt, card, row.amount, before, sent_at)
+        if before is not None:
+            intent.append(
+                Ledger.row_update(self.run_key, row.row, card_balance_before=before.balance)
+            )
+        await self.ledger.write(intent)
         # From here until the outcome is recorded, the attempt is open in the ledger.
         work.sent = attempt
         work.unresolved = OpenAttempt(row.row, attempt, card, row.amount, before, sent_at)
@@ -550,7 +598,8 @@ class JobRunner:
         if isinstance(outcome, Applied):
             work.unresolved = None
             self._applied_times.append(received)
-            self._cards[card] = _after(before, row.amount, outcome.card_balance_after)
+            if before is not None:
+                self._cards[card] = _after(before, row.amount, outcome.card_balance_after)
             status = RowStatus.PENDING if outcome.pending else RowStatus.SUCCEEDED
             fields = _applied_fields(outcome)
             log.info(
@@ -646,12 +695,9 @@ class JobRunner:
         pending = work.unresolved
         assert pending is not None
         row = work.job_row
-        if pending.before is None:
-            settled: Applied | NotApplied | Unknown = Unknown(
-                "no snapshot of the card from before the attempt"
-            )
-        else:
-            settled = await self.provider.reconcile(card, row.amount, pending.before)
+        settled = await self.provider.reconcile(
+            card, row.amount, pending.before, sent_at=pending.sent_at
+        )
         self._stale.add(card)
         if isinstance(settled, Applied):
             work.unresolved = None
@@ -659,7 +705,7 @@ class JobRunner:
             log.info("reconcile.applied", row=row.row, card_id=card, attempt=pending.attempt)
             await self._finish(
                 work,
-                RowStatus.SUCCEEDED,
+                RowStatus.PENDING if settled.pending else RowStatus.SUCCEEDED,
                 attempt=pending.attempt,
                 outcome="applied (reconciled)",
                 **_applied_fields(settled),
@@ -743,7 +789,12 @@ class JobRunner:
 
 
 def _applied_fields(outcome: Applied) -> dict[str, Any]:
-    return {
+    fields: dict[str, Any] = {}
+    if outcome.card_balance_before is not None:
+        fields["card_balance_before"] = outcome.card_balance_before
+    if outcome.provider_ref is not None:
+        fields["provider_ref"] = outcome.provider_ref
+    return fields | {
         "fee": outcome.fee,
         "total_charged": outcome.total_charged,
         "card_balance_after": outcome.card_balance_after,
@@ -825,7 +876,7 @@ async def check_job(
         f"provider: {label} at {base_url}",
         f"job: {job.path}: {len(job.rows)} rows, {len({r.card_id for r in job.rows})} cards, "
         f"busiest card {busiest} rows, total {format_amount(report.total_amount)}",
-        f"wallet: {format_amount(report.wallet_balance)}; "
+        f"wallet: {_fmt(report.wallet_balance) or 'not readable from ' + provider.name}; "
         + (
             f"estimated fees {format_amount(report.estimated_fees)} ({report.fee_source})"
             if report.estimated_fees is not None

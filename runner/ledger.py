@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS rows (
     error TEXT,
     started_at TEXT,
     finished_at TEXT,
+    provider_ref TEXT,
     PRIMARY KEY (run_key, row)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts (
@@ -81,6 +82,20 @@ CREATE TABLE IF NOT EXISTS attempts (
     PRIMARY KEY (run_key, row, attempt)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS attempts_open ON attempts (run_key) WHERE outcome IS NULL;
+CREATE INDEX IF NOT EXISTS rows_pending ON rows (card_id, provider_ref) WHERE status = 'pending';
+-- Verified provider events (Alix webhooks), kept even when no row matches yet: a webhook
+-- may arrive before the run has recorded the topup as pending.
+CREATE TABLE IF NOT EXISTS provider_events (
+    provider TEXT NOT NULL,
+    card_id TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    provider_ref TEXT NOT NULL,
+    status TEXT NOT NULL,
+    fee TEXT,
+    balance_after TEXT,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (provider, card_id, amount, provider_ref, status)
+) WITHOUT ROWID;
 """
 
 _MONEY_FIELDS = (
@@ -99,6 +114,7 @@ _ROW_FIELDS = (
     "error",
     "started_at",
     "finished_at",
+    "provider_ref",
 )
 
 
@@ -156,6 +172,30 @@ class RowProgress:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingRow:
+    """A row the provider accepted and has not settled yet."""
+
+    run_key: str
+    row: int
+    card_id: str
+    amount: Decimal
+    provider_ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEvent:
+    """A verified final status from the provider for the topup (card, amount, ref)."""
+
+    provider: str
+    card_id: str
+    amount: Decimal
+    provider_ref: str
+    status: RowStatus  # succeeded or failed
+    fee: Decimal | None = None
+    balance_after: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RunOverview:
     """One line of `topup-runner status`."""
 
@@ -166,6 +206,13 @@ class RunOverview:
     created_at: datetime
     finished_at: datetime | None
     by_status: Mapping[str, int]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a ledger written by an earlier version up to this schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(rows)")}
+    if columns and "provider_ref" not in columns:
+        conn.execute("ALTER TABLE rows ADD COLUMN provider_ref TEXT")
 
 
 class RunLock:
@@ -215,6 +262,7 @@ class Ledger:
             # FULL: a committed intent survives power loss, not only a killed process.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=10000")
+            _migrate(conn)
             conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise LedgerError(f"ledger {path}: cannot be opened as SQLite: {exc}") from None
@@ -377,6 +425,82 @@ class Ledger:
             (provider, limit),
         )
         return [(Decimal(a), Decimal(f)) for a, f in cursor]
+
+    def pending(self, run_key: str) -> list[PendingRow]:
+        cursor = self._conn.execute(
+            "SELECT row, card_id, amount, provider_ref FROM rows "
+            "WHERE run_key = ? AND status = 'pending' ORDER BY row",
+            (run_key,),
+        )
+        return [PendingRow(run_key, r, c, Decimal(a), ref or "") for r, c, a, ref in cursor]
+
+    def apply_event(self, event: ProviderEvent) -> tuple[int, bool]:
+        """Keep a verified event and settle the pending rows it names, in one transaction.
+
+        Returns (rows settled now, whether the event had been seen before). Rows already
+        final are never touched: a duplicate or late event changes nothing.
+        """
+        now = _iso(utcnow())
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            cursor = self._conn.execute(
+                "INSERT OR IGNORE INTO provider_events (provider, card_id, amount, provider_ref, "
+                "status, fee, balance_after, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.provider,
+                    event.card_id,
+                    format_amount(event.amount),
+                    event.provider_ref,
+                    event.status.value,
+                    _money(event.fee),
+                    _money(event.balance_after),
+                    now,
+                ),
+            )
+            seen = cursor.rowcount == 0
+            settled = self._conn.execute(
+                # The webhook's fee is unsigned: the topup answer's own fee wins.
+                "UPDATE rows SET status = ?, fee = COALESCE(fee, ?), "
+                "card_balance_after = COALESCE(?, card_balance_after), finished_at = ?, "
+                "error = CASE WHEN ? = 'failed' THEN 'the provider reported the topup failed' "
+                "ELSE NULL END "
+                "WHERE status = 'pending' AND card_id = ? AND amount = ? AND provider_ref = ? "
+                "AND run_key IN (SELECT run_key FROM runs WHERE provider = ?)",
+                (
+                    event.status.value,
+                    _money(event.fee),
+                    _money(event.balance_after),
+                    now,
+                    event.status.value,
+                    event.card_id,
+                    format_amount(event.amount),
+                    event.provider_ref,
+                    event.provider,
+                ),
+            ).rowcount
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise LedgerError(f"ledger {self.path}: cannot record the event: {exc}") from None
+        return settled, seen
+
+    def settle_from_events(self, run_key: str, provider: str) -> int:
+        """Settle the run's pending rows whose event arrived before they were recorded."""
+        found = self._conn.execute(
+            "SELECT e.card_id, e.amount, e.provider_ref, e.status, e.fee, e.balance_after "
+            "FROM provider_events e JOIN rows r ON r.card_id = e.card_id "
+            "AND r.amount = e.amount AND r.provider_ref = e.provider_ref "
+            "WHERE r.run_key = ? AND r.status = 'pending' AND e.provider = ?",
+            (run_key, provider),
+        ).fetchall()
+        settled = 0
+        for card, amount, ref, status, fee, balance in found:
+            event = ProviderEvent(
+                provider, card, Decimal(amount), ref, RowStatus(status), _dec(fee), _dec(balance)
+            )
+            settled += self.apply_event(event)[0]
+        return settled
 
     def finish_run(self, run_key: str) -> None:
         self._conn.execute(

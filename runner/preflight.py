@@ -36,7 +36,9 @@ class FeeModel:
         return (self.fixed + self.rate * amount).quantize(_CENT, rounding=ROUND_CEILING)
 
 
-def fit_fee_model(samples: Sequence[tuple[Decimal, Decimal]]) -> FeeModel | None:
+def fit_fee_model(
+    samples: Sequence[tuple[Decimal, Decimal]], source: str | None = None
+) -> FeeModel | None:
     """Learn a fee estimate from earlier (amount, fee) pairs, erring on the high side.
 
     A least-squares line, then raised until no earlier fee lies above it: preflight must not
@@ -47,7 +49,7 @@ def fit_fee_model(samples: Sequence[tuple[Decimal, Decimal]]) -> FeeModel | None
     amounts = {a for a, _ in samples}
     if len(amounts) < 2:
         rate = max(f / a for a, f in samples if a > 0)
-        return FeeModel(Decimal(0), rate, f"learned from {len(samples)} earlier topups")
+        return FeeModel(Decimal(0), rate, source or f"learned from {len(samples)} earlier topups")
     n = Decimal(len(samples))
     sx = sum((a for a, _ in samples), Decimal(0))
     sy = sum((f for _, f in samples), Decimal(0))
@@ -56,7 +58,9 @@ def fit_fee_model(samples: Sequence[tuple[Decimal, Decimal]]) -> FeeModel | None
     rate = max(Decimal(0), (n * sxy - sx * sy) / (n * sxx - sx * sx))
     fixed = (sy - rate * sx) / n
     fixed += max(Decimal(0), max(f - (fixed + rate * a) for a, f in samples))
-    return FeeModel(max(Decimal(0), fixed), rate, f"learned from {len(samples)} earlier topups")
+    return FeeModel(
+        max(Decimal(0), fixed), rate, source or f"learned from {len(samples)} earlier topups"
+    )
 
 
 def duplicate_rows(rows: Iterable[JobRow]) -> list[list[int]]:
@@ -71,7 +75,7 @@ def duplicate_rows(rows: Iterable[JobRow]) -> list[list[int]]:
 class PreflightReport:
     """What preflight learned: the starting snapshots and the rows it set aside."""
 
-    wallet_balance: Decimal
+    wallet_balance: Decimal | None  # None: the provider documents no way to read it
     cards: Mapping[str, CardState]
     total_amount: Decimal
     set_aside: Mapping[int, str] = field(default_factory=dict)  # row -> why not sent
@@ -122,19 +126,11 @@ async def snapshot_cards(provider: Provider, card_ids: Iterable[str]) -> dict[st
     return found
 
 
-async def preflight(
-    provider: Provider,
-    rows: Sequence[JobRow],
-    *,
-    allow_partial: bool = False,
-    fees: FeeModel | None = None,
-) -> PreflightReport:
-    """Refuse (exit 3) a job the provider cannot take, before a single topup is sent."""
-    wallet = await provider.wallet_balance()
-    cards = await snapshot_cards(provider, (r.card_id for r in rows))
-    problems: list[str] = []
-    set_aside: dict[int, str] = {}
-
+def _card_problems(
+    rows: Sequence[JobRow], cards: Mapping[str, CardState], set_aside: dict[int, str]
+) -> list[str]:
+    """Cards the provider does not know or that cannot take money; their rows go aside."""
+    problems = []
     unknown = sorted({r.card_id for r in rows if r.card_id not in cards})
     if unknown:
         problems.append(f"{len(unknown)} card(s) not found: {_name(unknown)}")
@@ -153,22 +149,54 @@ async def preflight(
             set_aside[r.row] = "preflight: card not found"
         elif cards[r.card_id].status is not CardStatus.ACTIVE:
             set_aside[r.row] = f"preflight: card is {cards[r.card_id].status.value}"
+    return problems
+
+
+def _spread(amounts: Sequence[Decimal], most: int = 20) -> list[Decimal]:
+    """Up to `most` of the sorted distinct amounts, the smallest and largest included."""
+    if len(amounts) <= most:
+        return list(amounts)
+    step = (len(amounts) - 1) / (most - 1)
+    return sorted({amounts[round(i * step)] for i in range(most)})
+
+
+async def preflight(
+    provider: Provider,
+    rows: Sequence[JobRow],
+    *,
+    allow_partial: bool = False,
+    fees: FeeModel | None = None,
+) -> PreflightReport:
+    """Refuse (exit 3) a job the provider cannot take, before a single topup is sent.
+
+    What the provider documents no way to read (Alix: wallet, cards) is not checked; a fee
+    the provider quotes in advance (Alix's topup-check) beats any estimate.
+    """
+    rules = provider.rules
+    wallet = await provider.wallet_balance() if rules.reads_wallet else None
+    cards = await snapshot_cards(provider, (r.card_id for r in rows)) if rules.reads_cards else {}
+    quoted = await provider.fee_estimates(_spread(sorted({r.amount for r in rows})))
+    if quoted:
+        source = f"quoted by {provider.name} for {len(quoted)} amounts"
+        fees = fit_fee_model(list(quoted.items()), source) or fees
+    set_aside: dict[int, str] = {}
+    problems = _card_problems(rows, cards, set_aside) if rules.reads_cards else []
 
     going = [r for r in rows if r.row not in set_aside]
     total = sum((r.amount for r in going), Decimal("0"))
     estimated = None if fees is None else sum((fees.fee(r.amount) for r in going), Decimal("0"))
     needed = total + (estimated or Decimal("0"))
-    if needed > wallet:
+    if wallet is not None and needed > wallet:
         fee_words = (
             "fees unknown, they come on top"
-            if estimated is None
-            else f"+ estimated fees {format_amount(estimated)}, {fees.source if fees else ''}"
+            if estimated is None or fees is None
+            else f"+ estimated fees {format_amount(estimated)}, {fees.source}"
         )
         problems.append(
             f"wallet balance {format_amount(wallet)} cannot cover the amounts "
             f"{format_amount(total)} ({fee_words})"
         )
-    if problems and not (allow_partial and needed <= wallet):
+    if problems and not (allow_partial and (wallet is None or needed <= wallet)):
         raise PreflightRefused("preflight refused the job: " + "; ".join(problems), problems)
     return PreflightReport(
         wallet, cards, total, set_aside, estimated, fees.source if fees else "unknown"

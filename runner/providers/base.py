@@ -13,8 +13,9 @@ Reconciling an `Unknown` ends in `Applied`, `NotApplied` or `Unknown` again (can
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Protocol
 
@@ -25,6 +26,7 @@ class Applied:
 
     fee: Decimal | None = None
     total_charged: Decimal | None = None
+    card_balance_before: Decimal | None = None
     card_balance_after: Decimal | None = None
     wallet_balance_after: Decimal | None = None
     transaction_id: str | None = None
@@ -32,6 +34,9 @@ class Applied:
     pending: bool = False
     # How the outcome was learned: "response", or "reconciled" from provider state.
     source: str = "response"
+    # What identifies the topup at the provider when it returns no id (Alix: createdAt),
+    # kept so that a later webhook or transactions list can settle a pending row.
+    provider_ref: str | None = None
 
 
 class RefusalCode(enum.StrEnum):
@@ -115,6 +120,9 @@ class ProviderRules:
     max_amount: Decimal
     default_cooldown: float = 0.0
     supports_idempotency_key: bool = False
+    # What the provider documents a way to read: without it, preflight cannot check it.
+    reads_cards: bool = True
+    reads_wallet: bool = True
 
 
 class Throttle(Protocol):
@@ -142,7 +150,12 @@ class Provider(Protocol):
     rules: ProviderRules
 
     async def wallet_balance(self) -> Decimal:
-        """The wallet's balance; raises `ProviderError` (or `AuthenticationFailed`)."""
+        """The wallet's balance; raises `ProviderError` (or `AuthenticationFailed`).
+        Only called when `rules.reads_wallet`."""
+        ...
+
+    async def fee_estimates(self, amounts: Sequence[Decimal]) -> Mapping[Decimal, Decimal]:
+        """Fees the provider quotes in advance for these amounts (empty: it quotes none)."""
         ...
 
     async def get_card(self, card_id: str) -> CardState | None:
@@ -159,8 +172,23 @@ class Provider(Protocol):
         """Send one topup and classify the answer; never raises for a row's outcome."""
         ...
 
-    async def reconcile(self, card_id: str, amount: Decimal, before: CardState) -> Settlement:
-        """Establish from provider state whether a topup of `amount` after `before` applied."""
+    async def reconcile(
+        self,
+        card_id: str,
+        amount: Decimal,
+        before: CardState | None,
+        *,
+        sent_at: datetime | None = None,
+    ) -> Settlement:
+        """Establish from provider state whether a topup of `amount` sent at `sent_at`, after
+        the card stood at `before`, applied."""
+        ...
+
+    async def settle(
+        self, card_id: str, amount: Decimal, provider_ref: str
+    ) -> Applied | Refused | None:
+        """The final status of a pending topup: Applied, Refused (it failed), None (still
+        pending). Only providers that answer `pending` are ever asked."""
         ...
 
     async def aclose(self) -> None: ...

@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -332,6 +332,10 @@ class UncashProvider:
             raise ProviderError("Uncash GET /wallet/balance: no readable balance in the answer")
         return balance
 
+    async def fee_estimates(self, amounts: Sequence[Decimal]) -> Mapping[Decimal, Decimal]:
+        """Uncash quotes no fee in advance (only `platform_fee_amount` after the fact)."""
+        return {}
+
     async def get_card(self, card_id: str) -> CardState | None:
         path = f"/cards/{quote(card_id, safe='')}"
         status, payload = await self._get(path)
@@ -384,12 +388,27 @@ class UncashProvider:
                 return str(item["id"])
         return None
 
-    async def reconcile(self, card_id: str, amount: Decimal, before: CardState) -> Settlement:
+    async def settle(
+        self, card_id: str, amount: Decimal, provider_ref: str
+    ) -> Applied | Refused | None:
+        """Uncash applies topups at once: nothing is ever pending."""
+        return None
+
+    async def reconcile(
+        self,
+        card_id: str,
+        amount: Decimal,
+        before: CardState | None,
+        *,
+        sent_at: datetime | None = None,
+    ) -> Settlement:
         """Compare the card with its snapshot from before the attempt.
 
         We hold the only request in flight for this card, so its `deposit` (which spending
         does not lower) moved by exactly `amount` or by nothing; anything else cannot be told.
         """
+        if before is None:
+            return Unknown("no snapshot of the card from before the attempt")
         try:
             now = await self.get_card(card_id)
         except AuthenticationFailed:
