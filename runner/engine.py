@@ -695,8 +695,9 @@ class JobRunner:
         pending = work.unresolved
         assert pending is not None
         row = work.job_row
+        known = await self.ledger.call(self.ledger.known_refs, card)
         settled = await self.provider.reconcile(
-            card, row.amount, pending.before, sent_at=pending.sent_at
+            card, row.amount, pending.before, sent_at=pending.sent_at, known_refs=known
         )
         self._stale.add(card)
         if isinstance(settled, Applied):

@@ -426,6 +426,14 @@ class Ledger:
         )
         return [(Decimal(a), Decimal(f)) for a, f in cursor]
 
+    def known_refs(self, card_id: str) -> set[str]:
+        """Provider references of the card's topups the ledger already accounts for."""
+        cursor = self._conn.execute(
+            "SELECT provider_ref FROM rows WHERE card_id = ? AND provider_ref IS NOT NULL",
+            (card_id,),
+        )
+        return {ref for (ref,) in cursor}
+
     def pending(self, run_key: str) -> list[PendingRow]:
         cursor = self._conn.execute(
             "SELECT row, card_id, amount, provider_ref FROM rows "

@@ -1492,7 +1492,7 @@ async def test_reconcile_ignores_topups_the_ledger_already_knows(keys: Keys) -> 
     async with alix(keys) as (fake, provider, _):
         fake.transactions[CARD] = [item(T0 + 2), item(T0 + 1)]
         settled = await provider.reconcile(
-            CARD, HUNDRED, None, sent_at=at(T0), known_created_at={T0 + 1}
+            CARD, HUNDRED, None, sent_at=at(T0), known_refs={str(T0 + 1)}
         )
     assert isinstance(settled, Applied)
     assert settled.provider_ref == str(T0 + 2)

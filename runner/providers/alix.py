@@ -584,12 +584,12 @@ class AlixProvider:
         before: CardState | None,
         *,
         sent_at: datetime | None = None,
-        known_created_at: Collection[int] = (),
+        known_refs: Collection[str] = (),
     ) -> Settlement:
         """Whether a topup whose answer was lost reached Alix, from the card's transactions.
 
         `before` is accepted for the protocol and unused (Alix documents no card read).
-        `sent_at` is when the request left; `known_created_at` holds the createdAt of this
+        `sent_at` is when the request left; `known_refs` holds the createdAt of this
         card's topups the ledger already records, which can therefore not be the lost one.
         """
         if sent_at is None:
@@ -605,7 +605,7 @@ class AlixProvider:
         candidates = [
             r
             for r in records
-            if same_topup(r, card_id, amount, None) and r.created_at not in known_created_at
+            if same_topup(r, card_id, amount, None) and str(r.created_at) not in known_refs
         ]
         # A Failed topup applied nothing: it may be this attempt's or an earlier one's.
         live = [r for r in candidates if topup_status(r.status) is not TopupStatus.FAILED]

@@ -13,7 +13,7 @@ Reconciling an `Unknown` ends in `Applied`, `NotApplied` or `Unknown` again (can
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -179,9 +179,11 @@ class Provider(Protocol):
         before: CardState | None,
         *,
         sent_at: datetime | None = None,
+        known_refs: Collection[str] = (),
     ) -> Settlement:
         """Establish from provider state whether a topup of `amount` sent at `sent_at`, after
-        the card stood at `before`, applied."""
+        the card stood at `before`, applied; `known_refs` are the provider references of this
+        card's topups already accounted for, which cannot be the lost one."""
         ...
 
     async def settle(

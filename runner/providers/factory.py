@@ -16,6 +16,9 @@ from dataclasses import replace
 from runner.config import Settings
 from runner.errors import ConfigError
 from runner.logs import register_secret
+from runner.providers.alix import RULES as ALIX_RULES
+from runner.providers.alix import AlixProvider
+from runner.providers.alix_auth import AlixCredentials
 from runner.providers.base import Provider, ProviderRules, Throttle
 from runner.providers.uncash import PUBLIC_BASE_URL, UncashProvider
 from runner.providers.uncash import RULES as UNCASH_RULES
@@ -27,7 +30,9 @@ def rules_for(provider: str) -> ProviderRules:
     """The documented amount rules of a provider (the sandbox simulates Uncash)."""
     if provider in ("sandbox", "uncash"):
         return UNCASH_RULES
-    raise ConfigError(f"provider {provider!r} is not available yet")
+    if provider == "alix":
+        return ALIX_RULES
+    raise ConfigError(f"provider {provider!r} is not known")
 
 
 def _sandbox_token() -> str:
@@ -92,4 +97,19 @@ async def open_provider(
         finally:
             await provider.aclose()
         return
-    raise ConfigError(f"provider {settings.provider!r} is not available yet")
+    if settings.provider == "alix":
+        if not settings.base_url:
+            raise ConfigError("--base-url is required for alix: its API root is not public")
+        alix = AlixProvider(
+            AlixCredentials.from_env(env),
+            base_url=settings.base_url,
+            timeout=settings.timeout,
+            concurrency=settings.concurrency,
+            throttle=throttle,
+        )
+        try:
+            yield alix, settings.base_url
+        finally:
+            await alix.aclose()
+        return
+    raise ConfigError(f"provider {settings.provider!r} is not known")

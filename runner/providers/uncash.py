@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -401,6 +401,7 @@ class UncashProvider:
         before: CardState | None,
         *,
         sent_at: datetime | None = None,
+        known_refs: Collection[str] = (),
     ) -> Settlement:
         """Compare the card with its snapshot from before the attempt.
 
