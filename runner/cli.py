@@ -8,6 +8,7 @@ for the traceback).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import anyio
 import click
 
 from runner.config import Settings, resolve_settings
-from runner.errors import JobInvalid, PreflightRefused, RunnerError
+from runner.errors import JobInvalid, RunnerError
 from runner.jobs import Job, load_job
 from runner.logs import configure_logging
 from runner.progress import LazyStderr, NoProgress, RichProgress
@@ -27,18 +28,44 @@ from runner.records import RowStatus
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(exc: RunnerError) -> None:
-    if isinstance(exc, JobInvalid):
-        for problem in exc.problems:
-            click.echo(f"topup-runner: error: {problem}", err=True)
-        if exc.truncated:
-            click.echo(f"topup-runner: error: … and {exc.truncated} more problems", err=True)
-        click.echo("topup-runner: the job is invalid: nothing was sent", err=True)
-    elif isinstance(exc, PreflightRefused):
-        click.echo(f"topup-runner: error: {exc}", err=True)
+def _json_mode() -> bool:
+    """Whether output is for machines: --log-format/TOPUP_LOG_FORMAT, else no terminal.
+
+    Then every line the command prints is a JSON object, so that cron mail or a log
+    collector gets JSON lines only; each still carries the human sentence as `message`.
+    """
+    context = click.get_current_context(silent=True)
+    chosen = context.params.get("log_format") if context is not None else None
+    chosen = chosen or os.environ.get("TOPUP_LOG_FORMAT", "").strip().lower() or None
+    if chosen in ("json", "console"):
+        return chosen == "json"
+    return not sys.stderr.isatty()
+
+
+def say(message: str, *, event: str, err: bool = False, **fields: Any) -> None:
+    """One line of output: the sentence, or a JSON object carrying it."""
+    if _json_mode():
+        record = {"event": event, "level": "error" if err else "info", **fields}
+        click.echo(json.dumps({**record, "message": message}, default=str), err=err)
     else:
-        click.echo(f"topup-runner: error: {exc}", err=True)
-    sys.exit(exc.exit_code)
+        click.echo(message, err=err)
+
+
+def _fail(exc: RunnerError) -> None:
+    code = exc.exit_code
+    if isinstance(exc, JobInvalid):
+        for p in exc.problems:
+            say(f"topup-runner: error: {p}", event="job.problem", err=True,
+                file=p.file, row=p.row, column=p.column)  # fmt: skip
+        if exc.truncated:
+            say(f"topup-runner: error: … and {exc.truncated} more problems",
+                event="job.problem", err=True)  # fmt: skip
+        say("topup-runner: the job is invalid: nothing was sent",
+            event="job.invalid", err=True, exit_code=code)  # fmt: skip
+    else:
+        say(f"topup-runner: error: {exc}", event="run.error", err=True,
+            error_type=type(exc).__name__, exit_code=code)  # fmt: skip
+    sys.exit(code)
 
 
 def guarded(func: F) -> F:
@@ -51,14 +78,15 @@ def guarded(func: F) -> F:
         except RunnerError as exc:
             _fail(exc)
         except KeyboardInterrupt:
-            click.echo("topup-runner: interrupted", err=True)
+            say("topup-runner: interrupted", event="run.interrupted", err=True)
             sys.exit(130)
         except Exception as exc:
             if os.environ.get("TOPUP_DEBUG"):
                 raise
-            click.echo(
+            say(
                 f"topup-runner: internal error: {type(exc).__name__}: {exc} "
                 "(set TOPUP_DEBUG=1 for a traceback)",
+                event="run.internal_error",
                 err=True,
             )
             sys.exit(1)
@@ -138,10 +166,18 @@ def run(job_file: str, **opts: Any) -> None:
         result = anyio.run(JobRunner(job, settings, progress=progress).run)
     counts = ", ".join(f"{n} {s.value}" for s, n in result.counts.items())
     label = "SANDBOX run (no real money moved)" if settings.is_sandbox else f"{result.provider} run"
-    click.echo(
+    say(
         f"{label} {result.run_key}: {sum(result.counts.values())} rows: {counts}; "
         f"{result.sent} topups sent; report {result.report}"
-        + (f"; stopped: {result.stopped}" if result.stopped else "")
+        + (f"; stopped: {result.stopped}" if result.stopped else ""),
+        event="run.summary",
+        provider=result.provider,
+        sandbox=settings.is_sandbox,
+        run_key=result.run_key,
+        rows={s.value: n for s, n in result.counts.items()},
+        sent=result.sent,
+        report=str(result.report),
+        exit_code=result.exit_code,
     )
     sys.exit(result.exit_code)
 
@@ -159,7 +195,7 @@ def check(job_file: str, **opts: Any) -> None:
     configure_logging(provider=settings.provider, fmt=settings.log_format)
     summary = anyio.run(check_job, job, settings)
     for line in summary:
-        click.echo(line)
+        say(line, event="check", provider=settings.provider)
 
 
 @main.command()

@@ -3,6 +3,7 @@ failed-rows file, metrics, and warnings that come before money moves."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import replace
 from datetime import datetime
@@ -143,3 +144,24 @@ async def test_check_warns_of_duplicates_and_estimates_fees(tmp_path: Path) -> N
     assert "rows 1, 2 have the same card" in done.stdout
     assert "estimated fees 1.00" in done.stdout
     assert "estimated minimum duration" in done.stdout
+
+
+@pytest.mark.anyio
+async def test_without_a_terminal_every_output_line_is_json(tmp_path: Path) -> None:
+    """Under cron or CI (no terminal) stdout and stderr hold JSON lines only, no ANSI codes."""
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "A")])
+    done = await run_cli(
+        "run", str(job), "--output", "out.xlsx", cwd=tmp_path, env=clean_env(CI="true")
+    )
+    bad = tmp_path / "bad.csv"
+    bad.write_text("card_id,amount\nx,abc\n", encoding="utf-8")
+    refused = await run_cli("run", str(bad), cwd=tmp_path, env=clean_env(CI="true"))
+    assert (done.code, refused.code) == (0, 2)
+    lines = (done.stdout + done.stderr + refused.stdout + refused.stderr).splitlines()
+    records = [json.loads(line) for line in lines]
+    assert "\x1b[" not in "".join(lines)
+    summary = next(r for r in records if r["event"] == "run.summary")
+    assert summary["sandbox"] is True
+    assert all(r["provider"] == "sandbox" for r in records if r["event"].startswith("topup."))
+    problem = next(r for r in records if r["event"] == "job.problem")
+    assert (problem["row"], problem["column"]) == (1, "amount")
