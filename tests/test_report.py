@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import tempfile
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -12,6 +13,7 @@ from typing import Any
 
 import openpyxl
 import pytest
+from openpyxl.utils import get_column_letter
 
 from runner import report
 from runner.errors import ConfigError
@@ -84,7 +86,20 @@ def xlsx_cells(path: Path, sheet: str = "Results") -> list[dict[str, Any]]:
 
 
 def xlsx_summary(path: Path) -> dict[str, Any]:
-    return {key: value for key, value in xlsx_rows(path, "Summary")[1:]}
+    """The Summary's item | value lines, down to the blank line before the totals by status."""
+    lines: dict[str, Any] = {}
+    for row in xlsx_rows(path, "Summary")[1:]:
+        if row[0] is None:
+            break
+        lines[row[0]] = row[1]
+    return lines
+
+
+def xlsx_by_status(path: Path) -> list[list[Any]]:
+    """The Summary's totals-by-status table as cells: header, one line per status, all rows."""
+    rows = list(openpyxl.load_workbook(path)["Summary"].iter_rows())
+    (title,) = [n for n, row in enumerate(rows) if row[0].value == "Totals by status"]
+    return [list(row) for row in rows[title + 1 :]]
 
 
 def csv_rows(path: Path) -> list[dict[str, str]]:
@@ -363,6 +378,43 @@ def test_xlsx_summary_totals_are_exact_numbers(tmp_path: Path) -> None:
     assert {cells[key].data_type for key in expected} == {"n"}
 
 
+def test_xlsx_summary_has_totals_by_status_as_a_table(tmp_path: Path) -> None:
+    """Below its lines the Summary tables rows, amount, fee and total charged per status, exact."""
+    write_report(tmp_path / "r.xlsx", stream(*summary_records()), INFO)
+    header, *lines, total = xlsx_by_status(tmp_path / "r.xlsx")
+    assert [cell.value for cell in header] == ["status", "rows", "amount", "fee", "total charged"]
+    money = [
+        [line[0].value, line[1].value, *(as_money(cell.value) for cell in line[2:])]
+        for line in [*lines, total]
+    ]
+    assert money == [
+        ["succeeded", 2, Decimal("0.40"), Decimal("5.50"), Decimal("255.60")],
+        ["pending", 1, Decimal("0.20"), Decimal("0.20"), Decimal("0.40")],
+        ["failed", 1, Decimal("100.00"), Decimal("0.00"), Decimal("0.00")],
+        ["needs_review", 1, Decimal("0.01"), Decimal("0.01"), Decimal("0.02")],
+        ["not_attempted", 0, Decimal("0.00"), Decimal("0.00"), Decimal("0.00")],
+        ["all rows", 5, Decimal("100.61"), Decimal("5.71"), Decimal("256.02")],
+    ]
+    for line in [*lines, total]:
+        assert [cell.data_type for cell in line[1:]] == ["n"] * 4
+        assert {cell.number_format for cell in line[2:]} == {MONEY_FORMAT}
+    assert all(cell.font.b for cell in total)
+
+
+def test_summary_status_labels_have_the_results_colours(tmp_path: Path) -> None:
+    """In the totals table failed and needs_review stand out in bold red/brown on a fill."""
+    write_report(tmp_path / "r.xlsx", stream(*summary_records()), INFO)
+    labels = {line[0].value: line[0] for line in xlsx_by_status(tmp_path / "r.xlsx")[1:-1]}
+    failed, review = labels["failed"], labels["needs_review"]
+    assert (failed.font.b, failed.font.color.rgb, failed.fill.fgColor.rgb) == (
+        True,
+        "009C0006",
+        "00FFC7CE",
+    )
+    assert (review.font.b, review.fill.fill_type) == (True, "solid")
+    assert labels["succeeded"].fill.fill_type is None
+
+
 def test_csv_summary_is_a_sibling_file_with_the_same_lines(tmp_path: Path) -> None:
     """A CSV report's summary goes to <stem>.summary.csv with the xlsx Summary's items."""
     write_report(tmp_path / "r.xlsx", stream(*summary_records()), INFO)
@@ -406,6 +458,27 @@ def test_sandbox_run_says_so_in_the_summary(tmp_path: Path, suffix: str) -> None
     summary = xlsx_summary(path) if suffix == ".xlsx" else csv_summary(path)
     assert SANDBOX_NOTICE in summary
     assert summary["provider"] == "sandbox"
+
+
+def test_sandbox_notice_is_a_red_banner_and_on_every_printed_page(tmp_path: Path) -> None:
+    """The SANDBOX line is large bold red on a fill, and heads each printed page of each sheet."""
+    write_report(tmp_path / "r.xlsx", stream(record()), RunInfo("k", "sandbox", "job.csv"))
+    workbook = openpyxl.load_workbook(tmp_path / "r.xlsx")
+    banner = workbook["Summary"]["A2"]
+    assert banner.value == SANDBOX_NOTICE
+    assert (banner.font.b, banner.font.sz, banner.font.color.rgb) == (True, 14, "009C0006")
+    assert banner.fill.fill_type == "solid"
+    for sheet in workbook:
+        assert sheet.oddHeader.center.text == SANDBOX_NOTICE, sheet.title
+
+
+def test_real_provider_pages_are_headed_by_the_run_not_sandbox(tmp_path: Path) -> None:
+    """A real run's printed pages name provider and run key (its & escaped), page N of M."""
+    write_report(tmp_path / "r.xlsx", stream(record()), RunInfo("R&D-11", "uncash", "job.csv"))
+    for sheet in openpyxl.load_workbook(tmp_path / "r.xlsx"):
+        assert sheet.oddHeader.center.text is None
+        assert sheet.oddHeader.left.text == "uncash · R&&D-11"
+        assert sheet.oddFooter.center.text == "Page &P of &N"
 
 
 @pytest.mark.parametrize("suffix", [".xlsx", ".csv"])
@@ -514,6 +587,83 @@ def test_results_columns_have_widths(tmp_path: Path) -> None:
     dims = openpyxl.load_workbook(tmp_path / "r.xlsx")["Results"].column_dimensions
     assert all(dims[letter].width for letter in "ABCDEFGHIJKLMNOPQ")
     assert dims["B"].width >= 36
+
+
+def test_results_columns_are_wide_enough_for_their_values(tmp_path: Path) -> None:
+    """No ##### or cut ids: room for UUIDs, 9,999,999.99, whole timestamps and extra text."""
+    info = RunInfo("k", "uncash", "job.csv", extra_columns=("department",))
+    write_report(tmp_path / "r.xlsx", stream(record()), info)
+    dims = openpyxl.load_workbook(tmp_path / "r.xlsx")["Results"].column_dimensions
+    width = {name: dims[get_column_letter(n)].width for n, name in enumerate(RESULT_COLUMNS, 1)}
+    assert min(width["card_id"], width["transaction_id"]) >= len(str(uuid.uuid4())) + 1
+    assert min(width[name] for name in MONEY_FIELDS) >= len("9,999,999.99") + 1
+    assert min(width["started_at"], width["finished_at"]) >= len("2026-11-01 09:30:15") + 1
+    assert width["status"] >= len("not_attempted") + 1
+    assert dims["Q"].width >= 20  # department
+
+
+def test_results_header_is_styled_and_numeric_headers_sit_right(tmp_path: Path) -> None:
+    """The header font names Calibri (else LibreOffice shows a serif), has a fill, and money,
+    count and time headers align right over their numbers."""
+    write_report(tmp_path / "r.xlsx", stream(record()), INFO)
+    header = {
+        cell.value: cell for cell in openpyxl.load_workbook(tmp_path / "r.xlsx")["Results"][1]
+    }
+    assert {cell.font.name for cell in header.values()} == {"Calibri"}
+    assert {cell.fill.fill_type for cell in header.values()} == {"solid"}
+    right = {name for name, cell in header.items() if cell.alignment.horizontal == "right"}
+    assert right == {"row", "attempts", "started_at", "finished_at", *MONEY_FIELDS}
+
+
+def test_results_print_on_landscape_pages_one_wide_with_the_header(tmp_path: Path) -> None:
+    """Printed, Results is landscape, fit to one page wide (any number tall), grid lines on,
+    its header row repeated on every page; the Summary fits one portrait page wide."""
+    write_report(tmp_path / "r.xlsx", stream(record()), INFO)
+    workbook = openpyxl.load_workbook(tmp_path / "r.xlsx")
+    results, summary = workbook["Results"], workbook["Summary"]
+    for sheet in (results, summary):
+        assert sheet.sheet_properties.pageSetUpPr.fitToPage, sheet.title
+        assert (sheet.page_setup.fitToWidth, sheet.page_setup.fitToHeight) == (1, 0), sheet.title
+        assert sheet.freeze_panes == "A2", sheet.title
+    assert results.page_setup.orientation == "landscape"
+    assert summary.page_setup.orientation == "portrait"
+    assert results.print_title_rows == "$1:$1"
+    assert results.print_options.gridLines
+
+
+def test_status_cells_are_coloured_by_conditional_formatting(tmp_path: Path) -> None:
+    """Each status has a conditional format over the status column's data rows, problems with
+    a fill, so rows carry no style of their own."""
+    write_report(tmp_path / "r.xlsx", stream(*(record(n) for n in range(1, 4))), INFO)
+    formats = list(openpyxl.load_workbook(tmp_path / "r.xlsx")["Results"].conditional_formatting)
+    rules = {rule.formula[0].strip('"'): rule for cf in formats for rule in cf.rules}
+    assert [str(cf.sqref) for cf in formats] == ["E2:E4"]
+    assert set(rules) == {status.value for status in RowStatus}
+    assert {rule.operator for rule in rules.values()} == {"equal"}
+    for status in ("failed", "needs_review", "pending", "not_attempted"):
+        assert rules[status].dxf.fill.bgColor.rgb not in (None, "00000000"), status
+    assert rules["failed"].dxf.font.b
+
+
+def test_long_error_text_wraps_in_a_taller_row(tmp_path: Path) -> None:
+    """A long error wraps, its row tall enough for it; short errors and no error leave rows be."""
+    long_error = (
+        "gave up after 4 attempts: the card's deposit did not move: the topup was not applied"
+    )
+    rows = [
+        record(1, status=RowStatus.FAILED, error=long_error),
+        record(2, status=RowStatus.FAILED, error="card_not_found"),
+        record(3),
+        record(4, status=RowStatus.FAILED, error="#N/A"),
+    ]
+    write_report(tmp_path / "r.xlsx", stream(*rows), INFO)
+    sheet = openpyxl.load_workbook(tmp_path / "r.xlsx")["Results"]
+    errors = [sheet[f"N{n}"] for n in range(2, 6)]
+    assert [cell.value for cell in errors] == [long_error, "card_not_found", None, "#N/A"]
+    assert [cell.alignment.wrap_text for cell in errors] == [True, True, None, True]
+    assert errors[3].data_type == "s"
+    assert sheet.row_dimensions[2].height == 30
+    assert [sheet.row_dimensions[n].height for n in (3, 4, 5)] == [None, None, None]
 
 
 def test_sheets_are_summary_then_results(tmp_path: Path) -> None:
