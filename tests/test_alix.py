@@ -43,7 +43,7 @@ from runner.providers.base import (
     RetryLater,
     Unknown,
 )
-from runner.providers.uncash import HttpAnswer
+from runner.providers.http import HttpAnswer
 from runner.webhooks import TopupEvent, WebhookRejected, verify_topup_webhook
 
 PARTNER = "PARTNER-7"

@@ -32,7 +32,8 @@ from runner.providers.base import (
     RetryLater,
     Unknown,
 )
-from runner.providers.uncash import HttpAnswer, UncashProvider, classify_topup
+from runner.providers.http import HttpAnswer
+from runner.providers.uncash import UncashProvider, classify_topup
 from runner.sandbox import FaultKind, RunningSandbox, SandboxCard, SandboxConfig, serve_sandbox
 
 TOKEN = "uc_" + "Tk7" * 13 + "q"

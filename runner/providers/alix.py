@@ -46,7 +46,13 @@ from runner.providers.base import (
     Unknown,
     UnlimitedThrottle,
 )
-from runner.providers.uncash import HttpAnswer, parse_retry_after
+from runner.providers.http import (
+    HttpAnswer,
+    loads_exact,
+    parse_retry_after,
+    snippet,
+    transport_message,
+)
 
 log = structlog.get_logger("runner.providers.alix")
 
@@ -123,7 +129,7 @@ def parse_transaction(item: object) -> AlixTopupRecord | None:
         return None
     ident = item.get("id")
     if isinstance(ident, bool) or not isinstance(ident, str | int) or str(ident).strip() == "":
-        raise ValueError(f"a topup without a readable id: {_show(item)}")
+        raise ValueError(f"a topup without a readable id: {snippet(item)}")
     status = item.get("status")
     if not isinstance(status, str):
         raise ValueError(f"topup {ident} has no readable status")
@@ -208,15 +214,6 @@ def _same_card(a: str, b: str) -> bool:
     return a.strip().lower() == b.strip().lower()
 
 
-def _loads(body: str) -> Any:
-    return json.loads(body, parse_float=Decimal)
-
-
-def _show(value: object, limit: int = 120) -> str:
-    flat = " ".join(str(value).split())
-    return flat[:limit] + ("…" if len(flat) > limit else "") if flat else "(empty body)"
-
-
 # Refusal messages that look like known causes. No error-code table is published, so these
 # only choose the RefusalCode shown in the report; every refusal is final whatever it says,
 # except the rate-limit wording, whose retry is safe because a refusal proves nothing applied.
@@ -255,7 +252,7 @@ def classify_topup(answer: HttpAnswer) -> Outcome:
     if token_rejected(answer.status):
         raise AccessTokenRejected("Alix refused the access token (HTTP 401)")
     try:
-        payload = _loads(answer.body)
+        payload = loads_exact(answer.body)
     except ValueError:
         payload = None
     message = envelope_message(payload)
@@ -268,23 +265,23 @@ def classify_topup(answer: HttpAnswer) -> Outcome:
         )
     if 200 <= status < 300:
         if not isinstance(payload, Mapping):
-            return Unknown(f"HTTP {status} with an unreadable body: {_show(answer.body)}")
+            return Unknown(f"HTTP {status} with an unreadable body: {snippet(answer.body)}")
         if payload.get("success") is True:
             return _accepted(payload.get("data"))
         if payload.get("success") is False:
             return _refusal(message or f"HTTP {status} with success=false")
-        return Unknown(f"HTTP {status} without a success flag: {_show(answer.body)}")
+        return Unknown(f"HTTP {status} without a success flag: {snippet(answer.body)}")
     if status == 408:
         return RetryLater(RetryKind.TRANSIENT, "HTTP 408 Request Timeout")
     if 400 <= status < 500:
-        return _refusal(message or f"HTTP {status}: {_show(answer.body)}")
-    return Unknown(f"HTTP {status}: {message or _show(answer.body)}")
+        return _refusal(message or f"HTTP {status}: {snippet(answer.body)}")
+    return Unknown(f"HTTP {status}: {message or snippet(answer.body)}")
 
 
 def _accepted(data: object) -> Outcome:
     """`success: true`: the topup's own status says whether it is pending, settled or failed."""
     if not isinstance(data, Mapping):
-        return Unknown(f"accepted (success=true) without a data object: {_show(data)}")
+        return Unknown(f"accepted (success=true) without a data object: {snippet(data)}")
     status = topup_status(data.get("status"))
     if status is TopupStatus.FAILED:
         return Refused(RefusalCode.REJECTED, "Alix answered the topup with status Failed")
@@ -418,9 +415,9 @@ class AlixProvider:
             return RetryLater(RetryKind.TRANSIENT, f"no access token: {exc}")
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # The TCP connection was never made: the request cannot have been seen.
-            return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {_transport_message(exc)}")
+            return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {transport_message(exc)}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return Unknown(_transport_message(exc))
+            return Unknown(transport_message(exc))
         if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
             self._throttle.slow_down(outcome.after)
         return outcome
@@ -456,10 +453,10 @@ class AlixProvider:
             try:
                 answer = await self._with_token(send)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                last = _transport_message(exc)
+                last = transport_message(exc)
             else:
                 try:
-                    payload = _loads(answer.body)
+                    payload = loads_exact(answer.body)
                 except ValueError:
                     payload = None
                 said = f"HTTP {answer.status}"
@@ -703,15 +700,3 @@ def _page(data: Any, path: str, page: int) -> tuple[list[Any], int]:
     if total is None and len(items) < _PAGE_SIZE:
         return items, page  # a short page is the last one, count or no count
     raise ProviderError(f"Alix GET {path}: page {page} has no readable totalPage")
-
-
-def _transport_message(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return "no connection before the timeout"
-    if isinstance(exc, TimeoutError):
-        return "no answer before the timeout"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the connection was closed before an answer"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return str(exc.os_error or exc)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

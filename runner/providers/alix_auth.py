@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from runner.errors import AuthenticationFailed, ConfigError, ProviderError
 from runner.logs import register_secret
 from runner.money import parse_provider_decimal
-from runner.providers.uncash import HttpAnswer, parse_retry_after
+from runner.providers.http import HttpAnswer, parse_retry_after
 
 log = structlog.get_logger("runner.providers.alix")
 

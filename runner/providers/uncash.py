@@ -9,15 +9,12 @@ HTTP statuses that carry them, so messages are read first.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -42,6 +39,13 @@ from runner.providers.base import (
     Unknown,
     UnlimitedThrottle,
 )
+from runner.providers.http import (
+    HttpAnswer,
+    loads_exact,
+    parse_retry_after,
+    snippet,
+    transport_message,
+)
 
 log = structlog.get_logger("runner.providers.uncash")
 
@@ -63,40 +67,6 @@ _REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
     (re.compile(r"not active|frozen|closed", re.I), RefusalCode.CARD_INACTIVE),
 )
 _GET_ATTEMPTS = 4
-
-
-@dataclass(frozen=True, slots=True)
-class HttpAnswer:
-    """What came back over HTTP, before any meaning is given to it."""
-
-    status: int
-    body: str
-    retry_after: str | None = None
-
-
-def _loads(body: str) -> Any:
-    return json.loads(body, parse_float=Decimal)
-
-
-_RETRY_AFTER_SECONDS = re.compile(r"\d{1,9}(?:\.\d{1,6})?")
-# A Retry-After longer than this is not believed: the run would stall on a typo.
-MAX_RETRY_AFTER = 3600.0
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if unreadable."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if _RETRY_AFTER_SECONDS.fullmatch(text):
-        return min(MAX_RETRY_AFTER, float(text))
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)  # HTTP dates are GMT, whatever their spelling
-    return min(MAX_RETRY_AFTER, max(0.0, (when - datetime.now(UTC)).total_seconds()))
 
 
 def _message_of(payload: Any) -> str:
@@ -146,7 +116,7 @@ def classify_topup(answer: HttpAnswer) -> Outcome:
     is Unknown; a 401 stops the run (raised), since no row can succeed without credentials.
     """
     try:
-        payload = _loads(answer.body)
+        payload = loads_exact(answer.body)
     except ValueError:
         payload = None
     message = _message_of(payload)
@@ -169,12 +139,12 @@ def classify_topup(answer: HttpAnswer) -> Outcome:
             return parse_applied(data if isinstance(data, Mapping) else {})
         if isinstance(payload, Mapping) and payload.get("success") is False:
             return _refusal(message or f"HTTP {answer.status} with success=false")
-        return Unknown(f"HTTP {answer.status} with an unreadable body: {_snippet(answer.body)}")
+        return Unknown(f"HTTP {answer.status} with an unreadable body: {snippet(answer.body)}")
     if answer.status == 408:
         return RetryLater(RetryKind.TRANSIENT, "HTTP 408 Request Timeout")
     if 400 <= answer.status < 500:
-        return _refusal(message or f"HTTP {answer.status}: {_snippet(answer.body)}")
-    return Unknown(f"HTTP {answer.status}: {message or _snippet(answer.body)}")
+        return _refusal(message or f"HTTP {answer.status}: {snippet(answer.body)}")
+    return Unknown(f"HTTP {answer.status}: {message or snippet(answer.body)}")
 
 
 def _refusal(message: str) -> Refused:
@@ -182,11 +152,6 @@ def _refusal(message: str) -> Refused:
         if pattern.search(message):
             return Refused(code, message)
     return Refused(RefusalCode.REJECTED, message)
-
-
-def _snippet(body: str, limit: int = 120) -> str:
-    flat = " ".join(body.split())
-    return flat[:limit] + ("…" if len(flat) > limit else "") if flat else "(empty body)"
 
 
 def _card_state(data: Mapping[str, Any]) -> CardState:
@@ -281,7 +246,7 @@ class UncashProvider:
             # The TCP connection was never made: the request cannot have been seen.
             return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {exc.os_error or exc}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return Unknown(_transport_message(exc))
+            return Unknown(transport_message(exc))
         if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
             self._throttle.slow_down(outcome.after)
         return outcome
@@ -307,11 +272,11 @@ class UncashProvider:
                         last = f"HTTP {answer.status}"
                     else:
                         try:
-                            return answer.status, _loads(answer.body)
+                            return answer.status, loads_exact(answer.body)
                         except ValueError:
                             last = f"HTTP {answer.status} with a body that is not JSON"
             except aiohttp.ClientError as exc:
-                last = _transport_message(exc)
+                last = transport_message(exc)
             except TimeoutError:
                 last = "timed out"
             if attempt < _GET_ATTEMPTS:
@@ -445,11 +410,3 @@ def _transaction_items(data: Any) -> list[Any]:
             if isinstance(data.get(key), list):
                 return list(data[key])
     return []
-
-
-def _transport_message(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no answer before the timeout"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the connection was closed before an answer"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
