@@ -198,6 +198,7 @@ class Finished:
     exit_code: int | None  # None: stopped at its timeout
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float = 0.0  # user + system
 
 
 def wait_measured(process: subprocess.Popen[Any], timeout: float) -> Finished:
@@ -208,7 +209,12 @@ def wait_measured(process: subprocess.Popen[Any], timeout: float) -> Finished:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid == process.pid:
             process.returncode = os.waitstatus_to_exitcode(status)
-            return Finished(process.returncode, time.monotonic() - started, usage.ru_maxrss / 1024)
+            return Finished(
+                process.returncode,
+                time.monotonic() - started,
+                usage.ru_maxrss / 1024,
+                usage.ru_utime + usage.ru_stime,
+            )
         if time.monotonic() > deadline:
             stop_process(process)
             return Finished(None, time.monotonic() - started, 0.0)
@@ -406,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(
                         f"  runner: {rate.per_second:8.0f} topups/s ({rate.applied} applied in "
                         f"{rate.window_s:.2f} s); whole run {finished.wall_s:.1f} s, "
-                        f"peak RSS {finished.peak_rss_mb:.0f} MB",
+                        f"CPU {finished.cpu_s:.1f} s, peak RSS {finished.peak_rss_mb:.0f} MB",
                         flush=True,
                     )
                 else:

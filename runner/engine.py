@@ -1,21 +1,25 @@
 """Runs a job: preflight, dispatch under the scheduler's rules, every outcome into the ledger.
 
-One dispatch loop decides what goes next (`runner.scheduler`); one task per request in
-flight sends it and records what came back. A row's fate is decided here by the outcome's
-type, never by reading messages, and an unknown outcome is always reconciled from provider
-state before the row is touched again.
+`--concurrency` long-lived workers take turns choosing what goes next (`runner.scheduler`),
+one chooser at a time as a single dispatch loop would; each sends its row and records what came
+back. An intent is committed before its request goes; an outcome is posted to the ledger and
+goes out with the next commit (a lost one leaves the attempt open for the next run to
+reconcile). A row's fate is decided here by the outcome's type, never by reading messages, and
+an unknown outcome is always reconciled from provider state before the row is touched again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import os
 import signal
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -36,6 +40,7 @@ from runner.errors import (
 )
 from runner.jobs import Job, JobRow
 from runner.ledger import Ledger, OpenAttempt, PendingRow, ProviderEvent, RunSpec, utcnow
+from runner.logs import row_logger
 from runner.metrics import RunMetrics, write_metrics
 from runner.money import format_amount
 from runner.preflight import (
@@ -68,6 +73,8 @@ log = structlog.get_logger("runner.engine")
 MAX_WAITS_PER_ROW = 50
 # A refusal that says "wait N seconds" is honoured with a little slack for clock skew.
 WAIT_SLACK = 0.05
+# How often a run logs `run.progress` (per-row success events are debug in JSON mode).
+PROGRESS_EVERY = 10.0
 
 
 def default_ledger_path(env: Mapping[str, str]) -> Path:
@@ -165,17 +172,28 @@ class JobRunner:
         self._stopping: str | None = None
         self._fatal: RunnerError | None = None
         self._in_flight = 0
-        self._changed = anyio.Event()
+        self._changed: anyio.Event | None = None  # set when the waiting chooser should look
+        self._choosing = anyio.Lock()
+        self._workers: anyio.abc.TaskGroup | None = None
         self._cards: dict[str, CardState] = {}
         self._stale: set[str] = set()
         self._applied_times: list[float] = []
         # The cooldown measured from an answer: the gap a card's rows really have between them.
-        self._dispatcher: Dispatcher[_Work] = Dispatcher(settings.cooldown)
+        self._dispatcher: Dispatcher[JobRow | _Work] = Dispatcher(settings.cooldown)
+        # What an earlier process left of rows not yet taken: attempts sent, attempts open.
+        self._sent_before: dict[int, int] = {}
+        self._open_before: dict[int, OpenAttempt] = {}
         self._in_doubt: dict[int, _Work] = {}
+        self._final: Counter[RowStatus] = Counter()  # rows this process brought to a status
+        self._log_row: Callable[..., Any] = log.info
 
     # -- the run -------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
+        if self.clock is anyio.current_time:
+            # The same clock without anyio's backend lookup on every call (several a request).
+            self.clock = asyncio.get_running_loop().time
+        self._log_row = row_logger(log)
         settings = self.settings
         rules = rules_for(settings.provider)
         bad = check_amount_rules(self.job.rows, rules.min_amount, rules.max_amount)
@@ -297,12 +315,12 @@ class JobRunner:
                 self.progress.start(len(job.rows), len(job.rows) - len(todo_rows))
                 await self._set_aside(report.set_aside)
                 hold = self._cooldowns_left(last_sent)
+                self._sent_before = {row: n for row, n in sent_so_far.items() if n}
+                self._open_before = open_attempts
                 for r in todo_rows:
                     if r.row in report.set_aside:
                         continue
-                    work = _Work(r, sent=sent_so_far.get(r.row, 0))
-                    work.unresolved = open_attempts.get(r.row)
-                    self._dispatcher.add(r.card_id, work, r.row, hold.get(r.card_id, -math.inf))
+                    self._dispatcher.add(r.card_id, r, r.row, hold.get(r.card_id, -math.inf))
                 await self._dispatch_all()
                 if not self._stopping and self._fatal is None:
                     await self._settle_pending()
@@ -403,8 +421,8 @@ class JobRunner:
         )
         settled, _ = await self.ledger.call(self.ledger.apply_event, event)
         if settled:
-            log.info("settle.polled", row=row.row, card_id=row.card_id, status=status.value)
-            self.progress.row_final(status)
+            self._log_row("settle.polled", row=row.row, card_id=row.card_id, status=status.value)
+            self._row_final(status)
 
     def _cooldowns_left(self, last_sent: Mapping[str, datetime]) -> dict[str, float]:
         """Cards an earlier process sent to recently: when, on our clock, each may go again.
@@ -444,7 +462,7 @@ class JobRunner:
             ]
         )
         for _ in set_aside:
-            self.progress.row_final(RowStatus.FAILED)
+            self._row_final(RowStatus.FAILED)
 
     async def _mark_in_doubt(self) -> None:
         """Rows whose last answer was lost when the run stopped: the resume will settle them."""
@@ -470,14 +488,41 @@ class JobRunner:
         async with anyio.create_task_group() as outer:
             if self.handle_signals:
                 outer.start_soon(self._watch_signals)
+            outer.start_soon(self._log_progress)
             async with anyio.create_task_group() as workers:
                 self._workers = workers
-                await self._dispatch_loop(workers)
-                if self._stopping:
-                    workers.cancel_scope.deadline = self.clock() + self.stop_grace
+                # One long-lived worker per request allowed in flight: no task per request.
+                for _ in range(self.settings.concurrency):
+                    workers.start_soon(self._work_loop)
             outer.cancel_scope.cancel()
         # Whatever is still queued was never sent: it stays not_attempted in the ledger.
         self._dispatcher.drain()
+
+    def _grace_deadline(self) -> None:
+        """Requests in flight get `stop_grace` to finish once the run is stopping."""
+        if self._workers is not None:
+            deadline = self.clock() + self.stop_grace
+            scope = self._workers.cancel_scope
+            scope.deadline = min(scope.deadline, deadline)
+
+    async def _log_progress(self) -> None:
+        """Every PROGRESS_EVERY seconds, what the run has done so far (info, in every mode)."""
+        started = last_at = self.clock()
+        last_sent = self.sent
+        while True:
+            await anyio.sleep(PROGRESS_EVERY)
+            now = self.clock()
+            log.info(
+                "run.progress",
+                rows=len(self.job.rows),
+                rows_left=self._dispatcher.queued,
+                in_flight=self._in_flight,
+                sent=self.sent,
+                topups_per_s=round((self.sent - last_sent) / max(now - last_at, 1e-9), 1),
+                elapsed_s=round(now - started, 1),
+                **{f"rows_{status.value}": n for status, n in self._final.items()},
+            )
+            last_at, last_sent = now, self.sent
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -485,7 +530,8 @@ class JobRunner:
                 name = signal.Signals(signum).name
                 if self._stopping:
                     log.warning("run.stop_now", signal=name)
-                    self._workers.cancel_scope.cancel()
+                    if self._workers is not None:
+                        self._workers.cancel_scope.cancel()
                 else:
                     self._stop(f"{name} received")
 
@@ -498,16 +544,38 @@ class JobRunner:
                 in_flight=self._in_flight,
                 grace_s=self.stop_grace,
             )
-        self._changed.set()
+            self._grace_deadline()
+        self._wake_chooser()
 
-    async def _dispatch_loop(self, workers: anyio.abc.TaskGroup) -> None:
+    def _wake_chooser(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def _work_loop(self) -> None:
+        """Take the next row that may go, take it one step, again, until none is left."""
+        while True:
+            # One worker at a time chooses, as one dispatch loop would: the others queue
+            # behind it, so a rate slot wakes one worker, not all of them.
+            try:
+                self._choosing.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._choosing.acquire()
+            try:
+                taken = await self._choose()
+            finally:
+                self._choosing.release()
+            if taken is None:
+                return
+            await self._serve(*taken)
+
+    async def _choose(self) -> tuple[str, _Work, float] | None:
+        """The next (card, row, rate slot), waiting for the slot first so that the card is
+        chosen at send time; None once nothing is left or the run is stopping."""
         dispatcher = self._dispatcher
         while not self._stopping and len(dispatcher):
-            self._changed = changed = anyio.Event()
             now = self.clock()
             wake_at = math.inf
-            if self._in_flight < self.settings.concurrency and dispatcher.queued:
-                # Wait for the rate slot first, so that the card is chosen at send time.
+            if dispatcher.queued:
                 free_at = self.pacer.next_free()
                 if free_at > now:
                     await anyio.sleep(free_at - now)
@@ -515,13 +583,27 @@ class JobRunner:
                 rate = self.pacer.current_rate
                 taken = dispatcher.take(now, 1.0 / rate if rate else 0.0)
                 if taken is not None:
-                    card, work = taken
+                    card, item = taken
                     self._in_flight += 1
-                    workers.start_soon(self._serve, str(card), work, self.pacer.reserve())
-                    continue
+                    return str(card), self._work_of(item), self.pacer.reserve()
                 wake_at = dispatcher.next_ready_at() or math.inf
+            # Nothing may go now: wait for a row to come back or a card to be ready.
+            self._changed = changed = anyio.Event()
             with anyio.move_on_after(max(0.0, wake_at - now) if wake_at < math.inf else None):
                 await changed.wait()
+            self._changed = None
+        return None
+
+    def _work_of(self, item: JobRow | _Work) -> _Work:
+        """A queued row becomes a `_Work` only when it is taken: a million waiting rows cost
+        the dispatcher a reference each, not an object each."""
+        if isinstance(item, _Work):
+            return item
+        return _Work(
+            item,
+            sent=self._sent_before.pop(item.row, 0),
+            unresolved=self._open_before.pop(item.row, None),
+        )
 
     async def _serve(self, card: str, work: _Work, slot: float) -> None:
         ready_at = self.clock()
@@ -544,7 +626,7 @@ class JobRunner:
                 card, ready_at, put_back=work if put_back else None, order=work.job_row.row
             )
             self._in_flight -= 1
-            self._changed.set()
+            self._wake_chooser()
 
     # -- one row, one step ---------------------------------------------------------------
 
@@ -558,7 +640,7 @@ class JobRunner:
         if self.provider.rules.reads_cards:
             before = await self._snapshot(card)
             if before is None:
-                await self._finish(
+                self._finish(
                     work, RowStatus.FAILED, error="card_not_found: the card is no longer visible"
                 )
                 return self.clock(), False
@@ -566,10 +648,6 @@ class JobRunner:
         attempt = work.sent + 1
         sent_at = utcnow()
         intent = Ledger.intent(self.run_key, row.row, attempt, card, row.amount, before, sent_at)
-        if before is not None:
-            intent.append(
-                Ledger.row_update(self.run_key, row.row, card_balance_before=before.balance)
-            )
         await self.ledger.write(intent)
         # From here until the outcome is recorded, the attempt is open in the ledger.
         work.sent = attempt
@@ -602,7 +680,7 @@ class JobRunner:
                 self._cards[card] = _after(before, row.amount, outcome.card_balance_after)
             status = RowStatus.PENDING if outcome.pending else RowStatus.SUCCEEDED
             fields = _applied_fields(outcome)
-            log.info(
+            self._log_row(
                 "topup.applied",
                 row=row.row,
                 card_id=card,
@@ -611,21 +689,19 @@ class JobRunner:
                 attempt=attempt,
                 pending=outcome.pending,
             )
-            await self._finish(work, status, attempt=attempt, outcome="applied", **fields)
+            self._finish(work, status, attempt=attempt, outcome="applied", **fields)
             return cool, False
 
         if isinstance(outcome, Refused):
             work.unresolved = None
             error = f"{outcome.code.value}: {outcome.message}"
             log.warning("topup.refused", row=row.row, card_id=card, attempt=attempt, error=error)
-            await self._finish(
-                work, RowStatus.FAILED, attempt=attempt, outcome="refused", error=error
-            )
+            self._finish(work, RowStatus.FAILED, attempt=attempt, outcome="refused", error=error)
             return cool, False
 
         if isinstance(outcome, RetryLater):
             work.unresolved = None
-            await self.ledger.write(
+            self.ledger.post(
                 [
                     Ledger.attempt_outcome(
                         self.run_key,
@@ -655,7 +731,7 @@ class JobRunner:
         if outcome.kind in (RetryKind.COOLDOWN, RetryKind.RATE_LIMITED):
             work.waits += 1
             if work.waits > MAX_WAITS_PER_ROW:
-                await self._finish(
+                self._finish(
                     work,
                     RowStatus.FAILED,
                     error=f"gave up after {work.waits} refusals to wait: {outcome.message}",
@@ -673,7 +749,7 @@ class JobRunner:
             return ready, True
         work.spent += 1
         if work.spent >= self.settings.max_attempts:
-            await self._finish(
+            self._finish(
                 work,
                 RowStatus.FAILED,
                 error=f"gave up after {work.spent} attempts: {outcome.message}",
@@ -704,7 +780,7 @@ class JobRunner:
             work.unresolved = None
             self._applied_times.append(self.clock())
             log.info("reconcile.applied", row=row.row, card_id=card, attempt=pending.attempt)
-            await self._finish(
+            self._finish(
                 work,
                 RowStatus.PENDING if settled.pending else RowStatus.SUCCEEDED,
                 attempt=pending.attempt,
@@ -716,7 +792,7 @@ class JobRunner:
             work.unresolved = None
             work.spent += 1
             log.info("reconcile.not_applied", row=row.row, card_id=card, attempt=pending.attempt)
-            await self.ledger.write(
+            self.ledger.post(
                 [
                     Ledger.attempt_outcome(
                         self.run_key,
@@ -729,7 +805,7 @@ class JobRunner:
                 ]
             )
             if work.spent >= self.settings.max_attempts:
-                await self._finish(
+                self._finish(
                     work,
                     RowStatus.FAILED,
                     error=f"gave up after {work.spent} attempts: {settled.message}",
@@ -744,7 +820,7 @@ class JobRunner:
             attempt=pending.attempt,
             error=settled.message,
         )
-        await self._finish(
+        self._finish(
             work,
             RowStatus.NEEDS_REVIEW,
             attempt=pending.attempt,
@@ -764,7 +840,7 @@ class JobRunner:
             self._cards[card] = state
         return state
 
-    async def _finish(
+    def _finish(
         self,
         work: _Work,
         status: RowStatus,
@@ -785,7 +861,13 @@ class JobRunner:
         statements.append(
             Ledger.row_update(self.run_key, row, status=status, finished_at=now, **fields)
         )
-        await self.ledger.write(statements)
+        # Posted, not awaited: the row's worker moves on at once. Should the process die
+        # before the next commit, the attempt is still open and the next run reconciles it.
+        self.ledger.post(statements)
+        self._row_final(status)
+
+    def _row_final(self, status: RowStatus) -> None:
+        self._final[status] += 1
         self.progress.row_final(status)
 
 
@@ -806,10 +888,13 @@ def _applied_fields(outcome: Applied) -> dict[str, Any]:
 
 
 def _after(before: CardState, amount: Decimal, balance_after: Decimal | None) -> CardState:
-    return replace(
-        before,
-        balance=balance_after if balance_after is not None else before.balance + amount,
-        deposit=None if before.deposit is None else before.deposit + amount,
+    return CardState(
+        before.card_id,
+        before.status,
+        balance_after if balance_after is not None else before.balance + amount,
+        None if before.deposit is None else before.deposit + amount,
+        before.currency,
+        before.limit,
     )
 
 

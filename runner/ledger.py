@@ -1,9 +1,10 @@
 """The durable record of every run, row and attempt: what makes a run resumable.
 
-SQLite in WAL mode. An attempt's intent is committed before its request is sent and its
-outcome after. Writers that arrive together share one transaction (group commit) on a
-worker thread, so the event loop never waits on the disk for long nor blocks on it at all.
-One process at a time may work on a run key: a byte-range lock in `<ledger>.lock` says who.
+SQLite in WAL mode. An attempt's intent is committed before its request is sent; its
+outcome is queued and goes out with the next commit. Writers that arrive together share one
+transaction (group commit) on a worker thread, so the event loop never waits on the disk for
+long nor blocks on it at all. One process at a time may work on a run key: a byte-range lock in
+`<ledger>.lock` says who.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from runner.providers.base import CardState, CardStatus
 from runner.records import RowRecord, RowStatus
 
 R = TypeVar("R")
+# How long a statement waits for another process's write lock before failing.
+BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -131,7 +134,14 @@ def _from_iso(value: str | None) -> datetime | None:
 
 
 def _money(value: Decimal | None) -> str | None:
-    return None if value is None else format_amount(value)
+    if value is None:
+        return None
+    text = str(value)
+    if text[-3:-2] == "." and text[-2:].isdigit() and text != "-0.00":
+        # Already exactly in cents, as nearly every amount is: format_amount would give the
+        # same text at thirty times the cost, and the ledger formats several per request.
+        return text
+    return format_amount(value)
 
 
 def _dec(value: str | None) -> Decimal | None:
@@ -246,10 +256,11 @@ class Ledger:
         self.path = path
         self._conn = conn
         self._pending: list[tuple[str, Sequence[Any]]] = []
-        self._written = 0  # how many queued statements have been committed
-        self._queued = 0
-        self._lock = anyio.Lock()
-        self._limiter = anyio.CapacityLimiter(1)
+        self._queued = 0  # statements ever queued
+        self._written = 0  # statements ever committed (always a prefix of the queued ones)
+        self._committing: anyio.Event | None = None  # set when the commit under way ends
+        self._broken: LedgerError | None = None
+        self._conn_lock = anyio.Lock()  # one user of the connection at a time, async callers
         self._locks: list[RunLock] = []
 
     @classmethod
@@ -261,7 +272,7 @@ class Ledger:
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed intent survives power loss, not only a killed process.
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             _migrate(conn)
             conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
@@ -282,33 +293,97 @@ class Ledger:
         self._conn.close()
 
     async def call(self, func: Callable[..., R], *args: Any) -> R:
-        """Run a blocking ledger method off the event loop, one at a time with the writes."""
-        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+        """Run a blocking ledger method off the event loop, one at a time with the writes,
+        after everything queued so far is committed (so that it reads what was posted)."""
+        await self.flush()
+        async with self._conn_lock:
+            return await anyio.to_thread.run_sync(func, *args)
 
     # -- writing -------------------------------------------------------------------------
 
     async def write(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        """Commit `statements` durably; concurrent callers share one transaction."""
+        """Commit `statements` durably before returning; concurrent callers share one
+        transaction, which also carries everything posted before."""
+        self.post(statements)
+        await self.flush()
+
+    def post(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Queue `statements` for the next commit and return at once.
+
+        For records whose loss in a crash the next run recovers from, such as an attempt's
+        outcome (the attempt stays open and is reconciled from the provider's state); never
+        for an intent. Statements commit in the order they were queued, so a later intent of
+        the same row or card is never durable without the outcomes posted before it.
+        """
+        if self._broken is not None:
+            raise self._broken
         self._pending.extend(statements)
         self._queued += len(statements)
-        mine = self._queued
-        async with self._lock:
-            if self._written >= mine:
-                return  # an earlier caller's transaction carried ours
+
+    async def flush(self) -> None:
+        """Return once everything queued so far is committed.
+
+        One commit at a time; whoever finds none under way commits everything pending, and
+        callers that arrive meanwhile wait for it and then for the next one. A failed commit
+        breaks the ledger for good: its statements are lost, so no caller may go on as if
+        they were durable (LedgerError from then on).
+        """
+        target = self._queued
+        while self._written < target:
+            if self._broken is not None:
+                raise self._broken
+            if self._committing is not None:
+                await self._committing.wait()
+                continue
             batch, self._pending = self._pending, []
-            await anyio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
+            done = self._committing = anyio.Event()
+            try:
+                # Shielded: a commit cut in half would lose statements others wait on.
+                with anyio.CancelScope(shield=True):
+                    async with self._conn_lock:
+                        await self._commit(batch)
+            except LedgerError as exc:
+                self._broken = exc
+                raise
+            finally:
+                self._committing = None
+                done.set()
             self._written += len(batch)
 
-    def _commit(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    async def _commit(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """One transaction. What may wait, on a worker thread: the write lock when another
+        process holds it, and COMMIT (the fsync). What is only CPU, on the event loop: the
+        statements in between.
+
+        On a worker thread every statement would hand the GIL to the busy event loop and
+        wait for it back (up to the 5 ms switch interval each), and every trip to the thread
+        costs far more than a statement: a batch is a few dozen statements of microseconds.
+        """
+        conn = self._conn
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
+            if not self._begin_at_once():
+                await anyio.to_thread.run_sync(conn.execute, "BEGIN IMMEDIATE")
             for sql, params in batch:
-                self._conn.execute(sql, params)
-            self._conn.execute("COMMIT")
+                conn.execute(sql, params)
+            await anyio.to_thread.run_sync(conn.execute, "COMMIT")
         except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise LedgerError(f"ledger {self.path}: write failed: {exc}") from None
+
+    def _begin_at_once(self) -> bool:
+        """BEGIN IMMEDIATE if no other process holds the write lock; False if one does."""
+        conn = self._conn
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return True
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            return False
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -594,7 +669,8 @@ class Ledger:
         before: CardState | None,
         sent_at: datetime,
     ) -> list[tuple[str, Sequence[Any]]]:
-        """The statements that record an attempt about to be sent."""
+        """The statements that record an attempt about to be sent (with the card's balance
+        before it, when the provider lets cards be read)."""
         return [
             (
                 "INSERT INTO attempts (run_key, row, attempt, card_id, amount, before_status, "
@@ -615,6 +691,12 @@ class Ledger:
                 "UPDATE rows SET attempts = ?, started_at = COALESCE(started_at, ?) "
                 "WHERE run_key = ? AND row = ?",
                 (attempt, _iso(sent_at), run_key, row),
+            )
+            if before is None
+            else (
+                "UPDATE rows SET attempts = ?, started_at = COALESCE(started_at, ?), "
+                "card_balance_before = ? WHERE run_key = ? AND row = ?",
+                (attempt, _iso(sent_at), _money(before.balance), run_key, row),
             ),
         ]
 

@@ -2,19 +2,26 @@
 
 Every event carries `provider`, so that a sandbox run can never be mistaken for a real one
 in a log file, and secrets are scrubbed from every event before it is rendered.
+Events about one row going well (`topup.applied`) are `info` on a console and `debug` in JSON
+mode, where a million rows would make a million lines and most of a fast run's work; the run
+sums them up in a periodic `run.progress` event instead, and `TOPUP_LOG_LEVEL=debug` brings
+them back. Warnings (refusals, unknown outcomes) are logged for every row in both modes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Protocol, TextIO, cast
 
 import structlog
 
 _secrets: list[str] = []
 _REDACTED = "[redacted]"
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_row_level = logging.INFO
 
 
 def register_secret(value: str | None) -> None:
@@ -61,12 +68,19 @@ def configure_logging(
     provider: str,
     fmt: str | None = None,
     stream: Stream | None = None,
-    level: int = logging.INFO,
+    level: int | None = None,
 ) -> str:
-    """Set up structlog for this process; returns the format chosen."""
+    """Set up structlog for this process; returns the format chosen.
+
+    `level` defaults to `TOPUP_LOG_LEVEL` (debug, info or warning), else info.
+    """
+    global _row_level
     stream = stream or sys.stderr
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
+    if level is None:
+        level = _LEVELS.get(os.environ.get("TOPUP_LOG_LEVEL", "").strip().lower(), logging.INFO)
+    _row_level = logging.DEBUG if fmt == "json" else logging.INFO
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -89,3 +103,13 @@ def configure_logging(
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(provider=provider)
     return fmt
+
+
+def row_logger(logger: Any) -> Callable[..., Any]:
+    """The method for events about one row going well: `info` on a console, `debug` in JSON.
+
+    Bound once, so that a filtered-out event costs a no-op call, not a logger per row.
+    """
+    bound = logger.bind()
+    method: Callable[..., Any] = bound.debug if _row_level == logging.DEBUG else bound.info
+    return method
