@@ -48,6 +48,12 @@ _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 _PLAIN_INT = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 # Bump when the canonical form changes: run keys derived from digests must not collide.
 _DIGEST_VERSION = "topup-runner job content v2"
+_DIGEST_SLICE = 65_536  # values hashed at a time
+# Distinct amounts whose Decimal rows share; past this (amounts all different) each row has
+# its own, and the cache stops growing.
+_SHARED_AMOUNTS = 4_096
+# From this many rows a column is first looked at for repeated values.
+_FEW_DISTINCT_FROM = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,21 +90,25 @@ def load_job(path: str | Path) -> Job:
     if suffix not in (".csv", ".yaml", ".yml"):
         kind = f'is a "{suffix}" file' if suffix else "has no suffix"
         problems.fail(f"{kind}: a job file must be .csv, .yaml or .yml")
-    text = _read_text(job_path, problems)
-
     run_key: str | None = None
     provider: str | None = None
     settings: Mapping[str, object] = MappingProxyType({})
     with _collector_paused():
         if suffix == ".csv":
-            table = _read_csv(text, problems)
+            # No reference to the text is kept here: _read_csv lets go of it before parsing,
+            # so that a large file is not held three times over (text, body, bytes).
+            table = _read_csv(_read_text(job_path, problems), problems)
         else:
-            table, run_key, provider, settings = _read_yaml(text, problems)
-        del text  # the table holds what it needs; the whole file need not outlive it
-        result = _validate(table, problems) if table is not None else None
+            table, run_key, provider, settings = _read_yaml(
+                _read_text(job_path, problems), problems
+            )
+        extra_columns = tuple(name for name, _ in table.extras) if table is not None else ()
+        # _validate takes the table over: it drops the parsed columns before it builds rows.
+        holder = [table] if table is not None else []
+        del table
+        result = _validate(holder, problems) if holder else None
     problems.raise_if_any()
     # Every None above came with a problem, so raise_if_any has raised.
-    assert table is not None
     assert result is not None
     rows, digest = result
     return Job(
@@ -107,7 +117,7 @@ def load_job(path: str | Path) -> Job:
         run_key=run_key,
         provider=provider,
         settings=settings,
-        extra_columns=tuple(name for name, _ in table.extras),
+        extra_columns=extra_columns,
         content_digest=digest,
     )
 
@@ -251,6 +261,7 @@ def _decode(data: bytes, problems: _Problems) -> str:
 
 def _read_csv(text: str, problems: _Problems) -> _Table | None:
     header_line, header_number, body = _split_header(text)
+    del text  # the body is a copy: the caller holds no reference, so the text goes now
     declared = header_line.strip()
     if declared.lower().startswith("sep="):
         if declared[4:] != ",":
@@ -293,7 +304,9 @@ def _read_csv(text: str, problems: _Problems) -> _Table | None:
         return None
 
     body_first_line = header_number + 1
-    frame, noted = _parse_body(body, len(fields), body_first_line, problems)
+    holder = [body]
+    del body
+    frame, noted = _parse_body(holder, len(fields), body_first_line, problems)
     if frame is None:
         return None
 
@@ -327,17 +340,19 @@ def _split_header(text: str) -> tuple[str, int, str]:
 
 
 def _parse_body(
-    body: str, width: int, first_line: int, problems: _Problems
+    holder: list[str], width: int, first_line: int, problems: _Problems
 ) -> tuple[pd.DataFrame | None, dict[int, list[tuple[str | None, str]]]]:
     """The data rows as `width` string columns, and the rows that have more fields than the
-    header, which pandas cannot report one by one."""
+    header, which pandas cannot report one by one. The body comes in a list, taken out here,
+    so that its text is let go of while pandas parses the bytes."""
+    data = holder.pop().encode("utf-8")
     try:
         with warnings.catch_warnings():
             # pandas only *warns* when the first row is too long, and drops the extra fields.
             warnings.simplefilter("error", pd.errors.ParserWarning)
             frame = pd.read_csv(
                 # Bytes, not StringIO: StringIO holds four bytes a character, pandas wants UTF-8.
-                io.BytesIO(body.encode("utf-8")),
+                io.BytesIO(data),
                 encoding="utf-8",
                 header=None,
                 names=list(range(width)),
@@ -351,7 +366,7 @@ def _parse_body(
                 engine="c",
             )
     except (pd.errors.ParserError, pd.errors.ParserWarning):
-        return _parse_body_slowly(body, width, first_line, problems)
+        return _parse_body_slowly(data.decode("utf-8"), width, first_line, problems)
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame({j: pd.Series([], dtype=str) for j in range(width)})
     return frame, {}
@@ -634,8 +649,13 @@ def _show_key(key: object) -> str:
 # Judging the cells
 
 
-def _validate(table: _Table, problems: _Problems) -> tuple[tuple[JobRow, ...], str] | None:
-    """The job's rows and content digest, or None with every problem added to `problems`."""
+def _validate(holder: list[_Table], problems: _Problems) -> tuple[tuple[JobRow, ...], str] | None:
+    """The job's rows and content digest, or None with every problem added to `problems`.
+
+    The table comes in a list, taken out here, so that the parsed columns can be let go of
+    before the rows are built: a million rows would otherwise be held twice.
+    """
+    table = holder.pop()
     # Vectorised screening: only the rows that fail it are looked at one by one.
     card_ok = _matches(table.card_id, _FAST_CARD_ID)
     if table.drop_blank_rows and not card_ok.all():
@@ -681,27 +701,43 @@ def _validate(table: _Table, problems: _Problems) -> tuple[tuple[JobRow, ...], s
 
     names = [name for name, _ in table.extras]
     extras = [values.tolist() for _, values in table.extras]
+    # The parsed columns go now; what is left of their cells is in the lists above.
+    del table
     pairs = [
         [(name, value) for value in values] for name, values in zip(names, extras, strict=True)
     ]
+    del extras
     extra_rows: Iterable[tuple[tuple[str, str], ...]] = (
         zip(*pairs, strict=True) if pairs else [()] * count
     )
+    # A card's rows share one id string and equal amounts one Decimal: a million rows of a
+    # few hundred thousand cards and a handful of amounts are held once each, not per row.
+    # Each list slot is replaced as it is read, so the parsed copy goes as the rows come.
+    same_card: dict[str, str] = {}
+    same_amount: dict[str, tuple[Decimal, str]] = {}
     rows: list[JobRow] = []
     for position, (card_id, text, reference, extra) in enumerate(
         zip(card_ids, amounts, references, extra_rows, strict=True)
     ):
+        card_id = card_ids[position] = same_card.setdefault(card_id, card_id)
         amount = parsed.get(position)
         if amount is not None:
             text = str(amount)
-        elif text[0] != "0" and text[-3:-2] == ".":
-            amount = Decimal(text)  # already in the canonical two-place form
+        elif (known := same_amount.get(text)) is not None:
+            amount, text = known
         else:
-            # The fast shape guarantees at most 12 + 2 digits: quantize cannot fail.
-            amount = Decimal(text).quantize(CENTS)
-            text = str(amount)
+            key = text
+            if text[0] != "0" and text[-3:-2] == ".":
+                amount = Decimal(text)  # already in the canonical two-place form
+            else:
+                # The fast shape guarantees at most 12 + 2 digits: quantize cannot fail.
+                amount = Decimal(text).quantize(CENTS)
+                text = str(amount)
+            if len(same_amount) < _SHARED_AMOUNTS:
+                same_amount[key] = (amount, text)
         amounts[position] = text
         rows.append(JobRow(position + 1, card_id, amount, reference, extra))
+    del same_card, same_amount, pairs
     # Only what moves money counts: fixing a typo in a name column must resume the run,
     # not start a new one that pays everyone a second time.
     digest = _content_digest([card_ids, amounts, references])
@@ -709,6 +745,12 @@ def _validate(table: _Table, problems: _Problems) -> tuple[tuple[JobRow, ...], s
 
 
 def _matches(values: pd.Series[str], pattern: str) -> npt.NDArray[np.bool_]:
+    if len(values) > _FEW_DISTINCT_FROM and len(set(values.iloc[:1000])) <= 50:
+        # A column of few distinct values (amounts, often): match each value once.
+        distinct = values.unique()
+        if len(distinct) * 20 < len(values):
+            good = [value for value in distinct if re.fullmatch(pattern, value)]
+            return values.isin(good).to_numpy(dtype=bool)
     return values.str.fullmatch(pattern).to_numpy(dtype=bool)
 
 
@@ -769,10 +811,24 @@ def _content_digest(columns: list[list[str]]) -> str:
     header = [_DIGEST_VERSION, count]
     digest.update(json.dumps(header, ensure_ascii=False).encode())
     for values in columns:
-        joined = "\x1f".join(values)
-        if joined.count("\x1f") == max(count - 1, 0):
-            section = b"U" + joined.encode()
-        else:
+        # b"U" + the values joined by the separator, a slice at a time: the same bytes as
+        # joining the whole column, without a second copy of a million values in memory.
+        # The first pass measures (the length comes first) and looks for the separator.
+        slices = range(0, count, _DIGEST_SLICE)
+        size = 1 + max(len(slices) - 1, 0)
+        plain = True
+        for start in slices:
+            part = values[start : start + _DIGEST_SLICE]
+            joined = "\x1f".join(part)
+            plain = plain and joined.count("\x1f") == len(part) - 1
+            size += len(joined.encode())
+        if not plain:
             section = b"J" + json.dumps(values, ensure_ascii=False).encode()
-        digest.update(b"%d:" % len(section) + section)
+            digest.update(b"%d:" % len(section) + section)
+            continue
+        digest.update(b"%d:U" % size)
+        for start in slices:
+            if start:
+                digest.update(b"\x1f")
+            digest.update("\x1f".join(values[start : start + _DIGEST_SLICE]).encode())
     return digest.hexdigest()
