@@ -13,12 +13,11 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import anyio
 
@@ -27,10 +26,53 @@ T = TypeVar("T")
 
 @dataclass(slots=True)
 class _Card(Generic[T]):
+    """A card's queued items in order, from `head` on, with each one's order in the job.
+
+    Two plain lists and a head index rather than a deque of (order, item) tuples: a deque
+    costs over 600 bytes however few items it holds, and a tuple 56 bytes an item, which for
+    a million rows of 200,000 cards was a fifth of the run's memory.
+    """
+
     key: Hashable
-    items: deque[tuple[int, T]] = field(default_factory=deque)
+    orders: list[int] = field(default_factory=list)
+    items: list[T | None] = field(default_factory=list)
+    head: int = 0
     busy: bool = False
     ready_at: float = -math.inf
+
+    def left(self) -> int:
+        return len(self.items) - self.head
+
+    def first_order(self) -> int:
+        return self.orders[self.head]
+
+    def push(self, order: int, item: T) -> None:
+        self.orders.append(order)
+        self.items.append(item)
+
+    def push_front(self, order: int, item: T) -> None:
+        if self.head:
+            self.head -= 1
+            self.orders[self.head] = order
+            self.items[self.head] = item
+        else:
+            self.orders.insert(0, order)
+            self.items.insert(0, item)
+
+    def pop(self) -> T:
+        head = self.head
+        item = self.items[head]
+        self.items[head] = None  # the item is the caller's now: do not keep it alive
+        if head + 1 == len(self.items):
+            self.orders.clear()
+            self.items.clear()
+            self.head = 0
+        else:
+            self.head = head + 1
+        return cast(T, item)
+
+    def queued(self) -> list[T]:
+        return cast(list[T], self.items[self.head :])
 
 
 class Dispatcher(Generic[T]):
@@ -59,8 +101,8 @@ class Dispatcher(Generic[T]):
         entry = self._cards.get(card)
         if entry is None:
             entry = self._cards[card] = _Card(card, ready_at=not_before)
-        was_empty = not entry.items
-        entry.items.append((order, item))
+        was_empty = not entry.left()
+        entry.push(order, item)
         self._queued += 1
         if was_empty and not entry.busy:
             self._schedule(entry, entry.ready_at)
@@ -91,10 +133,10 @@ class Dispatcher(Generic[T]):
         while self._cooling and self._cooling[0][0] <= now:
             _, _, key = heapq.heappop(self._cooling)
             entry = self._cards[key]
-            if entry.busy or not entry.items:
+            if entry.busy or not entry.left():
                 continue
             self._tiebreak += 1
-            heapq.heappush(self._ready, (-len(entry.items), entry.items[0][0], self._tiebreak, key))
+            heapq.heappush(self._ready, (-entry.left(), entry.first_order(), self._tiebreak, key))
 
     def take(self, now: float, slot: float = 0.0) -> tuple[Hashable, T] | None:
         """The next (card, item) that may go now, or None; the card becomes busy.
@@ -111,9 +153,9 @@ class Dispatcher(Generic[T]):
         while self._ready:
             _, _, _, key = heapq.heappop(self._ready)
             entry = self._cards[key]
-            if entry.busy or not entry.items:
+            if entry.busy or not entry.left():
                 continue
-            _, item = entry.items.popleft()
+            item = entry.pop()
             entry.busy = True
             self._queued -= 1
             self._busy += 1
@@ -126,9 +168,9 @@ class Dispatcher(Generic[T]):
             return False
         coming = self._cards[self._cooling[0][2]]
         best_ready = -self._ready[0][0] if self._ready else 0
-        if len(coming.items) <= best_ready:
+        if coming.left() <= best_ready:
             return False
-        chain_end = ready_at + (len(coming.items) - 1) * self.cooldown
+        chain_end = ready_at + (coming.left() - 1) * self.cooldown
         rate_end = now + (self._queued - 1) * slot
         return chain_end >= rate_end
 
@@ -137,7 +179,7 @@ class Dispatcher(Generic[T]):
         while self._cooling:
             ready_at, _, key = self._cooling[0]
             entry = self._cards[key]
-            if entry.busy or not entry.items or entry.ready_at != ready_at:
+            if entry.busy or not entry.left() or entry.ready_at != ready_at:
                 heapq.heappop(self._cooling)
                 continue
             return ready_at
@@ -156,18 +198,20 @@ class Dispatcher(Generic[T]):
         entry.busy = False
         self._busy -= 1
         if put_back is not None:
-            entry.items.appendleft((order, put_back))
+            entry.push_front(order, put_back)
             self._queued += 1
-        if entry.items:
+        if entry.left():
             self._schedule(entry, ready_at)
-        elif not entry.items:
+        else:
             del self._cards[card]
 
     def drain(self) -> list[T]:
         """Remove and return every queued item (the run is stopping)."""
-        left = [item for entry in self._cards.values() for _, item in entry.items]
+        left = [item for entry in self._cards.values() for item in entry.queued()]
         for entry in self._cards.values():
+            entry.orders.clear()
             entry.items.clear()
+            entry.head = 0
         self._queued = 0
         self._ready.clear()
         self._cooling.clear()
