@@ -17,7 +17,7 @@ import os
 import signal
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 import anyio.to_thread
+import numpy as np
 import structlog
 
 from runner.config import Settings
@@ -177,7 +178,9 @@ class JobRunner:
         self._workers: anyio.abc.TaskGroup | None = None
         self._cards: dict[str, CardState] = {}
         self._stale: set[str] = set()
-        self._applied_times: list[float] = []
+        # When the first and the latest applied topup were seen (the run's makespan).
+        self._first_applied: float | None = None
+        self._last_applied = 0.0
         # The cooldown measured from an answer: the gap a card's rows really have between them.
         self._dispatcher: Dispatcher[JobRow | _Work] = Dispatcher(settings.cooldown)
         # What an earlier process left of rows not yet taken: attempts sent, attempts open.
@@ -293,7 +296,7 @@ class JobRunner:
                     concurrency=settings.concurrency,
                     lower_bound_s=round(lb, 3),
                 )
-                duplicates = duplicate_rows(counts_rows)
+                duplicates = _duplicate_rows(counts_rows)
                 if duplicates:
                     log.warning("job.duplicates", rows=duplicates[:20], groups=len(duplicates))
                 fees = fee_model(settings, await ledger.call(ledger.fee_samples, settings.provider))
@@ -324,8 +327,8 @@ class JobRunner:
                 await self._dispatch_all()
                 if not self._stopping and self._fatal is None:
                     await self._settle_pending()
-                if len(self._applied_times) >= 1:
-                    makespan = self._applied_times[-1] - self._applied_times[0]
+                if self._first_applied is not None:
+                    makespan = self._last_applied - self._first_applied
         await self._mark_in_doubt()
         counts = await ledger.call(ledger.status_counts, self.run_key)
         if not self._stopping and counts[RowStatus.NOT_ATTEMPTED] == 0:
@@ -343,7 +346,10 @@ class JobRunner:
         await anyio.to_thread.run_sync(write_report, output, ledger.records(self.run_key), info)
         failed_file = failed_rows_path_for(output)
         failed = await anyio.to_thread.run_sync(
-            write_failed_rows, failed_file, ledger.records(self.run_key), job.extra_columns
+            write_failed_rows,
+            failed_file,
+            ledger.records(self.run_key, RowStatus.FAILED),
+            job.extra_columns,
         )
         result = RunResult(
             run_key=self.run_key,
@@ -675,7 +681,7 @@ class JobRunner:
 
         if isinstance(outcome, Applied):
             work.unresolved = None
-            self._applied_times.append(received)
+            self._note_applied(received)
             if before is not None:
                 self._cards[card] = _after(before, row.amount, outcome.card_balance_after)
             status = RowStatus.PENDING if outcome.pending else RowStatus.SUCCEEDED
@@ -778,7 +784,7 @@ class JobRunner:
         self._stale.add(card)
         if isinstance(settled, Applied):
             work.unresolved = None
-            self._applied_times.append(self.clock())
+            self._note_applied(self.clock())
             log.info("reconcile.applied", row=row.row, card_id=card, attempt=pending.attempt)
             self._finish(
                 work,
@@ -866,6 +872,11 @@ class JobRunner:
         self.ledger.post(statements)
         self._row_final(status)
 
+    def _note_applied(self, at: float) -> None:
+        if self._first_applied is None:
+            self._first_applied = at
+        self._last_applied = max(self._last_applied, at)
+
     def _row_final(self, status: RowStatus) -> None:
         self._final[status] += 1
         self.progress.row_final(status)
@@ -905,7 +916,30 @@ def fee_model(settings: Settings, samples: list[tuple[Decimal, Decimal]]) -> Fee
     return fit_fee_model(samples)
 
 
-def _busiest(rows: list[JobRow]) -> int:
+def _duplicate_rows(rows: Sequence[JobRow]) -> list[list[int]]:
+    """`duplicate_rows`, for a million rows too: only rows whose (card, amount, reference)
+    hash occurs twice are grouped, so a job without duplicates costs one array of hashes
+    rather than a dict of a million keys and a list each (over 200 MB)."""
+    hashes = np.fromiter(
+        (hash((r.card_id, r.amount, r.reference)) for r in rows), dtype=np.int64, count=len(rows)
+    )
+    hashes.sort()
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    if not len(repeated):
+        return []
+    again = set(repeated.tolist())
+    return duplicate_rows(r for r in rows if hash((r.card_id, r.amount, r.reference)) in again)
+
+
+def _job_stats(rows: Sequence[JobRow]) -> tuple[int, int, list[list[int]]]:
+    """The busiest card's rows, how many cards, and the groups of rows pasted twice."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.card_id] = counts.get(r.card_id, 0) + 1
+    return max(counts.values(), default=0), len(counts), _duplicate_rows(rows)
+
+
+def _busiest(rows: Sequence[JobRow]) -> int:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.card_id] = counts.get(r.card_id, 0) + 1
@@ -937,8 +971,6 @@ async def check_job(
             [Problem(str(job.path), why, row.row, "amount") for row, why in bad[:50]],
             truncated=max(0, len(bad) - 50),
         )
-    busiest = _busiest(list(job.rows))
-    lb = lower_bound(len(job.rows), busiest, settings.rate_limit, settings.cooldown)
     pacer = Pacer(settings.rate_limit)
     samples: list[tuple[Decimal, Decimal]] = []
     ledger_path = Path(settings.ledger) if settings.ledger else None
@@ -951,16 +983,29 @@ async def check_job(
         finally:
             ledger.close()
     fees = fee_model(settings, samples)
-    async with open_provider(
-        settings, (r.card_id for r in job.rows), pacer, env=env, sandbox_config=sandbox_config
-    ) as (provider, base_url):
+    stats: list[tuple[int, int, list[list[int]]]] = []
+
+    async def describe() -> None:
+        # What needs no provider is worked out on a thread while the provider answers
+        # preflight: for a million rows, a second of the wait for its card listing.
+        stats.append(await anyio.to_thread.run_sync(_job_stats, job.rows))
+
+    async with (
+        open_provider(
+            settings, (r.card_id for r in job.rows), pacer, env=env, sandbox_config=sandbox_config
+        ) as (provider, base_url),
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(describe)
         report = await preflight(
             provider, job.rows, allow_partial=settings.allow_partial, fees=fees
         )
+    busiest, cards, duplicates = stats[0]
+    lb = lower_bound(len(job.rows), busiest, settings.rate_limit, settings.cooldown)
     label = "SANDBOX (no real money moves)" if settings.is_sandbox else settings.provider
     lines = [
         f"provider: {label} at {base_url}",
-        f"job: {job.path}: {len(job.rows)} rows, {len({r.card_id for r in job.rows})} cards, "
+        f"job: {job.path}: {len(job.rows)} rows, {cards} cards, "
         f"busiest card {busiest} rows, total {format_amount(report.total_amount)}",
         f"wallet: {_fmt(report.wallet_balance) or 'not readable from ' + provider.name}; "
         + (
@@ -974,7 +1019,7 @@ async def check_job(
     ]
     if report.set_aside:
         lines.append(f"set aside by preflight: {len(report.set_aside)} rows")
-    for group in duplicate_rows(job.rows):
+    for group in duplicates:
         lines.append(
             f"warning: {job.path}: rows {', '.join(map(str, group))} have the same card, "
             "amount and reference: pasted twice?"

@@ -423,7 +423,7 @@ class Ledger:
                         spec.run_key,
                         r.row,
                         r.card_id,
-                        format_amount(r.amount),
+                        _money(r.amount),
                         r.reference,
                         json.dumps(r.extra) if r.extra else "[]",
                         RowStatus.NOT_ATTEMPTED.value,
@@ -623,16 +623,21 @@ class Ledger:
             counts[RowStatus(status)] = n
         return counts
 
-    def records(self, run_key: str) -> Iterator[RowRecord]:
-        """Every row of the run in job order, streamed (opens its own connection)."""
+    def records(self, run_key: str, status: RowStatus | None = None) -> Iterator[RowRecord]:
+        """Every row of the run (or only those with `status`) in job order, streamed (opens
+        its own connection)."""
         conn = sqlite3.connect(self.path, check_same_thread=False)
         try:
             cursor = conn.execute(
                 "SELECT row, card_id, amount, reference, extra, status, fee, total_charged, "
                 "card_balance_before, card_balance_after, wallet_balance_after, "
                 "transaction_id, invoice_id, attempts, error, started_at, finished_at "
-                "FROM rows WHERE run_key = ? ORDER BY row",
-                (run_key,),
+                "FROM rows WHERE run_key = ? AND (? IS NULL OR status = ?) ORDER BY row",
+                (
+                    run_key,
+                    None if status is None else status.value,
+                    None if status is None else status.value,
+                ),
             )
             for r in cursor:
                 yield RowRecord(

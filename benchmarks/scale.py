@@ -1,0 +1,224 @@
+"""Scale benchmark: a 1,000,000-row job through `check`, `run` and `report`, with peak memory.
+
+The job is 200,000 cards x 5 rows (`--cards`, `--rows-per-card`): a million rows as a large
+payroll has them, the same people paid several times, so that the dispatcher's per-card queues,
+cooldown bookkeeping and the provider's card listing are all exercised at scale (a million
+distinct cards would leave the queues trivial and make preflight a 280 MB listing). Every row
+has its own reference, so no row looks pasted twice.
+
+A standalone sandbox (`python -m runner sandbox --cooldown 0`, no rate limit, no latency, a wallet
+big enough) is started on 127.0.0.1 and told the job's cards through `POST /_sandbox/cards`, so
+that preflight finds them in its one `GET /cards` listing. Then, each as a subprocess whose peak
+RSS is read from wait4 (ru_maxrss, the kernel's own high-water mark):
+
+- `topup-runner check JOB ...`: must finish in under 10 s;
+- `topup-runner run JOB ... --rate-limit unlimited --cooldown 0 --output report.csv`: must
+  finish with every row succeeded and a peak RSS under 600 MB;
+- `topup-runner report --output report.xlsx` (unless `--no-xlsx`): the same run rewritten as
+  xlsx from the ledger, timed (a million rows fit one sheet; beyond 1,048,575 they go on).
+
+Exactly once is checked from the sandbox's side without downloading its million-record log:
+every card's `deposit` must be rows-per-card x the amount, and the wallet must have gone down
+by exactly the sum of what the report says was charged.
+
+    python benchmarks/scale.py                    # about 10-15 minutes on 2 cores
+    python benchmarks/scale.py --cards 20000      # 100,000 rows: a smoke run
+
+Exit status 0 if every bound holds and every row was applied exactly once; 1 if not; 2 if it
+could not measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import throughput as tp
+
+CHECK_BOUND_S = 10.0
+RSS_BOUND_MB = 600.0
+
+
+def api_json(sb: tp.Sandbox, path: str) -> Any:
+    """GET an API route with the token, as a client would."""
+    request = urllib.request.Request(sb.api + path, headers={"Authorization": f"Bearer {tp.TOKEN}"})
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return tp.json.load(response)
+
+
+def run_measured(command: list[str], log: Path, timeout: float) -> tp.Finished:
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=tp.child_env(),
+        )  # fmt: skip
+        try:
+            return tp.wait_measured(process, timeout)
+        finally:
+            tp.stop_process(process)
+
+
+def common_options(sb: tp.Sandbox, folder: Path) -> list[str]:
+    return [
+        "--provider", "uncash", "--base-url", sb.api, "--rate-limit", "unlimited",
+        "--cooldown", "0", "--concurrency", "32", "--ledger", str(folder / "ledger.sqlite"),
+        "--run-key", "scale-bench", "--log-format", "json", "--no-progress",
+    ]  # fmt: skip
+
+
+def tail(path: Path, lines: int = 3) -> str:
+    return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+
+
+def read_report(path: Path) -> tuple[Counter[str], Decimal]:
+    statuses: Counter[str] = Counter()
+    charged = Decimal("0.00")
+    with path.open(newline="", encoding="utf-8") as handle:
+        for record in csv.DictReader(handle):
+            statuses[record["status"]] += 1
+            if record["total_charged"]:
+                charged += Decimal(record["total_charged"])
+    return statuses, charged
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A million rows: check, run, report, memory.")
+    parser.add_argument("--cards", type=int, default=200_000)
+    parser.add_argument("--rows-per-card", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--no-xlsx", action="store_true", help="skip the xlsx report rewrite")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = parser.parse_args(argv)
+    rows = args.cards * args.rows_per_card
+    wallet = Decimal(rows) * 12  # 10.00 + the sandbox's default fee (0.75) per row, and room
+    folder = Path(tempfile.mkdtemp(prefix="scale-"))
+    problems: list[str] = []
+    figures: list[str] = []
+    try:
+        cards = tp.card_ids(args.cards, args.seed)
+        job = folder / "job.csv"
+        tp.write_job(job, cards, args.rows_per_card)
+        print(f"job: {rows} rows, {args.cards} cards x {args.rows_per_card}", file=sys.stderr)
+        with tp.sandbox(folder, "scale", str(wallet), args.seed) as sb:
+            started = time.monotonic()
+            sb.register_cards(cards)
+            print(f"cards registered in {time.monotonic() - started:.1f} s", file=sys.stderr)
+            options = common_options(sb, folder)
+
+            check = run_measured(
+                [*tp.python_command(), "check", str(job), *options], folder / "check.log", 300
+            )
+            figures.append(
+                f"check:  {check.wall_s:6.1f} s  peak RSS {check.peak_rss_mb:4.0f} MB  "
+                f"CPU {check.cpu_s:.1f} s  (bound {CHECK_BOUND_S:g} s)"
+            )
+            print(figures[-1], file=sys.stderr, flush=True)
+            if check.exit_code != 0:
+                problems.append(f"check exit {check.exit_code}: {tail(folder / 'check.log')}")
+            elif check.wall_s >= CHECK_BOUND_S:
+                problems.append(f"check took {check.wall_s:.1f} s")
+
+            report_csv = folder / "report.csv"
+            run = run_measured(
+                [*tp.python_command(), "run", str(job), *options, "--output", str(report_csv)],
+                folder / "run.log",
+                6 * 3600,
+            )
+            window = None
+            finished = tp_finished_event(folder / "run.log")
+            if finished is not None and finished.get("makespan_s"):
+                window = float(finished["makespan_s"])
+            rate = f"{rows / window:.0f} topups/s" if window else "rate unknown"
+            figures.append(
+                f"run:    {run.wall_s:6.1f} s  peak RSS {run.peak_rss_mb:4.0f} MB  "
+                f"CPU {run.cpu_s:.1f} s  ({rate} first to last applied; bound "
+                f"{RSS_BOUND_MB:g} MB)"
+            )
+            print(figures[-1], file=sys.stderr, flush=True)
+            if run.exit_code != 0:
+                problems.append(f"run exit {run.exit_code}: {tail(folder / 'run.log')}")
+            if run.peak_rss_mb >= RSS_BOUND_MB:
+                problems.append(f"run peak RSS {run.peak_rss_mb:.0f} MB")
+
+            statuses, charged = read_report(report_csv) if report_csv.exists() else (Counter(), 0)
+            if statuses != Counter({"succeeded": rows}):
+                problems.append(f"report statuses {dict(statuses)}, expected {rows} succeeded")
+            listed = api_json(sb, "/cards")["data"]["cards"]
+            expected = Decimal(args.rows_per_card) * Decimal(tp.AMOUNT)
+            wrong = sum(1 for card in listed if Decimal(str(card["deposit"])) != expected)
+            if len(listed) != args.cards or wrong:
+                problems.append(f"{wrong} of {len(listed)} cards without exactly {expected}")
+            balance = Decimal(str(api_json(sb, "/wallet/balance")["data"]["balance"]))
+            if wallet - balance != charged:
+                problems.append(
+                    f"the wallet went down by {wallet - balance}, the report says {charged}"
+                )
+
+        if not args.no_xlsx and run.exit_code is not None:
+            report_xlsx = folder / "report.xlsx"
+            rewrite = run_measured(
+                [
+                    *tp.python_command(), "report", "--ledger", str(folder / "ledger.sqlite"),
+                    "--run-key", "scale-bench", "--output", str(report_xlsx),
+                ],
+                folder / "report.log",
+                3600,
+            )  # fmt: skip
+            size = report_xlsx.stat().st_size / 1e6 if report_xlsx.exists() else 0
+            figures.append(
+                f"report: {rewrite.wall_s:6.1f} s  peak RSS {rewrite.peak_rss_mb:4.0f} MB  "
+                f"(xlsx, {size:.0f} MB, from the ledger)"
+            )
+            print(figures[-1], file=sys.stderr, flush=True)
+            if rewrite.exit_code != 0:
+                problems.append(f"report exit {rewrite.exit_code}: {tail(folder / 'report.log')}")
+    except tp.BenchmarkError as exc:
+        print(f"scale: cannot measure: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("scale: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print(f"work dir kept: {folder}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    print(f"{rows} rows ({args.cards} cards x {args.rows_per_card}), concurrency 32")
+    for line in figures:
+        print(line)
+    command = ["python", "benchmarks/scale.py", "--cards", str(args.cards)]
+    command += ["--rows-per-card", str(args.rows_per_card)]
+    print(f"reproduce: {shlex.join(command)}")
+    for problem in problems:
+        print(f"CHECK FAILED: {problem}")
+    if not problems:
+        print("check passed: every bound held and every row was applied exactly once")
+    return 1 if problems else 0
+
+
+def tp_finished_event(log: Path) -> dict[str, Any] | None:
+    """The runner's own `run.finished` event from its JSON log, if it got that far."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        try:
+            event = tp.json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "run.finished":
+            return event
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
