@@ -108,6 +108,8 @@ _MONEY_FIELDS = (
     "card_balance_after",
     "wallet_balance_after",
 )
+# The SQL of each set of fields a row update was asked for (a handful in a run).
+_ROW_UPDATES: dict[tuple[str, ...], str] = {}
 _ROW_FIELDS = (
     "status",
     *_MONEY_FIELDS,
@@ -126,7 +128,20 @@ def utcnow() -> datetime:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat(timespec="milliseconds")
+    global _last_iso
+    if value is None:
+        return None
+    last, text = _last_iso
+    if value is last:  # a row's outcome writes the same time twice
+        return text
+    # utcnow()'s times need no conversion
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+    text = utc.isoformat(timespec="milliseconds")
+    _last_iso = (value, text)
+    return text
+
+
+_last_iso = (datetime.min.replace(tzinfo=UTC), "")
 
 
 def _from_iso(value: str | None) -> datetime | None:
@@ -259,6 +274,8 @@ class Ledger:
         self._queued = 0  # statements ever queued
         self._written = 0  # statements ever committed (always a prefix of the queued ones)
         self._committing: anyio.Event | None = None  # set when the commit under way ends
+        self._committing_upto = 0  # the statements it carries: those queued before it began
+        self._next: anyio.Event | None = None  # set when the commit after that one ends
         self._broken: LedgerError | None = None
         self._conn_lock = anyio.Lock()  # one user of the connection at a time, async callers
         self._locks: list[RunLock] = []
@@ -323,32 +340,56 @@ class Ledger:
     async def flush(self) -> None:
         """Return once everything queued so far is committed.
 
-        One commit at a time; whoever finds none under way commits everything pending, and
-        callers that arrive meanwhile wait for it and then for the next one. A failed commit
-        breaks the ledger for good: its statements are lost, so no caller may go on as if
-        they were durable (LedgerError from then on).
+        One commit at a time; whoever finds none under way commits everything pending. A
+        caller whose statements are in the commit under way waits for it; one whose
+        statements came later needs the next commit: the first such caller waits for the
+        current one to end and then makes it, the others wait for that one alone, so that a
+        caller wakes once rather than at every commit. A failed commit breaks the ledger for
+        good: its statements are lost, so no caller may go on as if they were durable
+        (LedgerError from then on).
         """
         target = self._queued
         while self._written < target:
             if self._broken is not None:
                 raise self._broken
-            if self._committing is not None:
+            if self._committing is None:
+                await self._commit_pending()
+            elif target <= self._committing_upto:
                 await self._committing.wait()
-                continue
-            batch, self._pending = self._pending, []
-            done = self._committing = anyio.Event()
-            try:
-                # Shielded: a commit cut in half would lose statements others wait on.
-                with anyio.CancelScope(shield=True):
-                    async with self._conn_lock:
-                        await self._commit(batch)
-            except LedgerError as exc:
-                self._broken = exc
-                raise
-            finally:
-                self._committing = None
-                done.set()
+            elif self._next is None:
+                self._next = anyio.Event()
+                try:
+                    await self._committing.wait()
+                except BaseException:
+                    self._release_next()  # another waiter makes the next commit
+                    raise
+            else:
+                await self._next.wait()
+
+    def _release_next(self) -> None:
+        """Wake the callers waiting for the next commit: one of them will make it."""
+        waiting, self._next = self._next, None
+        if waiting is not None:
+            waiting.set()
+
+    async def _commit_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        done = self._committing = self._next or anyio.Event()
+        self._next = None
+        self._committing_upto = self._queued
+        try:
+            # Shielded: a commit cut in half would lose statements others wait on.
+            with anyio.CancelScope(shield=True):
+                async with self._conn_lock:
+                    await self._commit(batch)
             self._written += len(batch)
+        except LedgerError as exc:
+            self._broken = exc
+            self._release_next()
+            raise
+        finally:
+            self._committing = None
+            done.set()
 
     async def _commit(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """One transaction. What may wait, on a worker thread: the write lock when another
@@ -676,6 +717,8 @@ class Ledger:
     ) -> list[tuple[str, Sequence[Any]]]:
         """The statements that record an attempt about to be sent (with the card's balance
         before it, when the provider lets cards be read)."""
+        sent = _iso(sent_at)
+        balance = None if before is None else _money(before.balance)
         return [
             (
                 "INSERT INTO attempts (run_key, row, attempt, card_id, amount, before_status, "
@@ -685,23 +728,23 @@ class Ledger:
                     row,
                     attempt,
                     card_id,
-                    format_amount(amount),
+                    _money(amount),
                     None if before is None else before.status.value,
-                    None if before is None else _money(before.balance),
+                    balance,
                     None if before is None else _money(before.deposit),
-                    _iso(sent_at),
+                    sent,
                 ),
             ),
             (
                 "UPDATE rows SET attempts = ?, started_at = COALESCE(started_at, ?) "
                 "WHERE run_key = ? AND row = ?",
-                (attempt, _iso(sent_at), run_key, row),
+                (attempt, sent, run_key, row),
             )
             if before is None
             else (
                 "UPDATE rows SET attempts = ?, started_at = COALESCE(started_at, ?), "
                 "card_balance_before = ? WHERE run_key = ? AND row = ?",
-                (attempt, _iso(sent_at), _money(before.balance), run_key, row),
+                (attempt, sent, balance, run_key, row),
             ),
         ]
 
@@ -718,9 +761,16 @@ class Ledger:
     @staticmethod
     def row_update(run_key: str, row: int, **values: Any) -> tuple[str, Sequence[Any]]:
         """Set some of a row's report fields (money as Decimal, times as datetime)."""
-        unknown = set(values) - set(_ROW_FIELDS)
-        if unknown:
-            raise ValueError(f"not row fields: {sorted(unknown)}")
+        names = tuple(values)
+        sql = _ROW_UPDATES.get(names)
+        if sql is None:
+            unknown = set(values) - set(_ROW_FIELDS)
+            if unknown:
+                raise ValueError(f"not row fields: {sorted(unknown)}")
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            sql = _ROW_UPDATES[names] = (
+                f"UPDATE rows SET {assignments} WHERE run_key = ? AND row = ?"
+            )
         params: list[Any] = []
         for name, value in values.items():
             if name in _MONEY_FIELDS:
@@ -731,8 +781,5 @@ class Ledger:
                 params.append(value.value)
             else:
                 params.append(value)
-        assignments = ", ".join(f"{name} = ?" for name in values)
-        return (
-            f"UPDATE rows SET {assignments} WHERE run_key = ? AND row = ?",
-            (*params, run_key, row),
-        )
+        params += (run_key, row)
+        return sql, params
