@@ -189,6 +189,7 @@ class JobRunner:
         self._in_doubt: dict[int, _Work] = {}
         self._final: Counter[RowStatus] = Counter()  # rows this process brought to a status
         self._log_row: Callable[..., Any] = log.info
+        self._rows_logged = True  # False when row events are filtered out (no need to format)
 
     # -- the run -------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class JobRunner:
         if self.clock is anyio.current_time:
             # The same clock without anyio's backend lookup on every call (several a request).
             self.clock = asyncio.get_running_loop().time
-        self._log_row = row_logger(log)
+        self._log_row, self._rows_logged = row_logger(log)
         settings = self.settings
         rules = rules_for(settings.provider)
         bad = check_amount_rules(self.job.rows, rules.min_amount, rules.max_amount)
@@ -245,8 +246,9 @@ class JobRunner:
                 f"({existing.job_file} on {existing.base_url}): choose a new run key"
             )
         last_sent: dict[str, datetime] = {}
+        todo_rows: Sequence[JobRow]
         if existing is None:
-            todo_rows = list(job.rows)
+            todo_rows = job.rows  # not a copy: a million rows are 8 MB of references
             open_attempts: dict[int, OpenAttempt] = {}
             sent_so_far: dict[int, int] = {}
         else:
@@ -273,7 +275,9 @@ class JobRunner:
         pacer = Pacer(settings.rate_limit, clock=self.clock)
         self.pacer = pacer
         started = utcnow()
-        counts_rows = [r for r in todo_rows if r.row not in open_attempts]
+        counts_rows = (
+            [r for r in todo_rows if r.row not in open_attempts] if open_attempts else todo_rows
+        )
         busiest = _busiest(todo_rows)
         lb = lower_bound(len(todo_rows), busiest, settings.rate_limit, settings.cooldown)
         makespan: float | None = None
@@ -343,7 +347,11 @@ class JobRunner:
             extra_columns=job.extra_columns,
             notes=self._notes(makespan, lb),
         )
+        # A million-row report takes a while (see the README's performance section): say so.
+        log.info("report.writing", report=str(output), rows=len(job.rows))
+        writing = self.clock()
         await anyio.to_thread.run_sync(write_report, output, ledger.records(self.run_key), info)
+        log.info("report.written", report=str(output), seconds=round(self.clock() - writing, 1))
         failed_file = failed_rows_path_for(output)
         failed = await anyio.to_thread.run_sync(
             write_failed_rows,
@@ -615,9 +623,13 @@ class JobRunner:
         ready_at = self.clock()
         put_back = False
         try:
-            # The slot reserved when the card was chosen goes to this step's first request.
-            with self.pacer.prepaid(slot):
+            if self.pacer.rate is None:
+                # Unlimited: the slot is "now" (or the end of a 429's pause), whoever asks.
                 ready_at, put_back = await self._handle(card, work)
+            else:
+                # The slot reserved when the card was chosen goes to this step's first request.
+                with self.pacer.prepaid(slot):
+                    ready_at, put_back = await self._handle(card, work)
         except RunnerError as exc:
             # The provider or the ledger cannot be used at all: stop cleanly, keep the row.
             self._fatal = self._fatal or exc
@@ -686,15 +698,16 @@ class JobRunner:
                 self._cards[card] = _after(before, row.amount, outcome.card_balance_after)
             status = RowStatus.PENDING if outcome.pending else RowStatus.SUCCEEDED
             fields = _applied_fields(outcome)
-            self._log_row(
-                "topup.applied",
-                row=row.row,
-                card_id=card,
-                amount=format_amount(row.amount),
-                fee=_fmt(outcome.fee),
-                attempt=attempt,
-                pending=outcome.pending,
-            )
+            if self._rows_logged:
+                self._log_row(
+                    "topup.applied",
+                    row=row.row,
+                    card_id=card,
+                    amount=format_amount(row.amount),
+                    fee=_fmt(outcome.fee),
+                    attempt=attempt,
+                    pending=outcome.pending,
+                )
             self._finish(work, status, attempt=attempt, outcome="applied", **fields)
             return cool, False
 
@@ -883,12 +896,7 @@ class JobRunner:
 
 
 def _applied_fields(outcome: Applied) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    if outcome.card_balance_before is not None:
-        fields["card_balance_before"] = outcome.card_balance_before
-    if outcome.provider_ref is not None:
-        fields["provider_ref"] = outcome.provider_ref
-    return fields | {
+    fields: dict[str, Any] = {
         "fee": outcome.fee,
         "total_charged": outcome.total_charged,
         "card_balance_after": outcome.card_balance_after,
@@ -896,6 +904,11 @@ def _applied_fields(outcome: Applied) -> dict[str, Any]:
         "transaction_id": outcome.transaction_id,
         "invoice_id": outcome.invoice_id,
     }
+    if outcome.card_balance_before is not None:
+        fields["card_balance_before"] = outcome.card_balance_before
+    if outcome.provider_ref is not None:
+        fields["provider_ref"] = outcome.provider_ref
+    return fields
 
 
 def _after(before: CardState, amount: Decimal, balance_after: Decimal | None) -> CardState:

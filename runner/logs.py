@@ -105,11 +105,13 @@ def configure_logging(
     return fmt
 
 
-def row_logger(logger: Any) -> Callable[..., Any]:
-    """The method for events about one row going well: `info` on a console, `debug` in JSON.
+def row_logger(logger: Any) -> tuple[Callable[..., Any], bool]:
+    """The method for events about one row going well (`info` on a console, `debug` in JSON),
+    and whether its events are written at all (if not, callers need not format them).
 
     Bound once, so that a filtered-out event costs a no-op call, not a logger per row.
     """
     bound = logger.bind()
     method: Callable[..., Any] = bound.debug if _row_level == logging.DEBUG else bound.info
-    return method
+    enabled = getattr(bound, "is_enabled_for", None)
+    return method, True if enabled is None else bool(enabled(_row_level))

@@ -69,6 +69,9 @@ _REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
     (re.compile(r"not active|frozen|closed", re.I), RefusalCode.CARD_INACTIVE),
 )
 _GET_ATTEMPTS = 4
+# An amount already written with exactly two decimals, and a card id quote() leaves as it is.
+_CENTS_TEXT = re.compile(r"(?:0|[1-9][0-9]*)\.[0-9]{2}")
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]+")
 
 
 def _message_of(payload: Any) -> str:
@@ -289,20 +292,32 @@ class UncashProvider:
         self, card_id: str, amount: Decimal, *, idempotency_key: str | None = None
     ) -> Outcome:
         # Uncash takes no idempotency key; the argument exists for providers that do.
-        if amount != quantize_cents(amount):
-            return Refused(
-                RefusalCode.INVALID_AMOUNT, f"{amount} has more than two decimals: not sent"
-            )
-        body = '{"amount": ' + format_amount(amount) + "}"
-        path = f"/cards/{quote(card_id, safe='')}/topup"
+        text = str(amount)
+        if not _CENTS_TEXT.fullmatch(text):  # else it is already what format_amount gives
+            if amount != quantize_cents(amount):
+                return Refused(
+                    RefusalCode.INVALID_AMOUNT, f"{amount} has more than two decimals: not sent"
+                )
+            text = format_amount(amount)
+        card = card_id if _UNRESERVED.fullmatch(card_id) else quote(card_id, safe="")
+        url = f"{self._base}/cards/{card}/topup"
         try:
-            async with self._request("POST", path, body) as answer:
-                outcome = classify_topup(answer)
+            # The request inline rather than through _request: this runs once a topup, and a
+            # run's CPU per topup decides how fast an unlimited provider can be fed.
+            await self._throttle.acquire()
+            async with self._client().post(
+                url, data='{"amount": ' + text + "}", allow_redirects=False
+            ) as response:
+                status = response.status
+                # Uncash answers JSON, which is UTF-8; anything else only ends up in a message.
+                body = (await response.read()).decode("utf-8", "replace")
+                retry_after = response.headers.get("Retry-After") if status == 429 else None
         except aiohttp.ClientConnectorError as exc:
             # The TCP connection was never made: the request cannot have been seen.
             return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {exc.os_error or exc}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Unknown(transport_message(exc))
+        outcome = classify_topup(HttpAnswer(status, body, retry_after))
         if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
             self._throttle.slow_down(outcome.after)
         return outcome
@@ -314,27 +329,29 @@ class UncashProvider:
         for attempt in range(1, _GET_ATTEMPTS + 1):
             try:
                 async with self._request("GET", path) as answer:
-                    if answer.status == 401:
-                        raise AuthenticationFailed(
-                            "Uncash refused the API token (HTTP 401): check UNCASH_API_TOKEN"
-                        )
-                    if answer.status == 429:
-                        after = parse_retry_after(answer.retry_after)
-                        self._throttle.slow_down(after)
-                        last = "HTTP 429"
-                        await asyncio.sleep(after if after is not None else delay)
-                        continue
-                    if answer.status >= 500:
-                        last = f"HTTP {answer.status}"
-                    else:
-                        try:
-                            return answer.status, loads(answer.body)
-                        except ValueError:
-                            last = f"HTTP {answer.status} with a body that is not JSON"
+                    pass  # read in full; the body is parsed once the response is let go of
             except aiohttp.ClientError as exc:
                 last = transport_message(exc)
             except TimeoutError:
                 last = "timed out"
+            else:
+                if answer.status == 401:
+                    raise AuthenticationFailed(
+                        "Uncash refused the API token (HTTP 401): check UNCASH_API_TOKEN"
+                    )
+                if answer.status == 429:
+                    after = parse_retry_after(answer.retry_after)
+                    self._throttle.slow_down(after)
+                    last = "HTTP 429"
+                    await asyncio.sleep(after if after is not None else delay)
+                    continue
+                if answer.status >= 500:
+                    last = f"HTTP {answer.status}"
+                else:
+                    try:
+                        return answer.status, loads(answer.body)
+                    except ValueError:
+                        last = f"HTTP {answer.status} with a body that is not JSON"
             if attempt < _GET_ATTEMPTS:
                 await asyncio.sleep(delay * (1 + random.random()))
                 delay *= 2
