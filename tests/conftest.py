@@ -1,10 +1,53 @@
-"""Shared test configuration: anyio on asyncio for every async test."""
+"""Shared test configuration: anyio on asyncio for every async test, and a real PostgreSQL.
+
+`postgres_server` starts one throwaway server for the session, the first time a test asks for
+it; `pg_url` gives each test a fresh empty database on it. Tests that use either are marked
+`postgres` (`pytest -m "not postgres"` runs the SQLite suite alone). Without PostgreSQL they
+skip, unless TOPUP_REQUIRE_POSTGRES=1 (as in CI), where they fail instead.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
+
+from tests.pgserver import PostgresServer, PostgresUnavailable
+
+REQUIRE_POSTGRES = "TOPUP_REQUIRE_POSTGRES"
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "postgres_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole session, on 127.0.0.1."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        if os.environ.get(REQUIRE_POSTGRES) == "1":
+            pytest.fail(f"{REQUIRE_POSTGRES}=1 but {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh empty database for this test alone; its URL (dropped after the test)."""
+    url = postgres_server.create_database(prefix=request.node.name)
+    yield url
+    postgres_server.drop_database(url)
