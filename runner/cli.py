@@ -95,13 +95,20 @@ def guarded(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+LEDGER_HELP = "SQLite ledger path (default: per-user state dir), or a postgresql:// URL."
+
+
 def run_options(func: F) -> F:
     """The options `run` and `check` share; each also comes from TOPUP_* and the job file."""
     options = [
         click.option("--provider", type=click.Choice(["sandbox", "uncash", "alix"])),
         click.option("--base-url", help="The provider's API root."),
         click.option("--output", type=click.Path(path_type=Path), help="Report (.xlsx or .csv)."),
-        click.option("--ledger", help="SQLite ledger path (default: per-user state dir)."),
+        click.option(
+            "--ledger",
+            help="SQLite ledger path (default: per-user state dir), or a postgresql:// URL "
+            "that several workers share.",
+        ),
         click.option("--run-key", help="Names the run; the same key resumes it."),
         click.option("--rate-limit", help="Requests per second, all requests together."),
         click.option("--cooldown", help="Seconds between two topups of one card."),
@@ -111,6 +118,9 @@ def run_options(func: F) -> F:
         click.option("--log-format", type=click.Choice(["console", "json"])),
         click.option("--no-progress", "no_progress", is_flag=True, help="No progress bar."),
         click.option("--wait-settle", help="Seconds to wait for pending rows to settle."),
+        click.option(
+            "--lease", help="Seconds a worker of a shared ledger holds its cards unrenewed."
+        ),
         click.option(
             "--metrics-file",
             type=click.Path(path_type=Path),
@@ -199,24 +209,24 @@ def check(job_file: str, **opts: Any) -> None:
 
 
 @main.command()
-@click.option("--ledger", help="SQLite ledger path (default: per-user state dir).")
+@click.option("--ledger", help=LEDGER_HELP)
 @guarded
 def status(ledger: str | None) -> None:
     """Show the runs recorded in the ledger and their rows by status."""
-    from runner.engine import default_ledger_path
-    from runner.ledger import Ledger
+    from runner.ledger import open_ledger
+    from runner.ledger_pg import redact
 
-    path = Path(ledger or os.environ.get("TOPUP_LEDGER") or default_ledger_path(os.environ))
-    if not path.exists():
-        click.echo(f"no ledger at {path}")
+    where = _ledger_where(ledger)
+    if isinstance(where, Path) and not where.exists():
+        click.echo(f"no ledger at {where}")
         return
-    book = Ledger.open(path)
+    book = open_ledger(where)
     try:
         runs = book.overview()
     finally:
         book.close()
     if not runs:
-        click.echo(f"no runs in {path}")
+        click.echo(f"no runs in {redact(str(where))}")
     for run_ in runs:
         counts = " ".join(f"{s.value}={run_.by_status.get(s.value, 0)}" for s in RowStatus)
         state = "finished" if run_.finished_at else "open"
@@ -227,23 +237,22 @@ def status(ledger: str | None) -> None:
 
 
 @main.command()
-@click.option("--ledger", help="SQLite ledger path (default: per-user state dir).")
+@click.option("--ledger", help=LEDGER_HELP)
 @click.option("--run-key", required=True, help="The run to report on.")
 @click.option("--output", type=click.Path(path_type=Path), required=True)
 @guarded
 def report(ledger: str | None, run_key: str, output: Path) -> None:
     """Rewrite a run's spreadsheet from the ledger."""
-    from runner.engine import default_ledger_path, rewrite_report
+    from runner.engine import rewrite_report
 
-    path = Path(ledger or os.environ.get("TOPUP_LEDGER") or default_ledger_path(os.environ))
-    written = rewrite_report(path, run_key, output)
+    written = rewrite_report(_ledger_where(ledger), run_key, output)
     click.echo(f"report {written}")
 
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8090, show_default=True)
-@click.option("--ledger", help="SQLite ledger path (default: per-user state dir).")
+@click.option("--ledger", help=LEDGER_HELP)
 @click.option("--log-format", type=click.Choice(["console", "json"]))
 @guarded
 def webhook(host: str, port: int, ledger: str | None, log_format: str | None) -> None:
@@ -251,7 +260,6 @@ def webhook(host: str, port: int, ledger: str | None, log_format: str | None) ->
 
     The public key that verifies them comes from ALIX_WEBHOOK_PUBLIC_KEY_FILE (PEM).
     """
-    from runner.engine import default_ledger_path
     from runner.errors import ConfigError
     from runner.providers.alix_auth import load_public_key
     from runner.webhook import run_receiver
@@ -264,12 +272,23 @@ def webhook(host: str, port: int, ledger: str | None, log_format: str | None) ->
     except OSError as exc:
         raise ConfigError(f"ALIX_WEBHOOK_PUBLIC_KEY_FILE: {key_file}: {exc.strerror}") from None
     load_public_key(key)  # a bad PEM is a configuration error now, not at the first webhook
-    path = Path(ledger or os.environ.get("TOPUP_LEDGER") or default_ledger_path(os.environ))
+    where = _ledger_where(ledger)
     configure_logging(provider="alix", fmt=log_format)
     try:
-        run_receiver(path, key, host, port)
+        run_receiver(where, key, host, port)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def _ledger_where(ledger: str | None) -> Path | str:
+    """--ledger, else TOPUP_LEDGER, else the per-user default: a path, or a database URL."""
+    from runner.engine import default_ledger_path
+    from runner.ledger_pg import is_postgres_url
+
+    given = ledger or os.environ.get("TOPUP_LEDGER", "").strip()
+    if given and is_postgres_url(given):
+        return given
+    return Path(given).expanduser() if given else default_ledger_path(os.environ)
 
 
 def _register_sandbox() -> None:

@@ -54,6 +54,8 @@ class Settings:
     metrics_file: Path | None = None
     # Fee as a fraction of the amount, for preflight when the provider gives none in advance.
     fee_rate: Decimal | None = None
+    # Seconds a worker of a shared (PostgreSQL) ledger holds its cards without renewing.
+    lease: float = 15.0
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -85,6 +87,8 @@ class Settings:
             raise ConfigError("fee-rate: must be a fraction of the amount, from 0 to below 1")
         if not (self.wait_settle >= 0 and math.isfinite(self.wait_settle)):
             raise ConfigError("wait-settle: must be zero or a positive number of seconds")
+        if not (self.lease >= 0.2 and math.isfinite(self.lease)):
+            raise ConfigError("lease: must be at least 0.2 seconds")
 
     @property
     def is_sandbox(self) -> bool:
@@ -143,6 +147,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "allow_partial": _flag,
     "metrics_file": lambda v: Path(str(v)).expanduser(),
     "fee_rate": _fraction,
+    "lease": _number(float),
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 

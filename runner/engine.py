@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -34,13 +34,23 @@ import structlog
 from runner.config import Settings
 from runner.errors import (
     AuthenticationFailed,
+    ConfigError,
     JobInvalid,
     LedgerError,
     Problem,
     RunnerError,
 )
 from runner.jobs import Job, JobRow
-from runner.ledger import Ledger, OpenAttempt, PendingRow, ProviderEvent, RunSpec, utcnow
+from runner.ledger import (
+    Ledger,
+    OpenAttempt,
+    PendingRow,
+    ProviderEvent,
+    RunSpec,
+    open_ledger,
+    utcnow,
+)
+from runner.ledger_pg import is_postgres_url
 from runner.logs import row_logger
 from runner.metrics import RunMetrics, write_metrics
 from runner.money import format_amount
@@ -66,6 +76,9 @@ from runner.records import RowStatus, RunInfo
 from runner.report import failed_rows_path_for, write_failed_rows, write_report
 from runner.sandbox.config import SandboxConfig
 from runner.scheduler import Dispatcher, Pacer, backoff_delay, lower_bound
+
+if TYPE_CHECKING:
+    from runner.shared import SharedRun
 
 log = structlog.get_logger("runner.engine")
 
@@ -190,6 +203,12 @@ class JobRunner:
         self._final: Counter[RowStatus] = Counter()  # rows this process brought to a status
         self._log_row: Callable[..., Any] = log.info
         self._rows_logged = True  # False when row events are filtered out (no need to format)
+        # A shared (PostgreSQL) ledger: this worker's cards, claimed as it goes.
+        self._shared: SharedRun | None = None
+        self._feeding = False  # more cards may still be claimed
+        self._feed_wake: anyio.Event | None = None
+        self._rows_by_number: dict[int, JobRow] = {}
+        self._set_aside_rows: Mapping[int, str] = {}
 
     # -- the run -------------------------------------------------------------------------
 
@@ -207,17 +226,25 @@ class JobRunner:
                 truncated=max(0, len(bad) - 50),
             )
         with ExitStack() as stack:
-            ledger_path = self._ledger_path(stack)
-            ledger = Ledger.open(ledger_path)
+            ledger = open_ledger(self._ledger_where(stack))
             stack.callback(ledger.close)
+            if ledger.shared and settings.is_sandbox:
+                raise ConfigError(
+                    "ledger: a shared ledger needs a provider every worker reaches; the built-in "
+                    "sandbox lives inside one process (start `topup-runner sandbox` and use "
+                    "--provider uncash --base-url)"
+                )
             ledger.lock(self.run_key)
             self.ledger = ledger
             structlog.contextvars.bind_contextvars(run_key=self.run_key)
             return await self._run_locked(ledger)
         raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
 
-    def _ledger_path(self, stack: ExitStack) -> Path:
+    def _ledger_where(self, stack: ExitStack) -> str | Path:
+        """The ledger's path, or its URL when it is a database server's."""
         if self.settings.ledger:
+            if is_postgres_url(self.settings.ledger):
+                return self.settings.ledger
             return Path(self.settings.ledger).expanduser()
         if self.settings.is_sandbox:
             # A sandbox's state dies with the run, so its ledger does too unless asked to keep it.
@@ -242,7 +269,7 @@ class JobRunner:
             existing.job_digest != spec.job_digest or existing.base_url != spec.base_url
         ):
             raise LedgerError(
-                f"run key {self.run_key!r} in {ledger.path} belongs to another job or provider "
+                f"run key {self.run_key!r} in {ledger.name} belongs to another job or provider "
                 f"({existing.job_file} on {existing.base_url}): choose a new run key"
             )
         last_sent: dict[str, datetime] = {}
@@ -272,7 +299,7 @@ class JobRunner:
                 rows=len(job.rows),
             )
 
-        pacer = Pacer(settings.rate_limit, clock=self.clock)
+        pacer = self._pacer(ledger)
         self.pacer = pacer
         started = utcnow()
         counts_rows = (
@@ -322,15 +349,22 @@ class JobRunner:
                 )
                 if existing is None:
                     await ledger.call(ledger.create_run, spec, job.rows)
+                    if ledger.shared:
+                        await self._check_same_run(ledger, spec)
                 self.progress.start(len(job.rows), len(job.rows) - len(todo_rows))
                 await self._set_aside(report.set_aside)
-                hold = self._cooldowns_left(last_sent)
-                self._sent_before = {row: n for row, n in sent_so_far.items() if n}
-                self._open_before = open_attempts
-                for r in todo_rows:
-                    if r.row in report.set_aside:
-                        continue
-                    self._dispatcher.add(r.card_id, r, r.row, hold.get(r.card_id, -math.inf))
+                if ledger.shared:
+                    # Rows come as this worker claims their cards (`_feed`).
+                    self._set_aside_rows = report.set_aside
+                    self._rows_by_number = {r.row: r for r in job.rows}
+                else:
+                    hold = self._cooldowns_left(last_sent)
+                    self._sent_before = {row: n for row, n in sent_so_far.items() if n}
+                    self._open_before = open_attempts
+                    for r in todo_rows:
+                        if r.row in report.set_aside:
+                            continue
+                        self._dispatcher.add(r.card_id, r, r.row, hold.get(r.card_id, -math.inf))
                 await self._dispatch_all()
                 if not self._stopping and self._fatal is None:
                     await self._settle_pending()
@@ -341,15 +375,18 @@ class JobRunner:
         if not self._stopping and counts[RowStatus.NOT_ATTEMPTED] == 0:
             await ledger.call(ledger.finish_run, self.run_key)
         output = settings.output or Path(f"{self.run_key}.xlsx")
-        info = RunInfo(
-            run_key=self.run_key,
-            provider=settings.provider,
-            job_file=str(job.path),
-            started_at=started,
-            finished_at=utcnow(),
-            extra_columns=job.extra_columns,
-            notes=self._notes(makespan, lb),
-        )
+        if ledger.shared:
+            info = await self._shared_run_info(ledger)
+        else:
+            info = RunInfo(
+                run_key=self.run_key,
+                provider=settings.provider,
+                job_file=str(job.path),
+                started_at=started,
+                finished_at=utcnow(),
+                extra_columns=job.extra_columns,
+                notes=self._notes(makespan, lb),
+            )
         # A million-row report takes a while (see the README's performance section): say so.
         log.info("report.writing", report=str(output), rows=len(job.rows))
         writing = self.clock()
@@ -398,6 +435,129 @@ class JobRunner:
         if self._fatal is not None:
             raise self._fatal
         return result
+
+    def _pacer(self, ledger: Ledger) -> Pacer:
+        """The rate limit: this process's own, or the run's, shared by every worker."""
+        if not ledger.shared:
+            return Pacer(self.settings.rate_limit, clock=self.clock)
+        from runner.ledger_pg import PostgresLedger
+        from runner.shared import SharedPacer, SharedRun
+
+        assert isinstance(ledger, PostgresLedger)
+        self._shared = SharedRun(ledger, self.run_key, lease=self.settings.lease, clock=self.clock)
+        log.info("worker.joined", worker=self._shared.owner, ledger=ledger.name)
+        return SharedPacer(self.settings.rate_limit, ledger, self.run_key, clock=self.clock)
+
+    async def _check_same_run(self, ledger: Ledger, spec: RunSpec) -> None:
+        """Another worker may have recorded the run first: it must be this job, this target."""
+        found = await ledger.call(ledger.find_run, self.run_key)
+        if found is None or (found.job_digest, found.base_url) != (spec.job_digest, spec.base_url):
+            raise LedgerError(
+                f"run key {self.run_key!r} in {ledger.name} belongs to another job or provider "
+                f"({found.job_file if found else '?'} on {found.base_url if found else '?'}): "
+                "every worker of a run needs the same job file and provider"
+            )
+
+    async def _feed(self) -> None:
+        """Claim cards while any are left: the busiest free ones first, a few at a time, enough
+        in hand to fill every request slot across a cooldown. Then wait while other workers
+        hold cards: should one die, its leases run out and its cards come here."""
+        shared = self._shared
+        assert shared is not None
+        settings = self.settings
+        target = min(
+            1000,
+            2 * settings.concurrency + math.ceil((settings.rate_limit or 0) * settings.cooldown),
+        )
+        try:
+            while not self._stopping:
+                await shared.commit_finished()
+                if shared.in_hand <= target // 2:
+                    cards = await shared.claim(target - shared.in_hand)
+                    if cards:
+                        await self._take_cards(cards)
+                        continue
+                    if not shared.held:
+                        left = await shared.cards_left()
+                        if left.free == 0 and left.held_by_others == 0:
+                            return
+                        wait = settings.lease / 4
+                        if left.soonest_expiry is not None:
+                            wait = min(wait, left.soonest_expiry + 0.05)
+                        if left.free:
+                            wait = 0.05  # freed meanwhile, or taken by a faster worker
+                        await self._feeder_sleep(max(wait, 0.01))
+                        continue
+                await self._feeder_sleep(settings.lease / 4)
+        finally:
+            self._feeding = False
+            self._wake_chooser()
+
+    async def _feeder_sleep(self, seconds: float) -> None:
+        self._feed_wake = wake = anyio.Event()
+        with anyio.move_on_after(seconds):
+            await wake.wait()
+        self._feed_wake = None
+
+    async def _take_cards(self, cards: list[str]) -> None:
+        """Queue the rows of cards just claimed, as a resumed run would: what other workers
+        sent counts, attempts they left open are reconciled first, cooldowns are honoured."""
+        shared = self._shared
+        assert shared is not None
+        work = await shared.work_for(cards)
+        hold = self._cooldowns_left(work.last_sent)
+        opened = {a.row: a for a in work.open_attempts}
+        queued: set[str] = set()
+        for number in sorted(work.rows):
+            row = self._rows_by_number.get(number)
+            if row is None or number in self._set_aside_rows:
+                continue
+            if work.rows[number]:
+                self._sent_before[number] = work.rows[number]
+            if number in opened:
+                self._open_before[number] = opened[number]
+            self._dispatcher.add(row.card_id, row, number, hold.get(row.card_id, -math.inf))
+            queued.add(row.card_id)
+        # Another worker topped these up: what this one read at preflight is out of date.
+        self._stale.update(work.last_sent)
+        for card in cards:
+            if card not in queued:
+                shared.finished(card)
+        self._wake_chooser()
+
+    async def _keep_leases(self) -> None:
+        shared = self._shared
+        assert shared is not None
+        await shared.keep_leases()
+        if shared.lost is not None:
+            self._fatal = self._fatal or shared.lost
+            self._stop(f"error: {shared.lost}")
+
+    async def _shared_run_info(self, ledger: Ledger) -> RunInfo:
+        """The Summary of a shared run: the run as all workers did it, from the ledger, so
+        that every worker writes the same report."""
+        from runner.ledger_pg import PostgresLedger
+
+        assert isinstance(ledger, PostgresLedger)
+        facts = await ledger.call(ledger.run_facts, self.run_key)
+        settings, job = self.settings, self.job
+        lb = lower_bound(len(job.rows), _busiest(job.rows), settings.rate_limit, settings.cooldown)
+        notes = [
+            ("topups sent (all workers)", str(facts.sent)),
+            ("estimated minimum duration (s)", f"{lb:.1f}"),
+        ]
+        if facts.first_applied_at is not None and facts.last_applied_at is not None:
+            span = (facts.last_applied_at - facts.first_applied_at).total_seconds()
+            notes.append(("first to last applied topup (s)", f"{span:.1f}"))
+        return RunInfo(
+            run_key=self.run_key,
+            provider=settings.provider,
+            job_file=str(job.path),
+            started_at=facts.created_at,
+            finished_at=facts.last_finished_at,
+            extra_columns=job.extra_columns,
+            notes=tuple(notes),
+        )
 
     async def _settle_pending(self) -> None:
         """Settle rows the provider accepted as pending: from webhook events already in the
@@ -506,6 +666,10 @@ class JobRunner:
             if self.handle_signals:
                 outer.start_soon(self._watch_signals)
             outer.start_soon(self._log_progress)
+            if self._shared is not None:
+                self._feeding = True
+                outer.start_soon(self._feed)
+                outer.start_soon(self._keep_leases)
             async with anyio.create_task_group() as workers:
                 self._workers = workers
                 # One long-lived worker per request allowed in flight: no task per request.
@@ -514,6 +678,11 @@ class JobRunner:
             outer.cancel_scope.cancel()
         # Whatever is still queued was never sent: it stays not_attempted in the ledger.
         self._dispatcher.drain()
+        if self._shared is not None:
+            # Cards not finished go back at once: another worker takes them (and reconciles
+            # what is in doubt) without waiting for the leases to run out.
+            with anyio.CancelScope(shield=True):
+                await self._shared.release()
 
     def _grace_deadline(self) -> None:
         """Requests in flight get `stop_grace` to finish once the run is stopping."""
@@ -563,6 +732,11 @@ class JobRunner:
             )
             self._grace_deadline()
         self._wake_chooser()
+        self._wake_feeder()
+
+    def _wake_feeder(self) -> None:
+        if self._feed_wake is not None:
+            self._feed_wake.set()
 
     def _wake_chooser(self) -> None:
         if self._changed is not None:
@@ -589,10 +763,12 @@ class JobRunner:
         """The next (card, row, rate slot), waiting for the slot first so that the card is
         chosen at send time; None once nothing is left or the run is stopping."""
         dispatcher = self._dispatcher
-        while not self._stopping and len(dispatcher):
+        while not self._stopping and (len(dispatcher) or self._feeding):
             now = self.clock()
             wake_at = math.inf
             if dispatcher.queued:
+                await self.pacer.refill()
+                now = self.clock()
                 free_at = self.pacer.next_free()
                 if free_at > now:
                     await anyio.sleep(free_at - now)
@@ -647,6 +823,10 @@ class JobRunner:
                 card, ready_at, put_back=work if put_back else None, order=work.job_row.row
             )
             self._in_flight -= 1
+            if self._shared is not None and not self._dispatcher.holds(card):
+                if not self._stopping:
+                    self._shared.finished(card)
+                self._wake_feeder()
             self._wake_chooser()
 
     # -- one row, one step ---------------------------------------------------------------
@@ -666,6 +846,8 @@ class JobRunner:
                 )
                 return self.clock(), False
 
+        if self._shared is not None:
+            self._shared.check()  # never send on a card another worker may hold by now
         attempt = work.sent + 1
         sent_at = utcnow()
         intent = Ledger.intent(self.run_key, row.row, attempt, card, row.amount, before, sent_at)
@@ -1005,11 +1187,13 @@ async def check_job(
         )
     pacer = Pacer(settings.rate_limit)
     samples: list[tuple[Decimal, Decimal]] = []
-    ledger_path = Path(settings.ledger) if settings.ledger else None
-    if ledger_path is None and not settings.is_sandbox:
-        ledger_path = default_ledger_path(os.environ if env is None else env)
-    if ledger_path is not None and ledger_path.exists():
-        ledger = Ledger.open(ledger_path)
+    where: Path | str | None = settings.ledger
+    if where is not None and not is_postgres_url(str(where)):
+        where = Path(where).expanduser()  # noqa: ASYNC240  (no I/O: the home folder's name)
+    if where is None and not settings.is_sandbox:
+        where = default_ledger_path(os.environ if env is None else env)
+    if where is not None and (not isinstance(where, Path) or where.exists()):
+        ledger = open_ledger(where)
         try:
             samples = await ledger.call(ledger.fee_samples, settings.provider)
         finally:
@@ -1060,15 +1244,15 @@ async def check_job(
     return lines
 
 
-def rewrite_report(ledger_path: Path, run_key: str, output: Path) -> Path:
+def rewrite_report(ledger_where: Path | str, run_key: str, output: Path) -> Path:
     """Write a run's spreadsheet again from the ledger alone."""
-    if not ledger_path.exists():
-        raise LedgerError(f"ledger {ledger_path}: no such file")
-    ledger = Ledger.open(ledger_path)
+    if isinstance(ledger_where, Path) and not ledger_where.exists():
+        raise LedgerError(f"ledger {ledger_where}: no such file")
+    ledger = open_ledger(ledger_where)
     try:
         spec = ledger.find_run(run_key)
         if spec is None:
-            raise LedgerError(f"ledger {ledger_path}: no run with key {run_key!r}")
+            raise LedgerError(f"ledger {ledger.name}: no run with key {run_key!r}")
         info = RunInfo(
             run_key=run_key,
             provider=spec.provider,

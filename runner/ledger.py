@@ -264,11 +264,24 @@ class RunLock:
             self._fd = -1
 
 
+def open_ledger(where: str | Path) -> Ledger:
+    """The ledger at `where`: a `postgresql://` URL (shared by workers) or a SQLite path."""
+    from runner.ledger_pg import PostgresLedger, is_postgres_url
+
+    if is_postgres_url(str(where)):
+        return PostgresLedger.open(str(where))
+    return Ledger.open(where)
+
+
 class Ledger:
     """SQLite ledger; use `Ledger.open(path)` and `close()`; writes are async, reads sync."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    # Whether several processes work on one run together (the PostgreSQL ledger).
+    shared = False
+
+    def __init__(self, path: Path, conn: Any) -> None:
         self.path = path
+        self.name = str(path)  # what messages call the ledger
         self._conn = conn
         self._pending: list[tuple[str, Sequence[Any]]] = []
         self._queued = 0  # statements ever queued

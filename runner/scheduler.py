@@ -205,6 +205,10 @@ class Dispatcher(Generic[T]):
         else:
             del self._cards[card]
 
+    def holds(self, card: Hashable) -> bool:
+        """Whether `card` has an item queued or taken."""
+        return card in self._cards
+
     def drain(self) -> list[T]:
         """Remove and return every queued item (the run is stopping)."""
         left = [item for entry in self._cards.values() for item in entry.queued()]
@@ -290,6 +294,9 @@ class Pacer:
             self._next_at = at + 1.0 / self.current_rate
             self._recover()
         return at
+
+    async def refill(self) -> None:
+        """Make sure `reserve()` has a slot to give: always so here (see SharedPacer)."""
 
     def next_free(self) -> float:
         """When a request could go if nobody else asked first (a past time means now)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from runner.ledger import Ledger, ProviderEvent
+from runner.ledger import Ledger, ProviderEvent, open_ledger
 from runner.providers.alix import TopupStatus, topup_status
 from runner.records import RowStatus
 from runner.webhooks import MAX_BODY_BYTES, WebhookRejected, verify_topup_webhook
@@ -77,10 +77,10 @@ def make_app(ledger: Ledger, public_key_pem: bytes) -> web.Application:
 
 @asynccontextmanager
 async def serve_webhooks(
-    ledger_path: Path, public_key_pem: bytes, host: str = "127.0.0.1", port: int = 0
+    ledger_path: Path | str, public_key_pem: bytes, host: str = "127.0.0.1", port: int = 0
 ) -> AsyncIterator[RunningReceiver]:
     """Receive webhooks in the running event loop until exit (port 0: any free port)."""
-    ledger = Ledger.open(ledger_path)
+    ledger = open_ledger(ledger_path)
     runner = web.AppRunner(make_app(ledger, public_key_pem), access_log=None)
     await runner.setup()
     try:
@@ -93,7 +93,7 @@ async def serve_webhooks(
         ledger.close()
 
 
-def run_receiver(ledger_path: Path, public_key_pem: bytes, host: str, port: int) -> None:
+def run_receiver(ledger_path: Path | str, public_key_pem: bytes, host: str, port: int) -> None:
     """Serve until SIGINT or SIGTERM."""
 
     async def serve() -> None:
@@ -102,7 +102,14 @@ def run_receiver(ledger_path: Path, public_key_pem: bytes, host: str, port: int)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         async with serve_webhooks(ledger_path, public_key_pem, host, port) as receiver:
-            log.info("webhook.listening", url=receiver.url, ledger=str(ledger_path))
+            name = receiver_ledger_name(ledger_path)
+            log.info("webhook.listening", url=receiver.url, ledger=name)
             await stop.wait()
 
     asyncio.run(serve())
+
+
+def receiver_ledger_name(where: Path | str) -> str:
+    from runner.ledger_pg import redact
+
+    return redact(str(where))

@@ -1,0 +1,607 @@
+"""The ledger on PostgreSQL, shared by every worker of a run (`--ledger postgresql://...`).
+
+The same ledger as `runner.ledger.Ledger` on SQLite: the same tables, the same statements
+(their `?` become psycopg's `%s`), the same group commit. What differs is that several
+`topup-runner run` processes, on one host or many, work on one run together. They claim the
+run's cards in small batches (`FOR UPDATE SKIP LOCKED`) under leases they keep renewing: a
+card belongs to one worker at a time, so its cooldown holds across hosts and no row of it is
+ever sent by two workers. A worker that dies stops renewing; once its leases expire another
+worker takes its cards, and reconciles the attempts it left open exactly as a resumed run
+does. The provider's rate limit is shared through `run_pace`: request slots on the database's
+clock, reserved a few at a time, so that three workers together send no faster than one may.
+
+psycopg 3's connection is used from worker threads (`Ledger.call`, the commit), as the SQLite
+connection is: the event loop never waits on the database.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from runner.errors import LedgerError
+from runner.jobs import JobRow
+from runner.ledger import (
+    Ledger,
+    OpenAttempt,
+    PendingRow,
+    ProviderEvent,
+    RowProgress,
+    RunOverview,
+    RunSpec,
+    _money,
+)
+from runner.metrics import StatusTotals
+from runner.money import format_amount
+from runner.providers.base import CardState, CardStatus
+from runner.records import RowRecord, RowStatus
+
+try:  # an optional dependency: `pip install 'topup-runner[postgres]'`
+    import psycopg
+except ImportError:  # pragma: no cover  (the test extra installs it)
+    psycopg = None  # type: ignore[assignment]
+
+URL_SCHEMES = ("postgresql://", "postgres://")
+_MIGRATIONS = "runner.migrations"
+# Taken while migrations are applied, so that workers starting together apply them once.
+_MIGRATION_LOCK = 0x746F7075  # "topu"
+_FINAL = tuple(s.value for s in RowStatus if s.is_final)
+_PG_SQL: dict[str, str] = {}
+R = TypeVar("R")
+
+
+def is_postgres_url(value: str | None) -> bool:
+    return bool(value) and str(value).startswith(URL_SCHEMES)
+
+
+def redact(url: str) -> str:
+    """The URL without its password: what messages and logs may show."""
+    return re.sub(r"^(\w+://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+def _pg(sql: str) -> str:
+    """A statement of the SQLite ledger in psycopg's placeholder style."""
+    text = _PG_SQL.get(sql)
+    if text is None:
+        text = _PG_SQL[sql] = sql.replace("%", "%%").replace("?", "%s")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class CardWork:
+    """What is left to do on a set of claimed cards, as the ledger has it now."""
+
+    rows: dict[int, int]  # row -> topup requests recorded for it so far, rows to send
+    open_attempts: list[OpenAttempt]  # attempts sent whose outcome was never recorded
+    last_sent: dict[str, datetime]  # when each card's latest attempt was sent
+
+
+@dataclass(frozen=True, slots=True)
+class RunFacts:
+    """The run as every worker together did it."""
+
+    created_at: datetime
+    last_finished_at: datetime | None
+    sent: int  # topup requests recorded, by every worker
+    first_applied_at: datetime | None
+    last_applied_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CardsLeft:
+    """Whether a worker without cards should wait: cards free to claim, cards others hold."""
+
+    free: int
+    held_by_others: int
+    soonest_expiry: float | None  # seconds until the first of the others' leases runs out
+
+
+class PostgresLedger(Ledger):
+    """`Ledger` on PostgreSQL; `PostgresLedger.open(url)` and `close()`."""
+
+    shared = True
+
+    def __init__(self, url: str, conn: Any) -> None:
+        super().__init__(Path("postgresql"), conn)
+        self.url = url
+        self.name = redact(url)
+        self._coord: Any = None
+        self._coord_lock = anyio.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path) -> PostgresLedger:
+        url = str(path)
+        if psycopg is None:  # pragma: no cover
+            raise LedgerError(
+                "a PostgreSQL ledger needs psycopg: pip install 'topup-runner[postgres]'"
+            )
+        try:
+            conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise LedgerError(f"ledger {redact(url)}: cannot connect: {_first_line(exc)}") from None
+        ledger = cls(url, conn)
+        try:
+            ledger._migrate()
+        except psycopg.Error as exc:
+            conn.close()
+            raise LedgerError(f"ledger {redact(url)}: cannot migrate: {_first_line(exc)}") from None
+        return ledger
+
+    def _migrate(self) -> None:
+        """Apply the package's migrations not applied yet, one worker at a time."""
+        conn = self._conn
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS topup_migrations "
+                "(name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            done = {name for (name,) in conn.execute("SELECT name FROM topup_migrations")}
+            folder = resources.files(_MIGRATIONS).joinpath("postgresql")
+            for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+                if not entry.name.endswith(".sql") or entry.name in done:
+                    continue
+                conn.execute(entry.read_text(encoding="utf-8"))
+                conn.execute("INSERT INTO topup_migrations (name) VALUES (%s)", (entry.name,))
+
+    def lock(self, run_key: str) -> Any:
+        """No exclusive lock: the workers of a run share it through card leases."""
+        return None
+
+    def close(self) -> None:
+        if self._coord is not None:
+            self._coord.close()
+        self._conn.close()
+
+    async def _commit(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """One transaction, pipelined (one round trip for the batch), on a worker thread."""
+        try:
+            await anyio.to_thread.run_sync(self._commit_sync, batch)
+        except psycopg.Error as exc:
+            raise LedgerError(f"ledger {self.name}: write failed: {_first_line(exc)}") from None
+
+    def _commit_sync(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        conn = self._conn
+        with conn.transaction(), conn.pipeline():
+            for sql, params in batch:
+                conn.execute(_pg(sql), params)
+
+    def _query(
+        self, sql: str, params: Sequence[Any] = (), *, coordination: bool = False
+    ) -> list[tuple[Any, ...]]:
+        try:
+            conn = self._coordination_conn() if coordination else self._conn
+            rows: list[tuple[Any, ...]] = conn.execute(sql, params).fetchall()
+            return rows
+        except psycopg.Error as exc:
+            raise LedgerError(f"ledger {self.name}: {_first_line(exc)}") from None
+
+    def _coordination_conn(self) -> Any:
+        """A second connection for leases and rate slots: they never wait behind a commit."""
+        if self._coord is None:
+            self._coord = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        return self._coord
+
+    async def coordinate(self, func: Callable[..., R], *args: Any) -> R:
+        """Run a lease or rate-slot method on a worker thread, without waiting for the
+        statements queued for the next commit (unlike `call`)."""
+        async with self._coord_lock:
+            return await anyio.to_thread.run_sync(func, *args)
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def find_run(self, run_key: str) -> RunSpec | None:
+        found = self._query(
+            "SELECT run_key, provider, base_url, job_file, job_digest, extra_columns, row_count "
+            "FROM runs WHERE run_key = %s",
+            (run_key,),
+        )
+        if not found:
+            return None
+        r = found[0]
+        return RunSpec(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6])
+
+    def create_run(self, spec: RunSpec, rows: Sequence[JobRow]) -> None:
+        """Record the run, its rows and its cards, unless another worker already has."""
+        conn = self._conn
+        try:
+            with conn.transaction():
+                created = conn.execute(
+                    "INSERT INTO runs (run_key, provider, base_url, job_file, job_digest, "
+                    "extra_columns, row_count, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, "
+                    "now()) ON CONFLICT (run_key) DO NOTHING",
+                    (
+                        spec.run_key,
+                        spec.provider,
+                        spec.base_url,
+                        spec.job_file,
+                        spec.job_digest,
+                        json.dumps(list(spec.extra_columns)),
+                        spec.row_count,
+                    ),
+                ).rowcount
+                if not created:
+                    return
+                per_card: dict[str, int] = {}
+                with (
+                    conn.cursor() as cur,
+                    cur.copy(
+                        "COPY rows (run_key, row, card_id, amount, reference, extra, status) "
+                        "FROM STDIN"
+                    ) as copy,
+                ):
+                    for r in rows:
+                        per_card[r.card_id] = per_card.get(r.card_id, 0) + 1
+                        copy.write_row(
+                            (
+                                spec.run_key,
+                                r.row,
+                                r.card_id,
+                                _money(r.amount),
+                                r.reference,
+                                json.dumps(r.extra) if r.extra else "[]",
+                                RowStatus.NOT_ATTEMPTED.value,
+                            )
+                        )
+                with (
+                    conn.cursor() as cur,
+                    cur.copy("COPY run_cards (run_key, card_id, rows_total) FROM STDIN") as copy,
+                ):
+                    for card, count in per_card.items():
+                        copy.write_row((spec.run_key, card, count))
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"ledger {self.name}: cannot record the run: {_first_line(exc)}"
+            ) from None
+
+    def progress(self, run_key: str) -> dict[int, RowProgress]:
+        found = self._query(
+            "SELECT row, status, attempts FROM rows WHERE run_key = %s "
+            "AND status NOT IN (%s, %s, %s)",
+            (run_key, *_FINAL),
+        )
+        return {r: RowProgress(RowStatus(s), a) for r, s, a in found}
+
+    def open_attempts(self, run_key: str) -> list[OpenAttempt]:
+        return self._open_attempts(
+            "WHERE run_key = %s AND outcome IS NULL ORDER BY row, attempt", (run_key,)
+        )
+
+    def _open_attempts(self, where: str, params: Sequence[Any]) -> list[OpenAttempt]:
+        found = self._query(
+            "SELECT row, attempt, card_id, amount, before_status, before_balance, "
+            f"before_deposit, sent_at FROM attempts {where}",
+            params,
+        )
+        result = []
+        for row, attempt, card_id, amount, b_status, b_balance, b_deposit, sent_at in found:
+            before = None
+            if b_balance is not None:
+                before = CardState(
+                    card_id=card_id,
+                    status=CardStatus(b_status or "unknown"),
+                    balance=b_balance,
+                    deposit=b_deposit,
+                )
+            result.append(OpenAttempt(row, attempt, card_id, amount, before, sent_at))
+        return result
+
+    def last_attempts(self, run_key: str) -> dict[str, datetime]:
+        found = self._query(
+            "SELECT card_id, MAX(sent_at) FROM attempts WHERE run_key = %s GROUP BY card_id",
+            (run_key,),
+        )
+        return dict(found)
+
+    def totals(self, run_key: str) -> dict[RowStatus, StatusTotals]:
+        sums = {s: StatusTotals(0, Decimal(0), Decimal(0), Decimal(0)) for s in RowStatus}
+        for status, count, amount, fee, total in self._query(
+            "SELECT status, COUNT(*), SUM(amount), COALESCE(SUM(fee), 0), "
+            "COALESCE(SUM(total_charged), 0) FROM rows WHERE run_key = %s GROUP BY status",
+            (run_key,),
+        ):
+            sums[RowStatus(status)] = StatusTotals(count, amount, fee, total)
+        return sums
+
+    def fee_samples(self, provider: str, limit: int = 2000) -> list[tuple[Decimal, Decimal]]:
+        return [
+            (a, f)
+            for a, f in self._query(
+                "SELECT rows.amount, rows.fee FROM rows JOIN runs USING (run_key) "
+                "WHERE runs.provider = %s AND rows.fee IS NOT NULL "
+                "ORDER BY rows.finished_at DESC LIMIT %s",
+                (provider, limit),
+            )
+        ]
+
+    def known_refs(self, card_id: str) -> set[str]:
+        found = self._query(
+            "SELECT provider_ref FROM rows WHERE card_id = %s AND provider_ref IS NOT NULL",
+            (card_id,),
+        )
+        return {ref for (ref,) in found}
+
+    def pending(self, run_key: str) -> list[PendingRow]:
+        found = self._query(
+            "SELECT row, card_id, amount, provider_ref FROM rows "
+            "WHERE run_key = %s AND status = 'pending' ORDER BY row",
+            (run_key,),
+        )
+        return [PendingRow(run_key, r, c, a, ref or "") for r, c, a, ref in found]
+
+    def apply_event(self, event: ProviderEvent) -> tuple[int, bool]:
+        conn = self._conn
+        try:
+            with conn.transaction():
+                seen = not conn.execute(
+                    "INSERT INTO provider_events (provider, card_id, amount, provider_ref, "
+                    "status, fee, balance_after, received_at) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, now()) ON CONFLICT DO NOTHING",
+                    (
+                        event.provider,
+                        event.card_id,
+                        format_amount(event.amount),
+                        event.provider_ref,
+                        event.status.value,
+                        _money(event.fee),
+                        _money(event.balance_after),
+                    ),
+                ).rowcount
+                settled = conn.execute(
+                    # The webhook's fee is unsigned: the topup answer's own fee wins.
+                    "UPDATE rows SET status = %s, fee = COALESCE(fee, %s), "
+                    "card_balance_after = COALESCE(%s, card_balance_after), finished_at = now(), "
+                    "error = CASE WHEN %s = 'failed' "
+                    "THEN 'the provider reported the topup failed' ELSE NULL END "
+                    "WHERE status = 'pending' AND card_id = %s AND amount = %s "
+                    "AND provider_ref = %s "
+                    "AND run_key IN (SELECT run_key FROM runs WHERE provider = %s)",
+                    (
+                        event.status.value,
+                        _money(event.fee),
+                        _money(event.balance_after),
+                        event.status.value,
+                        event.card_id,
+                        format_amount(event.amount),
+                        event.provider_ref,
+                        event.provider,
+                    ),
+                ).rowcount
+        except psycopg.Error as exc:
+            raise LedgerError(
+                f"ledger {self.name}: cannot record the event: {_first_line(exc)}"
+            ) from None
+        return settled, seen
+
+    def settle_from_events(self, run_key: str, provider: str) -> int:
+        found = self._query(
+            "SELECT e.card_id, e.amount, e.provider_ref, e.status, e.fee, e.balance_after "
+            "FROM provider_events e JOIN rows r ON r.card_id = e.card_id "
+            "AND r.amount = e.amount AND r.provider_ref = e.provider_ref "
+            "WHERE r.run_key = %s AND r.status = 'pending' AND e.provider = %s",
+            (run_key, provider),
+        )
+        settled = 0
+        for card, amount, ref, status, fee, balance in found:
+            event = ProviderEvent(provider, card, amount, ref, RowStatus(status), fee, balance)
+            settled += self.apply_event(event)[0]
+        return settled
+
+    def finish_run(self, run_key: str) -> None:
+        self._query(
+            "UPDATE runs SET finished_at = now() WHERE run_key = %s AND finished_at IS NULL "
+            "RETURNING run_key",
+            (run_key,),
+        )
+
+    def overview(self) -> list[RunOverview]:
+        result = []
+        runs = self._query(
+            "SELECT run_key, provider, job_file, row_count, created_at, finished_at FROM runs "
+            "ORDER BY created_at"
+        )
+        for key, provider, job_file, count, created, finished in runs:
+            by_status = dict(
+                self._query(
+                    "SELECT status, COUNT(*) FROM rows WHERE run_key = %s GROUP BY status", (key,)
+                )
+            )
+            result.append(RunOverview(key, provider, job_file, count, created, finished, by_status))
+        return result
+
+    def status_counts(self, run_key: str) -> dict[RowStatus, int]:
+        counts = dict.fromkeys(RowStatus, 0)
+        for status, n in self._query(
+            "SELECT status, COUNT(*) FROM rows WHERE run_key = %s GROUP BY status", (run_key,)
+        ):
+            counts[RowStatus(status)] = n
+        return counts
+
+    def records(self, run_key: str, status: RowStatus | None = None) -> Iterator[RowRecord]:
+        """Every row of the run (or only those with `status`) in job order, streamed through
+        a server-side cursor on a connection of its own."""
+        try:
+            conn = psycopg.connect(self.url, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise LedgerError(f"ledger {self.name}: cannot connect: {_first_line(exc)}") from None
+        try:
+            with conn.cursor(name="records") as cursor:
+                cursor.itersize = 5000
+                cursor.execute(
+                    "SELECT row, card_id, amount, reference, extra, status, fee, total_charged, "
+                    "card_balance_before, card_balance_after, wallet_balance_after, "
+                    "transaction_id, invoice_id, attempts, error, started_at, finished_at "
+                    "FROM rows WHERE run_key = %s AND (%s::text IS NULL OR status = %s) "
+                    "ORDER BY row",
+                    (
+                        run_key,
+                        None if status is None else status.value,
+                        None if status is None else status.value,
+                    ),
+                )
+                for r in cursor:
+                    yield RowRecord(
+                        row=r[0],
+                        card_id=r[1],
+                        amount=r[2],
+                        reference=r[3],
+                        extra=tuple((str(k), str(v)) for k, v in json.loads(r[4])),
+                        status=RowStatus(r[5]),
+                        fee=r[6],
+                        total_charged=r[7],
+                        card_balance_before=r[8],
+                        card_balance_after=r[9],
+                        wallet_balance_after=r[10],
+                        transaction_id=r[11],
+                        invoice_id=r[12],
+                        attempts=r[13],
+                        error=r[14],
+                        started_at=r[15],
+                        finished_at=r[16],
+                    )
+        finally:
+            conn.close()
+
+    def run_facts(self, run_key: str) -> RunFacts:
+        """What a report says of the run as a whole, the same whichever worker writes it."""
+        created, finished, first, last = self._query(
+            "SELECT r.created_at, MAX(w.finished_at), "
+            "MIN(w.finished_at) FILTER (WHERE w.status IN ('succeeded', 'pending')), "
+            "MAX(w.finished_at) FILTER (WHERE w.status IN ('succeeded', 'pending')) "
+            "FROM runs r JOIN rows w USING (run_key) WHERE r.run_key = %s GROUP BY r.created_at",
+            (run_key,),
+        )[0]
+        (sent,) = self._query("SELECT COUNT(*) FROM attempts WHERE run_key = %s", (run_key,))[0]
+        return RunFacts(created, finished, sent, first, last)
+
+    # -- workers sharing a run -----------------------------------------------------------
+
+    def claim_cards(self, run_key: str, owner: str, limit: int, lease: float) -> list[str]:
+        """Up to `limit` cards nobody holds (or whose holder's lease ran out), busiest first,
+        now `owner`'s until `lease` seconds from now unless renewed."""
+        found = self._query(
+            "WITH free AS (SELECT card_id FROM run_cards "
+            "WHERE run_key = %s AND NOT done AND (owner IS NULL OR lease_until < now()) "
+            "ORDER BY rows_total DESC, card_id LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "UPDATE run_cards c SET owner = %s, lease_until = now() + make_interval(secs => %s) "
+            "FROM free WHERE c.run_key = %s AND c.card_id = free.card_id "
+            "RETURNING c.card_id, c.rows_total",
+            (run_key, limit, owner, lease, run_key),
+            coordination=True,
+        )
+        found.sort(key=lambda claimed: (-claimed[1], claimed[0]))
+        return [card for card, _ in found]
+
+    def card_work(self, run_key: str, cards: Sequence[str]) -> CardWork:
+        """The rows of `cards` still to send (not attempted, or with an attempt left open),
+        with the requests already recorded for each."""
+        cards = list(cards)
+        open_attempts = self._open_attempts(
+            "WHERE run_key = %s AND card_id = ANY(%s) AND outcome IS NULL ORDER BY row, attempt",
+            (run_key, cards),
+        )
+        in_doubt = [a.row for a in open_attempts]
+        rows = dict(
+            self._query(
+                "SELECT row, attempts FROM rows WHERE run_key = %s AND card_id = ANY(%s) "
+                "AND (status = 'not_attempted' OR row = ANY(%s))",
+                (run_key, cards, in_doubt),
+            )
+        )
+        for attempt in open_attempts:
+            rows[attempt.row] = max(rows.get(attempt.row, 0), attempt.attempt)
+        last_sent = dict(
+            self._query(
+                "SELECT card_id, MAX(sent_at) FROM attempts WHERE run_key = %s "
+                "AND card_id = ANY(%s) GROUP BY card_id",
+                (run_key, cards),
+            )
+        )
+        return CardWork(rows, open_attempts, last_sent)
+
+    def renew(self, run_key: str, owner: str, lease: float) -> set[str]:
+        """Extend `owner`'s leases; the cards it still holds (a card missing was lost)."""
+        found = self._query(
+            "UPDATE run_cards SET lease_until = now() + make_interval(secs => %s) "
+            "WHERE run_key = %s AND owner = %s AND NOT done AND lease_until >= now() "
+            "RETURNING card_id",
+            (lease, run_key, owner),
+            coordination=True,
+        )
+        return {card for (card,) in found}
+
+    def release_cards(self, run_key: str, owner: str) -> None:
+        """Hand `owner`'s unfinished cards back at once (a worker stopping cleanly)."""
+        self._query(
+            "UPDATE run_cards SET owner = NULL, lease_until = NULL "
+            "WHERE run_key = %s AND owner = %s AND NOT done RETURNING card_id",
+            (run_key, owner),
+            coordination=True,
+        )
+
+    @staticmethod
+    def card_done(run_key: str, card_id: str, owner: str) -> tuple[str, Sequence[Any]]:
+        """The statement that marks a card finished, committed after its rows' outcomes."""
+        return (
+            "UPDATE run_cards SET done = true, owner = NULL, lease_until = NULL "
+            "WHERE run_key = ? AND card_id = ? AND owner = ?",
+            (run_key, card_id, owner),
+        )
+
+    def cards_left(self, run_key: str, owner: str) -> CardsLeft:
+        free, held, soonest = self._query(
+            "SELECT COUNT(*) FILTER (WHERE owner IS NULL OR lease_until < now()), "
+            "COUNT(*) FILTER (WHERE owner <> %s AND lease_until >= now()), "
+            "EXTRACT(EPOCH FROM MIN(lease_until) FILTER "
+            "(WHERE owner <> %s AND lease_until >= now()) - now()) "
+            "FROM run_cards WHERE run_key = %s AND NOT done",
+            (owner, owner, run_key),
+            coordination=True,
+        )[0]
+        return CardsLeft(free, held, None if soonest is None else float(soonest))
+
+    def reserve_slots(self, run_key: str, count: int, spacing: float) -> tuple[float, float]:
+        """`count` request slots `spacing` apart from the run's shared timeline: (the first
+        slot, the database's clock now), both in seconds since the epoch."""
+        block = count * spacing
+        first, now = self._query(
+            "WITH clock AS (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now) "
+            "INSERT INTO run_pace AS p (run_key, next_at) SELECT %s, clock.now + %s FROM clock "
+            "ON CONFLICT (run_key) DO UPDATE SET next_at = GREATEST(p.next_at + %s, "
+            "EXCLUDED.next_at) RETURNING p.next_at - %s, (SELECT now FROM clock)",
+            (run_key, block, block, block),
+            coordination=True,
+        )[0]
+        return float(first), float(now)
+
+    def database_clock(self) -> float:
+        """The database's clock, in seconds since the epoch."""
+        ((now,),) = self._query(
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", coordination=True
+        )
+        return float(now)
+
+    def pause_slots(self, run_key: str, seconds: float) -> None:
+        """Nobody's next request before `seconds` from now (the provider said 429)."""
+        self._query(
+            "UPDATE run_pace SET next_at = GREATEST(next_at, "
+            "EXTRACT(EPOCH FROM clock_timestamp())::float8 + %s) WHERE run_key = %s "
+            "RETURNING next_at",
+            (seconds, run_key),
+            coordination=True,
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""SQL migrations of the ledger's server backends, applied in file-name order."""
