@@ -632,9 +632,7 @@ class JobRunner:
         now = utcnow()
         await self.ledger.write(
             [
-                Ledger.row_update(
-                    self.run_key, row, status=RowStatus.FAILED, error=why, finished_at=now
-                )
+                Ledger.close_untouched_row(self.run_key, row, RowStatus.FAILED, why, now)
                 for row, why in set_aside.items()
             ]
         )
@@ -647,13 +645,12 @@ class JobRunner:
             return
         await self.ledger.write(
             [
-                Ledger.row_update(
+                Ledger.close_untouched_row(
                     self.run_key,
                     row,
-                    status=RowStatus.NEEDS_REVIEW,
-                    error=(
-                        "outcome unknown when the run stopped: rerun the same run key to settle it"
-                    ),
+                    RowStatus.NEEDS_REVIEW,
+                    "outcome unknown when the run stopped: rerun the same run key to settle it",
+                    None,
                 )
                 for row in self._in_doubt
             ]

@@ -796,3 +796,15 @@ class Ledger:
                 params.append(value)
         params += (run_key, row)
         return sql, params
+
+    @staticmethod
+    def close_untouched_row(
+        run_key: str, row: int, status: RowStatus, error: str, at: datetime | None
+    ) -> tuple[str, Sequence[Any]]:
+        """Give a row a status and an error unless it has left `not_attempted` meanwhile (on
+        a shared ledger, another worker may have finished it)."""
+        return (
+            "UPDATE rows SET status = ?, error = ?, finished_at = COALESCE(?, finished_at) "
+            "WHERE run_key = ? AND row = ? AND status = 'not_attempted'",
+            (status.value, error, _iso(at), run_key, row),
+        )

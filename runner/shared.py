@@ -115,9 +115,7 @@ class SharedPacer(Pacer):
         spacing = self._spacing()
         count = max(1, math.ceil(SLOT_BLOCK_SECONDS / spacing))
         asked = self._clock()
-        first, db_now = await ledger.coordinate(
-            ledger.reserve_slots, self._run_key, count, spacing
-        )
+        first, db_now = await ledger.coordinate(ledger.reserve_slots, self._run_key, count, spacing)
         self._note_trip(asked, self._clock(), db_now)
         start = first + self._offset
         self._slots.extend(start + n * spacing for n in range(count))

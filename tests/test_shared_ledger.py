@@ -341,3 +341,29 @@ async def test_the_built_in_sandbox_cannot_be_shared(pg_url: str, tmp_path: Path
     assert done.code == 2
     assert "shared ledger" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_worker_stopped_by_sigterm_hands_its_cards_over_at_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM: the worker stops cleanly and gives its cards back, so the other finishes them
+    without waiting out the (long) lease; every row is paid once."""
+    job, amounts = unique_amount_job(tmp_path, rows=120, cards=30, seed=5)
+    config = SandboxConfig(token=TOKEN, cooldown=0.2)
+    more = ("--cooldown", "0.2", "--rate-limit", "200", "--concurrency", "4", "--lease", "60")
+    async with serve_sandbox(config) as sb:
+        for card in set(amounts.values()):
+            sb.state.put_card(SandboxCard(card))
+        stopped, other = [
+            await start_worker(job, sb, tmp_path, pg_url, f"w{n}", *more) for n in range(2)
+        ]
+        await until(lambda: len(sb.state.applied) >= 30)
+        stopped.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            codes = [await stopped.wait(), await other.wait()]
+        report = read_csv_report(tmp_path / "w1.csv")
+        judge(sb, report, amounts)
+        paid = len(sb.state.applied)
+    assert codes == [1, 0]
+    assert paid == 120
+    assert {r["status"] for r in report} == {"succeeded"}
