@@ -81,6 +81,7 @@ class Scenario:
     cooldown: float  # seconds between two applied topups of one card
     concurrency: int  # requests in flight, per worker
     rows: int
+    lease: float | None  # workers' --lease; None: the runner's default
 
     def __post_init__(self) -> None:
         if self.rate is not None and not (math.isfinite(self.rate) and self.rate > 0):
@@ -93,6 +94,8 @@ class Scenario:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.rows < 2:
             raise ValueError(f"a job needs at least 2 rows, got {self.rows}")
+        if self.lease is not None and not (math.isfinite(self.lease) and self.lease > 0):
+            raise ValueError(f"lease must be a positive number of seconds, got {self.lease}")
 
     def bound(self, job: Job, workers: int) -> float:
         """The shortest first-to-last span: the rate's, else the workers' own capacity.
@@ -196,6 +199,7 @@ def worker_command(
     job: Path, api: str, scenario: Scenario, ledger: str, run_key: str, output: Path
 ) -> list[str]:
     rate = "unlimited" if scenario.rate is None else f"{scenario.rate:g}"
+    lease = [] if scenario.lease is None else ["--lease", f"{scenario.lease:g}"]
     return [
         *ms.python_command(),
         "run",
@@ -219,6 +223,7 @@ def worker_command(
         "--log-format",
         "json",
         "--no-progress",
+        *lease,
     ]
 
 
@@ -441,9 +446,12 @@ def diagnostics(results: Sequence[Measurement]) -> str:
 
 def describe(scenario: Scenario) -> str:
     rate = "no rate limit" if scenario.rate is None else f"rate {scenario.rate:g}/s"
+    lease = (
+        "the runner's default lease" if scenario.lease is None else f"lease {scenario.lease:g} s"
+    )
     return (
         f"{scenario.name}: {rate}, latency {scenario.latency:g} s, cooldown "
-        f"{scenario.cooldown:g} s, concurrency {scenario.concurrency} per worker"
+        f"{scenario.cooldown:g} s, concurrency {scenario.concurrency} per worker, {lease}"
     )
 
 
@@ -455,10 +463,13 @@ class Sizes:
     rate_rows: int
     client_rows: int
     cooldown: float
+    lease: float | None
 
 
-FULL = Sizes(rate_rows=200, client_rows=1200, cooldown=0.5)
-QUICK = Sizes(rate_rows=40, client_rows=200, cooldown=0.25)
+FULL = Sizes(rate_rows=200, client_rows=1200, cooldown=0.5, lease=None)
+# A worker with no card left polls every lease/4 s until the others finish theirs: with the
+# runner's 15 s lease that idle tail would take a smoke run past a minute.
+QUICK = Sizes(rate_rows=40, client_rows=200, cooldown=0.25, lease=4.0)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -488,6 +499,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         help=f"seconds between topups of one card ({FULL.cooldown:g}; quick {QUICK.cooldown:g})",
     )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        help="workers' --lease, s (the runner's default; quick 4)",
+    )
     parser.add_argument("--heavy-cards", type=int, default=4, help="cards with several rows (4)")
     parser.add_argument("--heavy-rows", type=int, default=3, help="rows of each such card (3)")
     parser.add_argument(
@@ -512,6 +528,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
     sizes = QUICK if args.quick else FULL
     cooldown = sizes.cooldown if args.cooldown is None else args.cooldown
+    lease = sizes.lease if args.lease is None else args.lease
     both = [
         Scenario(
             "rate-bound",
@@ -520,6 +537,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             cooldown=cooldown,
             concurrency=args.concurrency,
             rows=args.rate_rows or sizes.rate_rows,
+            lease=lease,
         ),
         Scenario(
             "client-bound",
@@ -528,6 +546,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
             cooldown=cooldown,
             concurrency=args.concurrency,
             rows=args.client_rows or sizes.client_rows,
+            lease=lease,
         ),
     ]
     return [s for s in both if not args.scenario or s.name in args.scenario]
@@ -537,7 +556,7 @@ def reproduce_command(args: argparse.Namespace) -> str:
     parts = ["python", "benchmarks/workers.py"]
     if args.quick:
         parts.append("--quick")
-    for flag in ("rate_rows", "client_rows", "cooldown"):
+    for flag in ("rate_rows", "client_rows", "cooldown", "lease"):
         value = getattr(args, flag)
         if value is not None:
             parts += [f"--{flag.replace('_', '-')}", f"{value:g}"]
