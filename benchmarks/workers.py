@@ -351,8 +351,8 @@ def measure(
     The ledger is a fresh database on `server`, or without one a fresh SQLite file (for one
     worker: the embedded default, as a point of comparison).
     """
-    rundir = workdir / f"{scenario.name}-{workers}"
-    rundir.mkdir()
+    # Unique, so that a count given twice in --workers measures twice.
+    rundir = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{workers}-", dir=workdir))
     job_file = rundir / "job.csv"
     job.write(job_file)
     env = ms.child_env(token)
