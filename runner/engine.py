@@ -87,6 +87,8 @@ log = structlog.get_logger("runner.engine")
 MAX_WAITS_PER_ROW = 50
 # A refusal that says "wait N seconds" is honoured with a little slack for clock skew.
 WAIT_SLACK = 0.05
+# How often a worker of a shared run with no card left looks at the cards others hold (s).
+IDLE_POLL = 0.5
 # How often a run logs `run.progress` (per-row success events are debug in JSON mode).
 PROGRESS_EVERY = 10.0
 
@@ -459,39 +461,50 @@ class JobRunner:
             )
 
     async def _feed(self) -> None:
-        """Claim cards while any are left: the busiest free ones first, a few at a time, enough
-        in hand to fill every request slot across a cooldown. Then wait while other workers
-        hold cards: should one die, its leases run out and its cards come here."""
+        """Claim cards while any are left (`_claim_cards`); on a ledger that cannot be used,
+        stop cleanly as a worker does: what was not committed stays open, to be reconciled by
+        whoever takes the cards."""
         shared = self._shared
         assert shared is not None
+        try:
+            await self._claim_cards(shared)
+        except RunnerError as exc:
+            self._fatal = self._fatal or exc
+            self._stop(f"error: {exc}")
+        finally:
+            self._feeding = False
+            self._wake_chooser()
+
+    async def _claim_cards(self, shared: SharedRun) -> None:
+        """The busiest free cards first, a few at a time, enough in hand to fill every request
+        slot across a cooldown. Then wait while other workers hold cards: should one die, its
+        leases run out and its cards come here."""
         settings = self.settings
         target = min(
             1000,
             2 * settings.concurrency + math.ceil((settings.rate_limit or 0) * settings.cooldown),
         )
-        try:
-            while not self._stopping:
-                await shared.commit_finished()
-                if shared.in_hand <= target // 2:
-                    cards = await shared.claim(target - shared.in_hand)
-                    if cards:
-                        await self._take_cards(cards)
-                        continue
-                    if not shared.held:
-                        left = await shared.cards_left()
-                        if left.free == 0 and left.held_by_others == 0:
-                            return
-                        wait = settings.lease / 4
-                        if left.soonest_expiry is not None:
-                            wait = min(wait, left.soonest_expiry + 0.05)
-                        if left.free:
-                            wait = 0.05  # freed meanwhile, or taken by a faster worker
-                        await self._feeder_sleep(max(wait, 0.01))
-                        continue
-                await self._feeder_sleep(settings.lease / 4)
-        finally:
-            self._feeding = False
-            self._wake_chooser()
+        # How often a worker with no card left looks again at the cards others hold.
+        idle_poll = min(settings.lease / 4, IDLE_POLL)
+        while not self._stopping:
+            await shared.commit_finished()
+            if shared.in_hand <= target // 2:
+                cards = await shared.claim(target - shared.in_hand)
+                if cards:
+                    await self._take_cards(cards)
+                    continue
+                if not shared.held:
+                    left = await shared.cards_left()
+                    if left.free == 0 and left.held_by_others == 0:
+                        return
+                    wait = idle_poll
+                    if left.soonest_expiry is not None:
+                        wait = min(wait, left.soonest_expiry + 0.05)
+                    if left.free:
+                        wait = 0.05  # freed meanwhile, or taken by a faster worker
+                    await self._feeder_sleep(max(wait, 0.01))
+                    continue
+            await self._feeder_sleep(settings.lease / 4)
 
     async def _feeder_sleep(self, seconds: float) -> None:
         self._feed_wake = wake = anyio.Event()
@@ -764,8 +777,9 @@ class JobRunner:
             now = self.clock()
             wake_at = math.inf
             if dispatcher.queued:
-                await self.pacer.refill()
-                now = self.clock()
+                if self._shared is not None:
+                    await self.pacer.refill()  # slots of the shared rate limit, when none held
+                    now = self.clock()
                 free_at = self.pacer.next_free()
                 if free_at > now:
                     await anyio.sleep(free_at - now)

@@ -55,6 +55,8 @@ URL_SCHEMES = ("postgresql://", "postgres://")
 _MIGRATIONS = "runner.migrations"
 # Taken while migrations are applied, so that workers starting together apply them once.
 _MIGRATION_LOCK = 0x746F7075  # "topu"
+# Times a commit is tried again after PostgreSQL rolled it back to break a deadlock.
+COMMIT_RETRIES = 5
 _FINAL = tuple(s.value for s in RowStatus if s.is_final)
 _PG_SQL: dict[str, str] = {}
 R = TypeVar("R")
@@ -171,10 +173,18 @@ class PostgresLedger(Ledger):
             raise LedgerError(f"ledger {self.name}: write failed: {_first_line(exc)}") from None
 
     def _commit_sync(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """The batch in one transaction; again, whole, when PostgreSQL chose it as the victim
+        of a deadlock or a serialization conflict (it was rolled back entirely)."""
         conn = self._conn
-        with conn.transaction(), conn.pipeline():
-            for sql, params in batch:
-                conn.execute(_pg(sql), params)
+        for attempt in range(1, COMMIT_RETRIES + 1):
+            try:
+                with conn.transaction(), conn.pipeline():
+                    for sql, params in batch:
+                        conn.execute(_pg(sql), params)
+                return
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                if attempt == COMMIT_RETRIES:
+                    raise
 
     def _query(
         self, sql: str, params: Sequence[Any] = (), *, coordination: bool = False
@@ -532,10 +542,13 @@ class PostgresLedger(Ledger):
     def renew(self, run_key: str, owner: str, lease: float) -> set[str]:
         """Extend `owner`'s leases; the cards it still holds (a card missing was lost)."""
         found = self._query(
-            "UPDATE run_cards SET lease_until = now() + make_interval(secs => %s) "
-            "WHERE run_key = %s AND owner = %s AND NOT done AND lease_until >= now() "
-            "RETURNING card_id",
-            (lease, run_key, owner),
+            # Locked in card order, as a commit marking cards done locks them: the two
+            # never wait on each other in a circle.
+            "WITH mine AS (SELECT card_id FROM run_cards WHERE run_key = %s AND owner = %s "
+            "AND NOT done AND lease_until >= now() ORDER BY card_id FOR UPDATE) "
+            "UPDATE run_cards c SET lease_until = now() + make_interval(secs => %s) "
+            "FROM mine WHERE c.run_key = %s AND c.card_id = mine.card_id RETURNING c.card_id",
+            (run_key, owner, lease, run_key),
             coordination=True,
         )
         return {card for (card,) in found}
@@ -543,9 +556,11 @@ class PostgresLedger(Ledger):
     def release_cards(self, run_key: str, owner: str) -> None:
         """Hand `owner`'s unfinished cards back at once (a worker stopping cleanly)."""
         self._query(
-            "UPDATE run_cards SET owner = NULL, lease_until = NULL "
-            "WHERE run_key = %s AND owner = %s AND NOT done RETURNING card_id",
-            (run_key, owner),
+            "WITH mine AS (SELECT card_id FROM run_cards WHERE run_key = %s AND owner = %s "
+            "AND NOT done ORDER BY card_id FOR UPDATE) "
+            "UPDATE run_cards c SET owner = NULL, lease_until = NULL "
+            "FROM mine WHERE c.run_key = %s AND c.card_id = mine.card_id RETURNING c.card_id",
+            (run_key, owner, run_key),
             coordination=True,
         )
 

@@ -357,7 +357,11 @@ async def test_a_worker_stopped_by_sigterm_hands_its_cards_over_at_once(
         stopped, other = [
             await start_worker(job, sb, tmp_path, pg_url, f"w{n}", *more) for n in range(2)
         ]
-        await until(lambda: len(sb.state.applied) >= 30)
+        # Once the worker to stop is dispatching (its signal handlers are in place by then).
+        log = tmp_path / "w0.log"
+        await until(lambda: "preflight.ok" in log.read_text())
+        seen = len(sb.state.applied)
+        await until(lambda: len(sb.state.applied) >= seen + 20)
         stopped.send_signal(signal.SIGTERM)
         with anyio.fail_after(30):
             codes = [await stopped.wait(), await other.wait()]
