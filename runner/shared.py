@@ -5,7 +5,7 @@ busiest first, renews their leases while the worker lives, and gives back what i
 when the worker stops. A worker sends nothing once it cannot prove it still holds its cards:
 it stops after `lease / 2` without a renewal, while another worker may take them only after
 the whole lease. `SharedPacer` is the provider's rate limit shared by every worker: request
-slots come from the run's timeline in the ledger, a quarter of a second's worth at a time.
+slots come from the run's timeline in the ledger, a tenth of a second's worth at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from runner.scheduler import Pacer, _prepaid
 log = structlog.get_logger("runner.shared")
 
 # Slots reserved per trip to the ledger: this many seconds' worth at the current rate.
-SLOT_BLOCK_SECONDS = 0.25
+SLOT_BLOCK_SECONDS = 0.1
 # A slot more than this fraction of the spacing in the past is dropped, not used late: a late
 # request would crowd the next slot, which may be another worker's.
 LATE_SLOT_FRACTION = 0.5
