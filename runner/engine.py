@@ -46,6 +46,7 @@ from runner.ledger import (
     OpenAttempt,
     PendingRow,
     ProviderEvent,
+    RunFacts,
     RunSpec,
     open_ledger,
     utcnow,
@@ -549,28 +550,11 @@ class JobRunner:
     async def _shared_run_info(self, ledger: Ledger) -> RunInfo:
         """The Summary of a shared run: the run as all workers did it, from the ledger, so
         that every worker writes the same report."""
-        from runner.ledger_pg import PostgresLedger
-
-        assert isinstance(ledger, PostgresLedger)
         facts = await ledger.call(ledger.run_facts, self.run_key)
         settings, job = self.settings, self.job
         lb = lower_bound(len(job.rows), _busiest(job.rows), settings.rate_limit, settings.cooldown)
-        notes = [
-            ("topups sent (all workers)", str(facts.sent)),
-            ("estimated minimum duration (s)", f"{lb:.1f}"),
-        ]
-        if facts.first_applied_at is not None and facts.last_applied_at is not None:
-            span = (facts.last_applied_at - facts.first_applied_at).total_seconds()
-            notes.append(("first to last applied topup (s)", f"{span:.1f}"))
-        return RunInfo(
-            run_key=self.run_key,
-            provider=settings.provider,
-            job_file=str(job.path),
-            started_at=facts.created_at,
-            finished_at=facts.last_finished_at,
-            extra_columns=job.extra_columns,
-            notes=tuple(notes),
-        )
+        spec = RunSpec(self.run_key, settings.provider, "", str(job.path), "", job.extra_columns, 0)
+        return _info_from_facts(spec, facts, (("estimated minimum duration (s)", f"{lb:.1f}"),))
 
     async def _settle_pending(self) -> None:
         """Settle rows the provider accepted as pending: from webhook events already in the
@@ -1264,13 +1248,26 @@ def rewrite_report(ledger_where: Path | str, run_key: str, output: Path) -> Path
         spec = ledger.find_run(run_key)
         if spec is None:
             raise LedgerError(f"ledger {ledger.name}: no run with key {run_key!r}")
-        info = RunInfo(
-            run_key=run_key,
-            provider=spec.provider,
-            job_file=spec.job_file,
-            finished_at=utcnow(),
-            extra_columns=spec.extra_columns,
-        )
+        info = _info_from_facts(spec, ledger.run_facts(run_key))
         return write_report(output, ledger.records(run_key), info)
     finally:
         ledger.close()
+
+
+def _info_from_facts(
+    spec: RunSpec, facts: RunFacts, notes: tuple[tuple[str, str], ...] = ()
+) -> RunInfo:
+    """A Summary from the ledger alone: the same whichever process writes it."""
+    lines = [("topups sent (all processes)", str(facts.sent)), *notes]
+    if facts.first_applied_at is not None and facts.last_applied_at is not None:
+        span = (facts.last_applied_at - facts.first_applied_at).total_seconds()
+        lines.append(("first to last applied topup (s)", f"{span:.1f}"))
+    return RunInfo(
+        run_key=spec.run_key,
+        provider=spec.provider,
+        job_file=spec.job_file,
+        started_at=facts.created_at,
+        finished_at=facts.last_finished_at,
+        extra_columns=spec.extra_columns,
+        notes=tuple(lines),
+    )

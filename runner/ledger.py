@@ -221,6 +221,17 @@ class ProviderEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class RunFacts:
+    """The run as the ledger has it, whoever did it: what a report's Summary says of it."""
+
+    created_at: datetime
+    last_finished_at: datetime | None
+    sent: int  # topup requests recorded, by every process
+    first_applied_at: datetime | None
+    last_applied_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class RunOverview:
     """One line of `topup-runner status`."""
 
@@ -642,6 +653,25 @@ class Ledger:
     def finish_run(self, run_key: str) -> None:
         self._conn.execute(
             "UPDATE runs SET finished_at = ? WHERE run_key = ?", (_iso(utcnow()), run_key)
+        )
+
+    def run_facts(self, run_key: str) -> RunFacts:
+        created, finished, first, last = self._conn.execute(
+            "SELECT r.created_at, MAX(w.finished_at), "
+            "MIN(CASE WHEN w.status IN ('succeeded', 'pending') THEN w.finished_at END), "
+            "MAX(CASE WHEN w.status IN ('succeeded', 'pending') THEN w.finished_at END) "
+            "FROM runs r JOIN rows w USING (run_key) WHERE r.run_key = ? GROUP BY r.created_at",
+            (run_key,),
+        ).fetchone()
+        (sent,) = self._conn.execute(
+            "SELECT COUNT(*) FROM attempts WHERE run_key = ?", (run_key,)
+        ).fetchone()
+        return RunFacts(
+            _from_iso(created) or utcnow(),
+            _from_iso(finished),
+            sent,
+            _from_iso(first),
+            _from_iso(last),
         )
 
     def overview(self) -> list[RunOverview]:

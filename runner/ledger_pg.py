@@ -37,6 +37,7 @@ from runner.ledger import (
     PendingRow,
     ProviderEvent,
     RowProgress,
+    RunFacts,
     RunOverview,
     RunSpec,
     _money,
@@ -86,17 +87,6 @@ class CardWork:
     rows: dict[int, int]  # row -> topup requests recorded for it so far, rows to send
     open_attempts: list[OpenAttempt]  # attempts sent whose outcome was never recorded
     last_sent: dict[str, datetime]  # when each card's latest attempt was sent
-
-
-@dataclass(frozen=True, slots=True)
-class RunFacts:
-    """The run as every worker together did it."""
-
-    created_at: datetime
-    last_finished_at: datetime | None
-    sent: int  # topup requests recorded, by every worker
-    first_applied_at: datetime | None
-    last_applied_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from tests.e2e import (
     run_cli,
     write_job,
 )
+from tests.test_report import xlsx_summary
 
 pytestmark = pytest.mark.anyio
 
@@ -437,6 +438,15 @@ async def test_status_and_report_commands_read_the_ledger(tmp_path: Path) -> Non
     second = read_csv_report(tmp_path / "again.csv")
     keep = ("row", "card_id", "amount", "status", "fee", "transaction_id")
     assert [{k: r[k] for k in keep} for r in first] == [{k: r[k] for k in keep} for r in second]
+    rewritten = await run_cli(
+        "report", "--ledger", ledger, "--run-key", "nov-1", "--output", "again.xlsx", cwd=tmp_path
+    )
+    assert rewritten.code == 0, rewritten.stderr
+    summary = xlsx_summary(tmp_path / "again.xlsx")
+    # From the ledger alone: when the run was recorded and its last row finished, what was sent.
+    assert summary["started (UTC)"] is not None
+    assert summary["finished (UTC)"] >= summary["started (UTC)"]
+    assert summary["topups sent (all processes)"] == "3"
     missing = await run_cli(
         "report", "--ledger", ledger, "--run-key", "nope", "--output", "x.csv", cwd=tmp_path
     )
