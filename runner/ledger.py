@@ -112,8 +112,9 @@ _MONEY_FIELDS = (
     "card_balance_after",
     "wallet_balance_after",
 )
-# The SQL of each set of fields a row update was asked for (a handful in a run).
-_ROW_UPDATES: dict[tuple[str, ...], str] = {}
+# The SQL of each set of fields a row update was asked for (a handful in a run), and which
+# of them are money.
+_ROW_UPDATES: dict[tuple[str, ...], tuple[str, tuple[bool, ...]]] = {}
 _ROW_FIELDS = (
     "status",
     *_MONEY_FIELDS,
@@ -852,19 +853,23 @@ class Ledger:
     def row_update(run_key: str, row: int, **values: Any) -> tuple[str, Sequence[Any]]:
         """Set some of a row's report fields (money as Decimal, times as datetime)."""
         names = tuple(values)
-        sql = _ROW_UPDATES.get(names)
-        if sql is None:
+        cached = _ROW_UPDATES.get(names)
+        if cached is None:
             unknown = set(values) - set(_ROW_FIELDS)
             if unknown:
                 raise ValueError(f"not row fields: {sorted(unknown)}")
             assignments = ", ".join(f"{name} = ?" for name in values)
-            sql = _ROW_UPDATES[names] = (
-                f"UPDATE rows SET {assignments} WHERE run_key = ? AND row = ?"
+            cached = _ROW_UPDATES[names] = (
+                f"UPDATE rows SET {assignments} WHERE run_key = ? AND row = ?",
+                tuple(name in _MONEY_FIELDS for name in names),
             )
+        sql, money = cached
         params: list[Any] = []
-        for name, value in values.items():
-            if name in _MONEY_FIELDS:
+        for is_money, value in zip(money, values.values(), strict=True):
+            if is_money:
                 params.append(_money(value))
+            elif value is None or type(value) is str:
+                params.append(value)
             elif isinstance(value, datetime):
                 params.append(_iso(value))
             elif isinstance(value, RowStatus):
