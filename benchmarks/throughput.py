@@ -7,7 +7,8 @@ what is left is the client's own cost per topup. In one run this script measures
   --concurrency C ...` as a subprocess, with its SQLite ledger (synchronous=FULL unless
   `--ledger-sync` says otherwise) and its report;
 - a bare loop: `C` aiohttp tasks in this process posting the same requests (`{"amount": 10.00}`
-  to `/api/v1/cards/{id}/topup` with the bearer token), reading each answer and nothing more.
+  to `/api/v1/cards/{id}/topup` with the bearer token), reading each answer and nothing more,
+  on the same event loop implementation as the runner's (uvloop).
 
 Each contender gets a fresh standalone sandbox process (`python -m runner sandbox --cooldown 0`,
 no rate limit, no latency, on 127.0.0.1) in which the job's cards are registered first through
@@ -52,6 +53,7 @@ from random import Random
 from typing import Any
 
 import aiohttp
+import uvloop
 
 HOST = "127.0.0.1"
 TOKEN = "uc_" + "Thru9" * 8
@@ -344,7 +346,10 @@ def measure_bare(
     folder.mkdir()
     with sandbox(folder, "bare", args.wallet, args.seed) as sb:
         sb.register_cards(cards)
-        failures = asyncio.run(bare_loop(sb.api, cards, concurrency))
+        # On the runner's own event loop (uvloop, as `topup-runner run` uses): a comparison
+        # of clients, not of event loops.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop:
+            failures = loop.run(bare_loop(sb.api, cards, concurrency))
         failure = f"bare loop: {failures} answers were not 200" if failures else None
         return judge(sb.state(), Counter(cards), failure)
 

@@ -26,6 +26,9 @@ from runner.progress import LazyStderr, NoProgress, RichProgress
 from runner.records import RowStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
+# A run's event loop: uvloop's costs a fast run about a sixth less CPU per topup than
+# asyncio's own (README, Performance).
+LOOP = {"use_uvloop": True}
 
 
 def _json_mode() -> bool:
@@ -173,7 +176,7 @@ def run(job_file: str, **opts: Any) -> None:
     configure_logging(provider=settings.provider, fmt=settings.log_format, stream=LazyStderr())
     label = "sandbox" if settings.is_sandbox else settings.provider
     with RichProgress(label) if show_progress else NoProgress() as progress:
-        result = anyio.run(JobRunner(job, settings, progress=progress).run)
+        result = anyio.run(JobRunner(job, settings, progress=progress).run, backend_options=LOOP)
     counts = ", ".join(f"{n} {s.value}" for s, n in result.counts.items())
     label = "SANDBOX run (no real money moved)" if settings.is_sandbox else f"{result.provider} run"
     say(

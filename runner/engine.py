@@ -834,7 +834,10 @@ class JobRunner:
             return self.clock(), False
         before: CardState | None = None
         if self.provider.rules.reads_cards:
-            before = await self._snapshot(card)
+            # The snapshot preflight or the last answer left, without a coroutine to get it.
+            before = self._cards.get(card)
+            if before is None or card in self._stale:
+                before = await self._snapshot(card)
             if before is None:
                 self._finish(
                     work, RowStatus.FAILED, error="card_not_found: the card is no longer visible"
@@ -869,15 +872,16 @@ class JobRunner:
         # The card's next request waits a full cooldown after this answer: the provider saw
         # this request no later than now, so the gap it measures can only be longer.
         cool = received + self.settings.cooldown
-        fields: dict[str, Any]
 
-        if isinstance(outcome, Applied):
+        if type(outcome) is Applied:
             work.unresolved = None
-            self._note_applied(received)
+            if self._first_applied is None:
+                self._first_applied = received
+            if received > self._last_applied:
+                self._last_applied = received
             if before is not None:
                 self._cards[card] = _after(before, row.amount, outcome.card_balance_after)
             status = RowStatus.PENDING if outcome.pending else RowStatus.SUCCEEDED
-            fields = _applied_fields(outcome)
             if self._rows_logged:
                 self._log_row(
                     "topup.applied",
@@ -888,7 +892,16 @@ class JobRunner:
                     attempt=attempt,
                     pending=outcome.pending,
                 )
-            self._finish(work, status, attempt=attempt, outcome="applied", **fields)
+            # What _finish would post, without its keyword plumbing: this is every topup.
+            now = utcnow()
+            self.ledger.post(
+                (
+                    Ledger.attempt_outcome(self.run_key, row.row, attempt, "applied", "", now),
+                    _applied_update(self.run_key, row.row, status, now, outcome),
+                )
+            )
+            self._final[status] += 1
+            self.progress.row_final(status)
             return cool, False
 
         if isinstance(outcome, Refused):
@@ -1073,6 +1086,29 @@ class JobRunner:
     def _row_final(self, status: RowStatus) -> None:
         self._final[status] += 1
         self.progress.row_final(status)
+
+
+def _applied_update(
+    run_key: str, row: int, status: RowStatus, now: datetime, outcome: Applied
+) -> tuple[str, Sequence[Any]]:
+    """The row update of an applied topup: `_finish`'s, in the same order of fields."""
+    if outcome.card_balance_before is None and outcome.provider_ref is None:
+        return Ledger.row_update(
+            run_key,
+            row,
+            status=status,
+            finished_at=now,
+            fee=outcome.fee,
+            total_charged=outcome.total_charged,
+            card_balance_after=outcome.card_balance_after,
+            wallet_balance_after=outcome.wallet_balance_after,
+            transaction_id=outcome.transaction_id,
+            invoice_id=outcome.invoice_id,
+            error=None,
+        )
+    return Ledger.row_update(
+        run_key, row, status=status, finished_at=now, **_applied_fields(outcome), error=None
+    )
 
 
 def _applied_fields(outcome: Applied) -> dict[str, Any]:

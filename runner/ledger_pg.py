@@ -153,6 +153,7 @@ class PostgresLedger(Ledger):
     def close(self) -> None:
         if self._coord is not None:
             self._coord.close()
+        self._disk.stop()
         self._conn.close()
 
     async def _commit(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:

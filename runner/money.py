@@ -94,16 +94,19 @@ def parse_provider_decimal(value: object) -> Decimal:
     Accepts int, Decimal and numeric strings ("100", "1000.00", "-5.5"); refuses bool, float,
     None, NaN and infinities, because none of them can be trusted to be an exact money value.
     """
-    if isinstance(value, bool):
+    number: Decimal
+    if type(value) is Decimal:  # what exact JSON parsing gives for every amount: first
+        number = value
+    elif isinstance(value, bool):
         raise ValueError(f"expected a number, got the boolean {value}")
-    if isinstance(value, int):
+    elif isinstance(value, int):
         return Decimal(value)
-    if isinstance(value, float):
+    elif isinstance(value, float):
         raise ValueError(
             f"expected an exact number, got the float {value!r} "
             "(parse the JSON with parse_float=Decimal)"
         )
-    if isinstance(value, Decimal):
+    elif isinstance(value, Decimal):
         number = value
     elif isinstance(value, str):
         text = value.strip()

@@ -23,9 +23,13 @@ class HttpAnswer:
     retry_after: str | None = None
 
 
+# One decoder for every answer: json.loads(..., parse_float=...) builds a new one each call.
+_EXACT = json.JSONDecoder(parse_float=Decimal)
+
+
 def loads_exact(body: str) -> Any:
     """JSON with every non-integer number as a Decimal: money never passes through float."""
-    return json.loads(body, parse_float=Decimal)
+    return _EXACT.decode(body)
 
 
 _RETRY_AFTER_SECONDS = re.compile(r"\d{1,9}(?:\.\d{1,6})?")

@@ -88,9 +88,10 @@ def _message_of(payload: Any) -> str:
 
 def _decimal_field(data: Mapping[str, Any], *names: str) -> Decimal | None:
     for name in names:
-        if name in data and data[name] is not None:
+        value = data.get(name)
+        if value is not None:
             try:
-                return parse_provider_decimal(data[name])
+                return parse_provider_decimal(value)
             except ValueError:
                 return None
     return None
