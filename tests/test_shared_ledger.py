@@ -28,6 +28,7 @@ from runner.sandbox.config import SandboxCard, SandboxConfig
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.sandbox.state import Refusal
+from runner.shared import LeaseLost, SharedRun
 from tests.e2e import TOKEN, clean_env, command, read_csv_report, run_cli, write_job
 from tests.test_resume import judge, unique_amount_job, until
 
@@ -371,3 +372,29 @@ async def test_a_worker_stopped_by_sigterm_hands_its_cards_over_at_once(
     assert codes == [1, 0]
     assert paid == 120
     assert {r["status"] for r in report} == {"succeeded"}
+
+
+async def test_a_worker_that_cannot_prove_its_leases_sends_nothing(pg_url: str) -> None:
+    """Past lease/2 without a renewal, or with a card taken by another worker after its lease
+    ran out, `check()` raises LeaseLost: the worker stops before sending."""
+    now = [0.0]
+    ledger = PostgresLedger.open(pg_url)
+    try:
+        ledger.create_run(spec(rows=2), job_rows(["card-a", "card-b"], 1))
+        silent = SharedRun(ledger, "shared", lease=2.0, clock=lambda: now[0], owner="silent")
+        assert await silent.claim(1) == ["card-a"]
+        silent.check()  # just claimed: fine
+        now[0] = 1.1  # more than lease/2 without a renewal
+        with pytest.raises(LeaseLost, match="no lease renewal"):
+            silent.check()
+
+        robbed = SharedRun(ledger, "shared", lease=0.2, clock=lambda: now[0], owner="robbed")
+        assert await robbed.claim(1) == ["card-b"]
+        await anyio.sleep(0.3)  # its lease runs out in the database...
+        assert ledger.claim_cards("shared", "thief", 5, 30.0) == ["card-b"]
+        with anyio.fail_after(5):
+            await robbed.keep_leases()  # ...and the next renewal finds the card gone
+        with pytest.raises(LeaseLost, match="lost the lease"):
+            robbed.check()
+    finally:
+        ledger.close()
