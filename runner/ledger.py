@@ -18,7 +18,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -152,8 +152,11 @@ def _iso(value: datetime | None) -> str | None:
 _iso_second: tuple[tuple[int, ...], str] = ((), "")
 
 
-def _from_iso(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
+def _from_iso(value: str | datetime | None) -> datetime | None:
+    """A stored time: ISO text from SQLite, already a datetime from a database server."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value)
 
 
 def _money(value: Decimal | None) -> str | None:
@@ -167,7 +170,7 @@ def _money(value: Decimal | None) -> str | None:
     return format_amount(value)
 
 
-def _dec(value: str | None) -> Decimal | None:
+def _dec(value: str | Decimal | None) -> Decimal | None:
     return None if value is None else Decimal(value)
 
 
@@ -250,6 +253,38 @@ class RunOverview:
     created_at: datetime
     finished_at: datetime | None
     by_status: Mapping[str, int]
+
+
+# What `records` reads of a row, in the order `row_record` takes it.
+RECORD_COLUMNS = (
+    "row, card_id, amount, reference, extra, status, fee, total_charged, card_balance_before, "
+    "card_balance_after, wallet_balance_after, transaction_id, invoice_id, attempts, error, "
+    "started_at, finished_at"
+)
+
+
+def row_record(r: Sequence[Any]) -> RowRecord:
+    """A report line from a row of RECORD_COLUMNS (money as text or Decimal, times as ISO
+    text or datetime: SQLite's or a database server's)."""
+    return RowRecord(
+        row=r[0],
+        card_id=r[1],
+        amount=Decimal(r[2]),
+        reference=r[3],
+        extra=tuple((str(k), str(v)) for k, v in json.loads(r[4])),
+        status=RowStatus(r[5]),
+        fee=_dec(r[6]),
+        total_charged=_dec(r[7]),
+        card_balance_before=_dec(r[8]),
+        card_balance_after=_dec(r[9]),
+        wallet_balance_after=_dec(r[10]),
+        transaction_id=r[11],
+        invoice_id=r[12],
+        attempts=r[13],
+        error=r[14],
+        started_at=_from_iso(r[15]),
+        finished_at=_from_iso(r[16]),
+    )
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -543,12 +578,22 @@ class Ledger:
 
     # -- runs ----------------------------------------------------------------------------
 
+    def _select(self, sql: str, params: Sequence[Any] = ()) -> Iterable[tuple[Any, ...]]:
+        """The rows a query of the ledger's reads gives (`?` placeholders, portable SQL)."""
+        cursor: Iterable[tuple[Any, ...]] = self._conn.execute(sql, params)
+        return cursor
+
     def find_run(self, run_key: str) -> RunSpec | None:
-        row = self._conn.execute(
-            "SELECT run_key, provider, base_url, job_file, job_digest, extra_columns, row_count "
-            "FROM runs WHERE run_key = ?",
-            (run_key,),
-        ).fetchone()
+        row = next(
+            iter(
+                self._select(
+                    "SELECT run_key, provider, base_url, job_file, job_digest, extra_columns, "
+                    "row_count FROM runs WHERE run_key = ?",
+                    (run_key,),
+                )
+            ),
+            None,
+        )
         if row is None:
             return None
         return RunSpec(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(row[5])), row[6])
@@ -596,18 +641,22 @@ class Ledger:
     def progress(self, run_key: str) -> dict[int, RowProgress]:
         """Status and attempts so far of every row that is not final."""
         final = tuple(s.value for s in RowStatus if s.is_final)
-        cursor = self._conn.execute(
+        cursor = self._select(
             "SELECT row, status, attempts FROM rows WHERE run_key = ? AND status NOT IN (?, ?, ?)",
             (run_key, *final),
         )
         return {r: RowProgress(RowStatus(s), a) for r, s, a in cursor}
 
     def open_attempts(self, run_key: str) -> list[OpenAttempt]:
-        cursor = self._conn.execute(
+        return self._open_attempts(
+            "WHERE run_key = ? AND outcome IS NULL ORDER BY row, attempt", (run_key,)
+        )
+
+    def _open_attempts(self, where: str, params: Sequence[Any]) -> list[OpenAttempt]:
+        cursor = self._select(
             "SELECT row, attempt, card_id, amount, before_status, before_balance, "
-            "before_deposit, sent_at FROM attempts WHERE run_key = ? AND outcome IS NULL "
-            "ORDER BY row, attempt",
-            (run_key,),
+            f"before_deposit, sent_at FROM attempts {where}",
+            params,
         )
         found = []
         for row, attempt, card_id, amount, b_status, b_balance, b_deposit, sent_at in cursor:
@@ -625,7 +674,7 @@ class Ledger:
 
     def last_attempts(self, run_key: str) -> dict[str, datetime]:
         """When each card's latest attempt was sent: a resumed run honours its cooldown."""
-        cursor = self._conn.execute(
+        cursor = self._select(
             "SELECT card_id, MAX(sent_at) FROM attempts WHERE run_key = ? GROUP BY card_id",
             (run_key,),
         )
@@ -636,7 +685,7 @@ class Ledger:
         sums: dict[RowStatus, list[Any]] = {
             s: [0, Decimal(0), Decimal(0), Decimal(0)] for s in RowStatus
         }
-        cursor = self._conn.execute(
+        cursor = self._select(
             "SELECT status, amount, fee, total_charged FROM rows WHERE run_key = ?", (run_key,)
         )
         for status, amount, fee, total in cursor:
@@ -649,7 +698,7 @@ class Ledger:
 
     def fee_samples(self, provider: str, limit: int = 2000) -> list[tuple[Decimal, Decimal]]:
         """(amount, fee) of the provider's most recent topups that reported a fee."""
-        cursor = self._conn.execute(
+        cursor = self._select(
             "SELECT rows.amount, rows.fee FROM rows JOIN runs USING (run_key) "
             "WHERE runs.provider = ? AND rows.fee IS NOT NULL "
             "ORDER BY rows.finished_at DESC LIMIT ?",
@@ -659,14 +708,14 @@ class Ledger:
 
     def known_refs(self, card_id: str) -> set[str]:
         """Provider references of the card's topups the ledger already accounts for."""
-        cursor = self._conn.execute(
+        cursor = self._select(
             "SELECT provider_ref FROM rows WHERE card_id = ? AND provider_ref IS NOT NULL",
             (card_id,),
         )
         return {ref for (ref,) in cursor}
 
     def pending(self, run_key: str) -> list[PendingRow]:
-        cursor = self._conn.execute(
+        cursor = self._select(
             "SELECT row, card_id, amount, provider_ref FROM rows "
             "WHERE run_key = ? AND status = 'pending' ORDER BY row",
             (run_key,),
@@ -726,13 +775,15 @@ class Ledger:
 
     def settle_from_events(self, run_key: str, provider: str) -> int:
         """Settle the run's pending rows whose event arrived before they were recorded."""
-        found = self._conn.execute(
-            "SELECT e.card_id, e.amount, e.provider_ref, e.status, e.fee, e.balance_after "
-            "FROM provider_events e JOIN rows r ON r.card_id = e.card_id "
-            "AND r.amount = e.amount AND r.provider_ref = e.provider_ref "
-            "WHERE r.run_key = ? AND r.status = 'pending' AND e.provider = ?",
-            (run_key, provider),
-        ).fetchall()
+        found = list(
+            self._select(
+                "SELECT e.card_id, e.amount, e.provider_ref, e.status, e.fee, e.balance_after "
+                "FROM provider_events e JOIN rows r ON r.card_id = e.card_id "
+                "AND r.amount = e.amount AND r.provider_ref = e.provider_ref "
+                "WHERE r.run_key = ? AND r.status = 'pending' AND e.provider = ?",
+                (run_key, provider),
+            )
+        )
         settled = 0
         for card, amount, ref, status, fee, balance in found:
             event = ProviderEvent(
@@ -747,16 +798,14 @@ class Ledger:
         )
 
     def run_facts(self, run_key: str) -> RunFacts:
-        created, finished, first, last = self._conn.execute(
+        ((created, finished, first, last),) = self._select(
             "SELECT r.created_at, MAX(w.finished_at), "
             "MIN(CASE WHEN w.status IN ('succeeded', 'pending') THEN w.finished_at END), "
             "MAX(CASE WHEN w.status IN ('succeeded', 'pending') THEN w.finished_at END) "
             "FROM runs r JOIN rows w USING (run_key) WHERE r.run_key = ? GROUP BY r.created_at",
             (run_key,),
-        ).fetchone()
-        (sent,) = self._conn.execute(
-            "SELECT COUNT(*) FROM attempts WHERE run_key = ?", (run_key,)
-        ).fetchone()
+        )
+        ((sent,),) = self._select("SELECT COUNT(*) FROM attempts WHERE run_key = ?", (run_key,))
         return RunFacts(
             _from_iso(created) or utcnow(),
             _from_iso(finished),
@@ -766,16 +815,18 @@ class Ledger:
         )
 
     def overview(self) -> list[RunOverview]:
-        runs = self._conn.execute(
-            "SELECT run_key, provider, job_file, row_count, created_at, finished_at FROM runs "
-            "ORDER BY created_at"
-        ).fetchall()
+        runs = list(
+            self._select(
+                "SELECT run_key, provider, job_file, row_count, created_at, finished_at "
+                "FROM runs ORDER BY created_at"
+            )
+        )
         result = []
         for key, provider, job_file, count, created, finished in runs:
             by_status = dict(
-                self._conn.execute(
+                self._select(
                     "SELECT status, COUNT(*) FROM rows WHERE run_key = ? GROUP BY status", (key,)
-                ).fetchall()
+                )
             )
             result.append(
                 RunOverview(
@@ -792,7 +843,7 @@ class Ledger:
 
     def status_counts(self, run_key: str) -> dict[RowStatus, int]:
         counts = dict.fromkeys(RowStatus, 0)
-        for status, n in self._conn.execute(
+        for status, n in self._select(
             "SELECT status, COUNT(*) FROM rows WHERE run_key = ? GROUP BY status", (run_key,)
         ):
             counts[RowStatus(status)] = n
@@ -804,10 +855,8 @@ class Ledger:
         conn = sqlite3.connect(self.path, check_same_thread=False)
         try:
             cursor = conn.execute(
-                "SELECT row, card_id, amount, reference, extra, status, fee, total_charged, "
-                "card_balance_before, card_balance_after, wallet_balance_after, "
-                "transaction_id, invoice_id, attempts, error, started_at, finished_at "
-                "FROM rows WHERE run_key = ? AND (? IS NULL OR status = ?) ORDER BY row",
+                f"SELECT {RECORD_COLUMNS} FROM rows WHERE run_key = ? "
+                "AND (? IS NULL OR status = ?) ORDER BY row",
                 (
                     run_key,
                     None if status is None else status.value,
@@ -815,25 +864,7 @@ class Ledger:
                 ),
             )
             for r in cursor:
-                yield RowRecord(
-                    row=r[0],
-                    card_id=r[1],
-                    amount=Decimal(r[2]),
-                    reference=r[3],
-                    extra=tuple((str(k), str(v)) for k, v in json.loads(r[4])),
-                    status=RowStatus(r[5]),
-                    fee=_dec(r[6]),
-                    total_charged=_dec(r[7]),
-                    card_balance_before=_dec(r[8]),
-                    card_balance_after=_dec(r[9]),
-                    wallet_balance_after=_dec(r[10]),
-                    transaction_id=r[11],
-                    invoice_id=r[12],
-                    attempts=r[13],
-                    error=r[14],
-                    started_at=_from_iso(r[15]),
-                    finished_at=_from_iso(r[16]),
-                )
+                yield row_record(r)
         finally:
             conn.close()
 

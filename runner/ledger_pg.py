@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,19 +31,15 @@ import anyio.to_thread
 from runner.errors import LedgerError
 from runner.jobs import JobRow
 from runner.ledger import (
+    RECORD_COLUMNS,
     Ledger,
     OpenAttempt,
-    PendingRow,
     ProviderEvent,
-    RowProgress,
-    RunFacts,
-    RunOverview,
     RunSpec,
     _money,
+    row_record,
 )
-from runner.metrics import StatusTotals
 from runner.money import format_amount
-from runner.providers.base import CardState, CardStatus
 from runner.records import RowRecord, RowStatus
 
 try:  # an optional dependency: `pip install 'topup-runner[postgres]'`
@@ -199,18 +194,11 @@ class PostgresLedger(Ledger):
         async with self._coord_lock:
             return await anyio.to_thread.run_sync(func, *args)
 
-    # -- runs ----------------------------------------------------------------------------
+    def _select(self, sql: str, params: Sequence[Any] = ()) -> Iterable[tuple[Any, ...]]:
+        """The SQLite ledger's reads, as they are: portable SQL with `?` placeholders."""
+        return self._query(_pg(sql), params)
 
-    def find_run(self, run_key: str) -> RunSpec | None:
-        found = self._query(
-            "SELECT run_key, provider, base_url, job_file, job_digest, extra_columns, row_count "
-            "FROM runs WHERE run_key = %s",
-            (run_key,),
-        )
-        if not found:
-            return None
-        r = found[0]
-        return RunSpec(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6])
+    # -- runs ----------------------------------------------------------------------------
 
     def create_run(self, spec: RunSpec, rows: Sequence[JobRow]) -> None:
         """Record the run, its rows and its cards, unless another worker already has."""
@@ -265,81 +253,6 @@ class PostgresLedger(Ledger):
                 f"ledger {self.name}: cannot record the run: {_first_line(exc)}"
             ) from None
 
-    def progress(self, run_key: str) -> dict[int, RowProgress]:
-        found = self._query(
-            "SELECT row, status, attempts FROM rows WHERE run_key = %s "
-            "AND status NOT IN (%s, %s, %s)",
-            (run_key, *_FINAL),
-        )
-        return {r: RowProgress(RowStatus(s), a) for r, s, a in found}
-
-    def open_attempts(self, run_key: str) -> list[OpenAttempt]:
-        return self._open_attempts(
-            "WHERE run_key = %s AND outcome IS NULL ORDER BY row, attempt", (run_key,)
-        )
-
-    def _open_attempts(self, where: str, params: Sequence[Any]) -> list[OpenAttempt]:
-        found = self._query(
-            "SELECT row, attempt, card_id, amount, before_status, before_balance, "
-            f"before_deposit, sent_at FROM attempts {where}",
-            params,
-        )
-        result = []
-        for row, attempt, card_id, amount, b_status, b_balance, b_deposit, sent_at in found:
-            before = None
-            if b_balance is not None:
-                before = CardState(
-                    card_id=card_id,
-                    status=CardStatus(b_status or "unknown"),
-                    balance=b_balance,
-                    deposit=b_deposit,
-                )
-            result.append(OpenAttempt(row, attempt, card_id, amount, before, sent_at))
-        return result
-
-    def last_attempts(self, run_key: str) -> dict[str, datetime]:
-        found = self._query(
-            "SELECT card_id, MAX(sent_at) FROM attempts WHERE run_key = %s GROUP BY card_id",
-            (run_key,),
-        )
-        return dict(found)
-
-    def totals(self, run_key: str) -> dict[RowStatus, StatusTotals]:
-        sums = {s: StatusTotals(0, Decimal(0), Decimal(0), Decimal(0)) for s in RowStatus}
-        for status, count, amount, fee, total in self._query(
-            "SELECT status, COUNT(*), SUM(amount), COALESCE(SUM(fee), 0), "
-            "COALESCE(SUM(total_charged), 0) FROM rows WHERE run_key = %s GROUP BY status",
-            (run_key,),
-        ):
-            sums[RowStatus(status)] = StatusTotals(count, amount, fee, total)
-        return sums
-
-    def fee_samples(self, provider: str, limit: int = 2000) -> list[tuple[Decimal, Decimal]]:
-        return [
-            (a, f)
-            for a, f in self._query(
-                "SELECT rows.amount, rows.fee FROM rows JOIN runs USING (run_key) "
-                "WHERE runs.provider = %s AND rows.fee IS NOT NULL "
-                "ORDER BY rows.finished_at DESC LIMIT %s",
-                (provider, limit),
-            )
-        ]
-
-    def known_refs(self, card_id: str) -> set[str]:
-        found = self._query(
-            "SELECT provider_ref FROM rows WHERE card_id = %s AND provider_ref IS NOT NULL",
-            (card_id,),
-        )
-        return {ref for (ref,) in found}
-
-    def pending(self, run_key: str) -> list[PendingRow]:
-        found = self._query(
-            "SELECT row, card_id, amount, provider_ref FROM rows "
-            "WHERE run_key = %s AND status = 'pending' ORDER BY row",
-            (run_key,),
-        )
-        return [PendingRow(run_key, r, c, a, ref or "") for r, c, a, ref in found]
-
     def apply_event(self, event: ProviderEvent) -> tuple[int, bool]:
         conn = self._conn
         try:
@@ -384,49 +297,12 @@ class PostgresLedger(Ledger):
             ) from None
         return settled, seen
 
-    def settle_from_events(self, run_key: str, provider: str) -> int:
-        found = self._query(
-            "SELECT e.card_id, e.amount, e.provider_ref, e.status, e.fee, e.balance_after "
-            "FROM provider_events e JOIN rows r ON r.card_id = e.card_id "
-            "AND r.amount = e.amount AND r.provider_ref = e.provider_ref "
-            "WHERE r.run_key = %s AND r.status = 'pending' AND e.provider = %s",
-            (run_key, provider),
-        )
-        settled = 0
-        for card, amount, ref, status, fee, balance in found:
-            event = ProviderEvent(provider, card, amount, ref, RowStatus(status), fee, balance)
-            settled += self.apply_event(event)[0]
-        return settled
-
     def finish_run(self, run_key: str) -> None:
         self._query(
             "UPDATE runs SET finished_at = now() WHERE run_key = %s AND finished_at IS NULL "
             "RETURNING run_key",
             (run_key,),
         )
-
-    def overview(self) -> list[RunOverview]:
-        result = []
-        runs = self._query(
-            "SELECT run_key, provider, job_file, row_count, created_at, finished_at FROM runs "
-            "ORDER BY created_at"
-        )
-        for key, provider, job_file, count, created, finished in runs:
-            by_status = dict(
-                self._query(
-                    "SELECT status, COUNT(*) FROM rows WHERE run_key = %s GROUP BY status", (key,)
-                )
-            )
-            result.append(RunOverview(key, provider, job_file, count, created, finished, by_status))
-        return result
-
-    def status_counts(self, run_key: str) -> dict[RowStatus, int]:
-        counts = dict.fromkeys(RowStatus, 0)
-        for status, n in self._query(
-            "SELECT status, COUNT(*) FROM rows WHERE run_key = %s GROUP BY status", (run_key,)
-        ):
-            counts[RowStatus(status)] = n
-        return counts
 
     def records(self, run_key: str, status: RowStatus | None = None) -> Iterator[RowRecord]:
         """Every row of the run (or only those with `status`) in job order, streamed through
@@ -439,11 +315,8 @@ class PostgresLedger(Ledger):
             with conn.cursor(name="records") as cursor:
                 cursor.itersize = 5000
                 cursor.execute(
-                    "SELECT row, card_id, amount, reference, extra, status, fee, total_charged, "
-                    "card_balance_before, card_balance_after, wallet_balance_after, "
-                    "transaction_id, invoice_id, attempts, error, started_at, finished_at "
-                    "FROM rows WHERE run_key = %s AND (%s::text IS NULL OR status = %s) "
-                    "ORDER BY row",
+                    f"SELECT {RECORD_COLUMNS} FROM rows WHERE run_key = %s "
+                    "AND (%s::text IS NULL OR status = %s) ORDER BY row",
                     (
                         run_key,
                         None if status is None else status.value,
@@ -451,41 +324,9 @@ class PostgresLedger(Ledger):
                     ),
                 )
                 for r in cursor:
-                    yield RowRecord(
-                        row=r[0],
-                        card_id=r[1],
-                        amount=r[2],
-                        reference=r[3],
-                        extra=tuple((str(k), str(v)) for k, v in json.loads(r[4])),
-                        status=RowStatus(r[5]),
-                        fee=r[6],
-                        total_charged=r[7],
-                        card_balance_before=r[8],
-                        card_balance_after=r[9],
-                        wallet_balance_after=r[10],
-                        transaction_id=r[11],
-                        invoice_id=r[12],
-                        attempts=r[13],
-                        error=r[14],
-                        started_at=r[15],
-                        finished_at=r[16],
-                    )
+                    yield row_record(r)
         finally:
             conn.close()
-
-    def run_facts(self, run_key: str) -> RunFacts:
-        """What a report says of the run as a whole, the same whichever worker writes it."""
-        created, finished, first, last = self._query(
-            "SELECT r.created_at, MAX(w.finished_at), "
-            "MIN(w.finished_at) FILTER (WHERE w.status IN ('succeeded', 'pending')), "
-            "MAX(w.finished_at) FILTER (WHERE w.status IN ('succeeded', 'pending')) "
-            "FROM runs r JOIN rows w USING (run_key) WHERE r.run_key = %s GROUP BY r.created_at",
-            (run_key,),
-        )[0]
-        (sent,) = self._query("SELECT COUNT(*) FROM attempts WHERE run_key = %s", (run_key,))[0]
-        return RunFacts(created, finished, sent, first, last)
-
-    # -- workers sharing a run -----------------------------------------------------------
 
     def claim_cards(self, run_key: str, owner: str, limit: int, lease: float) -> list[str]:
         """Up to `limit` cards nobody holds (or whose holder's lease ran out), busiest first,
@@ -508,7 +349,7 @@ class PostgresLedger(Ledger):
         with the requests already recorded for each."""
         cards = list(cards)
         open_attempts = self._open_attempts(
-            "WHERE run_key = %s AND card_id = ANY(%s) AND outcome IS NULL ORDER BY row, attempt",
+            "WHERE run_key = ? AND card_id = ANY(?) AND outcome IS NULL ORDER BY row, attempt",
             (run_key, cards),
         )
         in_doubt = [a.row for a in open_attempts]
