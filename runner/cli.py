@@ -216,8 +216,7 @@ def check(job_file: str, **opts: Any) -> None:
 @guarded
 def status(ledger: str | None) -> None:
     """Show the runs recorded in the ledger and their rows by status."""
-    from runner.ledger import open_ledger
-    from runner.ledger_pg import redact
+    from runner.ledger import open_ledger, redact
 
     where = _ledger_where(ledger)
     if isinstance(where, Path) and not where.exists():
@@ -286,7 +285,7 @@ def webhook(host: str, port: int, ledger: str | None, log_format: str | None) ->
 def _ledger_where(ledger: str | None) -> Path | str:
     """--ledger, else TOPUP_LEDGER, else the per-user default: a path, or a database URL."""
     from runner.engine import default_ledger_path
-    from runner.ledger_pg import is_postgres_url
+    from runner.ledger import is_postgres_url
 
     given = ledger or os.environ.get("TOPUP_LEDGER", "").strip()
     if given and is_postgres_url(given):

@@ -48,10 +48,10 @@ from runner.ledger import (
     ProviderEvent,
     RunFacts,
     RunSpec,
+    is_postgres_url,
     open_ledger,
     utcnow,
 )
-from runner.ledger_pg import is_postgres_url
 from runner.logs import row_logger
 from runner.metrics import RunMetrics, write_metrics
 from runner.money import format_amount

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -318,9 +319,22 @@ class RunLock:
             self._fd = -1
 
 
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(value: str | None) -> bool:
+    return bool(value) and str(value).startswith(URL_SCHEMES)
+
+
+def redact(url: str) -> str:
+    """A ledger's URL without its password: what messages and logs may show."""
+    return re.sub(r"^(\w+://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
 def open_ledger(where: str | Path) -> Ledger:
-    """The ledger at `where`: a `postgresql://` URL (shared by workers) or a SQLite path."""
-    from runner.ledger_pg import PostgresLedger, is_postgres_url
+    """The ledger at `where`: a `postgresql://` URL (shared by workers) or a SQLite path.
+    The PostgreSQL ledger (and its driver) is imported only when asked for."""
+    from runner.ledger_pg import PostgresLedger
 
     if is_postgres_url(str(where)):
         return PostgresLedger.open(str(where))

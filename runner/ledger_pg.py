@@ -17,7 +17,6 @@ connection is: the event loop never waits on the database.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +36,7 @@ from runner.ledger import (
     ProviderEvent,
     RunSpec,
     _money,
+    redact,
     row_record,
 )
 from runner.money import format_amount
@@ -47,7 +47,6 @@ try:  # an optional dependency: `pip install 'topup-runner[postgres]'`
 except ImportError:  # pragma: no cover  (the test extra installs it)
     psycopg = None  # type: ignore[assignment]
 
-URL_SCHEMES = ("postgresql://", "postgres://")
 _MIGRATIONS = "runner.migrations"
 # Taken while migrations are applied, so that workers starting together apply them once.
 _MIGRATION_LOCK = 0x746F7075  # "topu"
@@ -56,15 +55,6 @@ COMMIT_RETRIES = 5
 _FINAL = tuple(s.value for s in RowStatus if s.is_final)
 _PG_SQL: dict[str, str] = {}
 R = TypeVar("R")
-
-
-def is_postgres_url(value: str | None) -> bool:
-    return bool(value) and str(value).startswith(URL_SCHEMES)
-
-
-def redact(url: str) -> str:
-    """The URL without its password: what messages and logs may show."""
-    return re.sub(r"^(\w+://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def _pg(sql: str) -> str:

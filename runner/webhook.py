@@ -110,6 +110,6 @@ def run_receiver(ledger_path: Path | str, public_key_pem: bytes, host: str, port
 
 
 def receiver_ledger_name(where: Path | str) -> str:
-    from runner.ledger_pg import redact
+    from runner.ledger import redact
 
     return redact(str(where))

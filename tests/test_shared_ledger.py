@@ -21,8 +21,8 @@ import pytest
 
 from runner.errors import LedgerError
 from runner.jobs import JobRow
-from runner.ledger import Ledger, ProviderEvent, RunSpec, open_ledger, utcnow
-from runner.ledger_pg import PostgresLedger, redact
+from runner.ledger import Ledger, ProviderEvent, RunSpec, open_ledger, redact, utcnow
+from runner.ledger_pg import PostgresLedger
 from runner.records import RowStatus
 from runner.sandbox.config import SandboxCard, SandboxConfig
 from runner.sandbox.faults import FaultKind
