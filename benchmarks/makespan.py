@@ -64,6 +64,8 @@ CONCURRENCY = 8
 AMOUNT = "10.00"
 SANDBOX_READY_TIMEOUT = 20.0
 STOP_GRACE = 10.0
+STATE_TIMEOUT = 600.0  # the sandbox's record of 200,000 topups takes a while to serve
+REGISTER_CHUNK = 10_000  # cards per registration: the sandbox takes bodies up to 1 MiB
 # A runner still going after this long is stuck, not slow: 60 s + 10 x LB.
 RUNNER_TIMEOUT_BASE = 60.0
 RUNNER_TIMEOUT_FACTOR = 10.0
@@ -271,11 +273,40 @@ class Sandbox:
         return f"{self.root}/api/v1"
 
     def state(self) -> Mapping[str, Any]:
-        state: Mapping[str, Any] = http_json(f"{self.root}/_sandbox/state")
+        state: Mapping[str, Any] = http_json(f"{self.root}/_sandbox/state", timeout=STATE_TIMEOUT)
         return state
 
     def register_cards(self, card_ids: Sequence[str]) -> None:
-        http_json(f"{self.root}/_sandbox/cards", {"cards": [{"card_id": c} for c in card_ids]})
+        for start in range(0, len(card_ids), REGISTER_CHUNK):
+            chunk = card_ids[start : start + REGISTER_CHUNK]
+            body = {"cards": [{"card_id": c} for c in chunk]}
+            http_json(f"{self.root}/_sandbox/cards", body, timeout=120.0)
+
+
+def spawn_sandbox(command: Sequence[str], port: int, env: Mapping[str, str], log: Path) -> Sandbox:
+    """Start a standalone sandbox process (`command` serves on `port`), its output in `log`."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            list(command),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+        )
+    return Sandbox(process, port, log)
+
+
+@contextlib.contextmanager
+def running_sandbox(
+    command: Sequence[str], port: int, env: Mapping[str, str], log: Path
+) -> Iterator[Sandbox]:
+    """One fresh sandbox process, ready to answer, stopped on the way out."""
+    started = spawn_sandbox(command, port, env, log)
+    try:
+        wait_ready(started)
+        yield started
+    finally:
+        stop_process(started.process)
 
 
 def sandbox_command(limits: Limits, port: int, seed: int) -> list[str]:
@@ -306,16 +337,8 @@ def sandboxes(
     try:
         for _ in range(count):
             port = free_port()
-            log = logs / f"sandbox-{port}.log"
-            with log.open("wb") as out:
-                process = subprocess.Popen(
-                    sandbox_command(limits, port, seed),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=dict(env),
-                )
-            started.append(Sandbox(process, port, log))
+            command = sandbox_command(limits, port, seed)
+            started.append(spawn_sandbox(command, port, env, logs / f"sandbox-{port}.log"))
         for sandbox in started:
             wait_ready(sandbox)
         yield started
@@ -711,7 +734,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _terminate_on_sigterm() -> None:
+def terminate_on_sigterm() -> None:
     """SIGTERM unwinds like Ctrl-C, so every `finally` stops its processes."""
 
     def handler(signum: int, frame: object) -> None:
@@ -739,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"makespan: unknown shape(s): {', '.join(unknown)}", file=sys.stderr)
             return 2
         shapes = [s for s in shapes if s.name in args.shape]
-    _terminate_on_sigterm()
+    terminate_on_sigterm()
     token = "uc_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40))
 
     workdir = Path(tempfile.mkdtemp(prefix="makespan-"))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shlex
 import shutil
 import subprocess
@@ -47,17 +48,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import makespan as ms
 import throughput as tp
 
 CHECK_BOUND_S = 10.0
 RSS_BOUND_MB = 600.0
 
 
-def api_json(sb: tp.Sandbox, path: str) -> Any:
+def api_json(sb: ms.Sandbox, path: str) -> Any:
     """GET an API route with the token, as a client would."""
     request = urllib.request.Request(sb.api + path, headers={"Authorization": f"Bearer {tp.TOKEN}"})
     with urllib.request.urlopen(request, timeout=600) as response:
-        return tp.json.load(response)
+        return json.load(response)
 
 
 def run_measured(command: list[str], log: Path, timeout: float) -> tp.Finished:
@@ -69,10 +71,10 @@ def run_measured(command: list[str], log: Path, timeout: float) -> tp.Finished:
         try:
             return tp.wait_measured(process, timeout)
         finally:
-            tp.stop_process(process)
+            ms.stop_process(process)
 
 
-def common_options(sb: tp.Sandbox, folder: Path) -> list[str]:
+def common_options(sb: ms.Sandbox, folder: Path) -> list[str]:
     return [
         "--provider", "uncash", "--base-url", sb.api, "--rate-limit", "unlimited",
         "--cooldown", "0", "--concurrency", "32", "--ledger", str(folder / "ledger.sqlite"),
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             options = common_options(sb, folder)
 
             check = run_measured(
-                [*tp.python_command(), "check", str(job), *options], folder / "check.log", 300
+                [*ms.python_command(), "check", str(job), *options], folder / "check.log", 300
             )
             figures.append(
                 f"check:  {check.wall_s:6.1f} s  peak RSS {check.peak_rss_mb:4.0f} MB  "
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report_csv = folder / "report.csv"
             run = run_measured(
-                [*tp.python_command(), "run", str(job), *options, "--output", str(report_csv)],
+                [*ms.python_command(), "run", str(job), *options, "--output", str(report_csv)],
                 folder / "run.log",
                 6 * 3600,
             )
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             report_xlsx = folder / "report.xlsx"
             rewrite = run_measured(
                 [
-                    *tp.python_command(), "report", "--ledger", str(folder / "ledger.sqlite"),
+                    *ms.python_command(), "report", "--ledger", str(folder / "ledger.sqlite"),
                     "--run-key", "scale-bench", "--output", str(report_xlsx),
                 ],
                 folder / "report.log",
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             print(figures[-1], file=sys.stderr, flush=True)
             if rewrite.exit_code != 0:
                 problems.append(f"report exit {rewrite.exit_code}: {tail(folder / 'report.log')}")
-    except tp.BenchmarkError as exc:
+    except ms.BenchmarkError as exc:
         print(f"scale: cannot measure: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -217,7 +219,7 @@ def tp_event(log: Path, name: str) -> dict[str, Any] | None:
     """The runner's last `name` event from its JSON log, if it got that far."""
     for line in reversed(log.read_text(errors="replace").splitlines()):
         try:
-            event = tp.json.loads(line)
+            event = json.loads(line)
         except ValueError:
             continue
         if isinstance(event, dict) and event.get("event") == name:

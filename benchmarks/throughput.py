@@ -31,22 +31,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
@@ -54,21 +50,21 @@ from typing import Any
 
 import aiohttp
 import uvloop
+from makespan import (
+    BenchmarkError,
+    Sandbox,
+    free_port,
+    python_command,
+    running_sandbox,
+    stop_process,
+    terminate_on_sigterm,
+)
+from makespan import child_env as makespan_child_env
 
 HOST = "127.0.0.1"
 TOKEN = "uc_" + "Thru9" * 8
 AMOUNT = "10.00"
 BODY = '{"amount": ' + AMOUNT + "}"
-SANDBOX_READY_TIMEOUT = 30.0
-STOP_GRACE = 10.0
-REGISTER_CHUNK = 10_000  # the sandbox takes request bodies up to 1 MiB
-
-
-class BenchmarkError(Exception):
-    """The benchmark itself could not measure (not a verdict on the runner)."""
-
-
-# -- jobs -------------------------------------------------------------------------------------
 
 
 def card_ids(count: int, seed: int) -> list[str]:
@@ -92,105 +88,19 @@ def write_job(path: Path, cards: Sequence[str], rows_per_card: int = 1) -> int:
 # -- processes --------------------------------------------------------------------------------
 
 
-def python_command() -> list[str]:
-    return [sys.executable, "-m", "runner"]
-
-
 def child_env() -> dict[str, str]:
-    """No TOPUP_* setting of the caller's leaks into a run."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOPUP_")}
-    env["UNCASH_API_TOKEN"] = TOKEN
-    env["SANDBOX_UNCASH_TOKEN"] = TOKEN
-    return env
+    """No TOPUP_* setting of the caller's leaks into a run; the benchmark's token."""
+    return makespan_child_env(TOKEN)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def http_json(url: str, body: object | None = None, timeout: float = 120.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response)
-
-
-def stop_process(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM (both programs stop cleanly on it), then SIGKILL if it does not end in time."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@dataclass(frozen=True, slots=True)
-class Sandbox:
-    """A standalone sandbox process serving on 127.0.0.1:`port`."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def root(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    @property
-    def api(self) -> str:
-        return f"{self.root}/api/v1"
-
-    def state(self) -> Mapping[str, Any]:
-        state: Mapping[str, Any] = http_json(f"{self.root}/_sandbox/state", timeout=600)
-        return state
-
-    def register_cards(self, cards: Sequence[str]) -> None:
-        for start in range(0, len(cards), REGISTER_CHUNK):
-            chunk = cards[start : start + REGISTER_CHUNK]
-            http_json(f"{self.root}/_sandbox/cards", {"cards": [{"card_id": c} for c in chunk]})
-
-
-@contextlib.contextmanager
-def sandbox(workdir: Path, name: str, wallet: str, seed: int) -> Iterator[Sandbox]:
+def sandbox(workdir: Path, name: str, wallet: str, seed: int) -> AbstractContextManager[Sandbox]:
     """A fresh standalone sandbox: no rate limit, no cooldown, no latency; stopped on exit."""
     port = free_port()
-    log = workdir / f"sandbox-{name}.log"
     command = [
         *python_command(), "sandbox", "--host", HOST, "--port", str(port),
         "--cooldown", "0", "--latency", "0", "--wallet", wallet, "--seed", str(seed),
     ]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=child_env()
-        )
-    running = Sandbox(process, port, log)
-    try:
-        wait_ready(running)
-        yield running
-    finally:
-        stop_process(process)
-
-
-def wait_ready(sb: Sandbox) -> None:
-    deadline = time.monotonic() + SANDBOX_READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if sb.process.poll() is not None:
-            raise BenchmarkError(
-                f"the sandbox on port {sb.port} exited with {sb.process.returncode}: "
-                f"{sb.log.read_text(errors='replace').strip()}"
-            )
-        try:
-            if http_json(f"{sb.api}/health", timeout=1.0).get("status") == "ok":
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    raise BenchmarkError(f"the sandbox on port {sb.port} did not answer /health in time")
+    return running_sandbox(command, port, child_env(), workdir / f"sandbox-{name}.log")
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,16 +298,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate_on_sigterm() -> None:
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    _terminate_on_sigterm()
+    terminate_on_sigterm()
     cards = card_ids(args.cards, args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="throughput-"))
     runner_rates: list[float] = []

@@ -35,7 +35,6 @@ import math
 import secrets
 import shlex
 import shutil
-import signal
 import string
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
@@ -172,27 +171,13 @@ def sandbox_command(scenario: Scenario, port: int, seed: int) -> list[str]:
     return command
 
 
-@contextlib.contextmanager
 def sandbox(
     scenario: Scenario, seed: int, env: Mapping[str, str], logs: Path
-) -> Iterator[ms.Sandbox]:
+) -> contextlib.AbstractContextManager[ms.Sandbox]:
     """A fresh sandbox process for one run, stopped on the way out."""
     port = ms.free_port()
-    log = logs / f"sandbox-{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            sandbox_command(scenario, port, seed),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(env),
-        )
-    started = ms.Sandbox(process, port, log)
-    try:
-        ms.wait_ready(started)
-        yield started
-    finally:
-        ms.stop_process(process)
+    command = sandbox_command(scenario, port, seed)
+    return ms.running_sandbox(command, port, env, logs / f"sandbox-{port}.log")
 
 
 def worker_command(
@@ -571,15 +556,6 @@ def reproduce_command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _terminate_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every `finally` stops its processes and the server."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -594,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"workers: {exc}", file=sys.stderr)
         return 2
-    _terminate_on_sigterm()
+    ms.terminate_on_sigterm()
     token = "uc_" + "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40))
     rng = Random(args.seed)
     jobs = {s.name: make_job(s.rows, args.heavy_cards, args.heavy_rows, rng) for s in chosen}
