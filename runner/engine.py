@@ -268,13 +268,8 @@ class JobRunner:
             row_count=len(job.rows),
         )
         existing = await ledger.call(ledger.find_run, self.run_key)
-        if existing is not None and (
-            existing.job_digest != spec.job_digest or existing.base_url != spec.base_url
-        ):
-            raise LedgerError(
-                f"run key {self.run_key!r} in {ledger.name} belongs to another job or provider "
-                f"({existing.job_file} on {existing.base_url}): choose a new run key"
-            )
+        if existing is not None:
+            self._same_run_or_refuse(ledger, existing, spec, "choose a new run key")
         last_sent: dict[str, datetime] = {}
         todo_rows: Sequence[JobRow]
         if existing is None:
@@ -454,12 +449,23 @@ class JobRunner:
     async def _check_same_run(self, ledger: Ledger, spec: RunSpec) -> None:
         """Another worker may have recorded the run first: it must be this job, this target."""
         found = await ledger.call(ledger.find_run, self.run_key)
-        if found is None or (found.job_digest, found.base_url) != (spec.job_digest, spec.base_url):
-            raise LedgerError(
-                f"run key {self.run_key!r} in {ledger.name} belongs to another job or provider "
-                f"({found.job_file if found else '?'} on {found.base_url if found else '?'}): "
-                "every worker of a run needs the same job file and provider"
-            )
+        advice = "every worker of a run needs the same job file and provider"
+        self._same_run_or_refuse(ledger, found, spec, advice)
+
+    def _same_run_or_refuse(
+        self, ledger: Ledger, found: RunSpec | None, spec: RunSpec, advice: str
+    ) -> None:
+        """A run key may only go on with the job and target it was recorded with."""
+        if found is not None and (found.job_digest, found.base_url) == (
+            spec.job_digest,
+            spec.base_url,
+        ):
+            return
+        raise LedgerError(
+            f"run key {self.run_key!r} in {ledger.name} belongs to another job or provider "
+            f"({found.job_file if found else '?'} on {found.base_url if found else '?'}): "
+            f"{advice}"
+        )
 
     async def _feed(self) -> None:
         """Claim cards while any are left (`_claim_cards`); on a ledger that cannot be used,
