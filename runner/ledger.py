@@ -430,7 +430,9 @@ class Ledger:
         self._committing_upto = 0  # the statements it carries: those queued before it began
         self._next: asyncio.Event | None = None  # set when the commit after that one ends
         self._broken: LedgerError | None = None
-        self._conn_lock = anyio.Lock()  # one user of the connection at a time, async callers
+        # One user of the connection at a time among async callers (asyncio's lock, as the
+        # events below: taken at every commit).
+        self._conn_lock = asyncio.Lock()
         self._locks: list[RunLock] = []
         self._disk = _DiskThread()
 
@@ -538,14 +540,8 @@ class Ledger:
         try:
             # Shielded: a commit cut in half would lose statements others wait on.
             with anyio.CancelScope(shield=True):
-                try:
-                    self._conn_lock.acquire_nowait()
-                except anyio.WouldBlock:
-                    await self._conn_lock.acquire()
-                try:
+                async with self._conn_lock:  # no suspension when it is free
                     await self._commit(batch)
-                finally:
-                    self._conn_lock.release()
             self._written += len(batch)
         except LedgerError as exc:
             self._broken = exc

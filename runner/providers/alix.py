@@ -349,6 +349,8 @@ class AlixProvider:
                 timeout=self._timeout,
                 connector=aiohttp.TCPConnector(limit=self._connector_limit),
                 raise_for_status=False,
+                # The API sets no cookies: no jar to store them in or filter at every request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 

@@ -270,6 +270,8 @@ class UncashProvider:
                 timeout=self._timeout,
                 connector=aiohttp.TCPConnector(limit=self._connector_limit),
                 raise_for_status=False,
+                # The API sets no cookies: no jar to store them in or filter at every request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
@@ -307,7 +309,10 @@ class UncashProvider:
             # run's CPU per topup decides how fast an unlimited provider can be fed.
             await self._throttle.acquire()
             async with self._client().post(
-                url, data='{"amount": ' + text + "}", allow_redirects=False
+                # Bytes: a str body is re-encoded through a charset lookup at every request.
+                url,
+                data=b'{"amount": ' + text.encode() + b"}",
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 # Uncash answers JSON, which is UTF-8; anything else only ends up in a message.
