@@ -4,8 +4,8 @@ With no rate limit, no cooldown and no latency the provider stops being the bott
 what is left is the client's own cost per topup. In one run this script measures:
 
 - the runner: `topup-runner run JOB --provider uncash --rate-limit unlimited --cooldown 0
-  --concurrency C ...` as a subprocess, with its SQLite ledger (synchronous=FULL unless
-  `--ledger-sync` says otherwise) and its report;
+  --concurrency C ...` as a subprocess, with its SQLite ledger (synchronous=FULL, as always)
+  and its report;
 - a bare loop: `C` aiohttp tasks in this process posting the same requests (`{"amount": 10.00}`
   to `/api/v1/cards/{id}/topup` with the bearer token), reading each answer and nothing more,
   on the same event loop implementation as the runner's (uvloop).
@@ -150,7 +150,6 @@ def run_runner(
     timeout: float,
     *,
     profile: Path | None = None,
-    extra_env: Mapping[str, str] | None = None,
 ) -> Finished:
     if profile is not None:
         py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
@@ -160,7 +159,6 @@ def run_runner(
             *command,
         ]  # fmt: skip
     env = child_env()
-    env.update(extra_env or {})
     with (workdir / "runner.log").open("wb") as err:
         process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL, env=env
@@ -236,11 +234,10 @@ def measure_runner(
     folder.mkdir()
     job = folder / "job.csv"
     write_job(job, cards)
-    env = {"TOPUP_LEDGER_SYNC": args.ledger_sync} if args.ledger_sync else None
     with sandbox(folder, "runner", args.wallet, args.seed) as sb:
         sb.register_cards(cards)
         command = runner_command(job, sb, concurrency, folder)
-        finished = run_runner(command, folder, args.timeout, profile=args.profile, extra_env=env)
+        finished = run_runner(command, folder, args.timeout, profile=args.profile)
         failure = None
         if finished.exit_code != 0:
             tail = (folder / "runner.log").read_text(errors="replace").strip().splitlines()[-3:]
@@ -270,8 +267,6 @@ def measure_bare(
 def reproduce_command(args: argparse.Namespace) -> str:
     parts = ["python", "benchmarks/throughput.py", "--cards", str(args.cards)]
     parts += ["--concurrency", str(args.concurrency), "--rounds", str(args.rounds)]
-    if args.ledger_sync:
-        parts += ["--ledger-sync", args.ledger_sync]
     return shlex.join(parts)
 
 
@@ -283,9 +278,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=11, help="card ids")
     parser.add_argument("--target", type=float, default=0.8, help="runner/bare ratio to reach")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per runner run")
-    parser.add_argument(
-        "--ledger-sync", choices=["full", "normal"], help="the runner's TOPUP_LEDGER_SYNC"
-    )
     parser.add_argument(
         "--profile", type=Path, help="record the runner with py-spy into this .svg (or .json)"
     )
