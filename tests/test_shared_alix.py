@@ -49,7 +49,7 @@ def worker_args(sb: RunningSandbox, tmp: Path, url: str, name: str) -> list[str]
     return [
         "--provider", "alix", "--base-url", sb.alix.base_url, "--ledger", url,
         "--output", str(tmp / f"{name}.csv"), "--log-format", "json", "--run-key", RUN_KEY,
-        "--rate-limit", "40", "--concurrency", "4", "--timeout", "1", "--max-attempts", "10",
+        "--rate-limit", "80", "--concurrency", "4", "--timeout", "1", "--max-attempts", "10",
         "--wait-settle", "15",
     ]  # fmt: skip
 
