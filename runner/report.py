@@ -253,6 +253,11 @@ class _Totals:
     amount_by_status: dict[RowStatus, Decimal] = field(default_factory=_zero_by_status)
     fee_by_status: dict[RowStatus, Decimal] = field(default_factory=_zero_by_status)
     charged_by_status: dict[RowStatus, Decimal] = field(default_factory=_zero_by_status)
+    # Rows that moved money (succeeded, pending) whose fee or total charged the provider did
+    # not tell (Alix never reports a total charged; a reconciled Uncash topup has no fee): the
+    # sums leave them out, and the Summary must say so rather than let 0.00 read as "free".
+    fee_unknown: int = 0
+    charged_unknown: int = 0
 
     def add(self, record: RowRecord) -> None:
         # Totals add the cent-rounded values the report shows, so they match a sum of the column.
@@ -260,10 +265,15 @@ class _Totals:
         self.rows += 1
         self.by_status[status] += 1
         self.amount_by_status[status] += _cents(record.amount)
+        moved = status is RowStatus.SUCCEEDED or status is RowStatus.PENDING
         if record.fee is not None:
             self.fee_by_status[status] += _cents(record.fee)
+        elif moved:
+            self.fee_unknown += 1
         if record.total_charged is not None:
             self.charged_by_status[status] += _cents(record.total_charged)
+        elif moved:
+            self.charged_unknown += 1
 
     @property
     def amount(self) -> Decimal:
@@ -355,11 +365,19 @@ def _summary_lines(info: RunInfo, totals: _Totals, sheets: int) -> list[tuple[st
         ("fee, succeeded + pending", totals.moved_fee),
         ("total charged, succeeded + pending", totals.moved_charged),
     ]
+    for what, unknown in (("fee", totals.fee_unknown), ("total charged", totals.charged_unknown)):
+        if unknown:
+            lines.append((f"{what} not known", _unknown_note(what, unknown)))
     if sheets > 1:
         names = ", ".join(_results_sheet_title(n) for n in range(1, sheets + 1))
         lines.append(("Results sheets", f"{sheets} ({names}): more rows than one sheet holds"))
     lines += list(info.notes)
     return lines
+
+
+def _unknown_note(what: str, rows: int) -> str:
+    rows_text = "1 succeeded or pending row" if rows == 1 else f"{rows} succeeded or pending rows"
+    return f"for {rows_text}: the provider did not report it; the {what} totals leave them out"
 
 
 # --- CSV ------------------------------------------------------------------------------------

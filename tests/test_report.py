@@ -415,6 +415,41 @@ def test_summary_status_labels_have_the_results_colours(tmp_path: Path) -> None:
     assert labels["succeeded"].fill.fill_type is None
 
 
+@pytest.mark.parametrize("suffix", [".xlsx", ".csv"])
+def test_summary_says_when_money_moved_without_a_known_fee_or_total(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Rows that moved money without a fee or total charged from the provider (Alix reports no
+    total; a reconciled Uncash topup no fee) are named in the Summary, so that the totals,
+    which leave them out, do not read as the whole charge."""
+    records = [
+        record(1, total_charged=None),  # Alix-like: fee known, total not
+        record(2, status=RowStatus.PENDING, total_charged=None),
+        record(3, fee=None),  # reconciled: total known from another source, fee not
+        record(4, status=RowStatus.FAILED, fee=None, total_charged=None),  # nothing moved
+        record(5, status=RowStatus.NEEDS_REVIEW, fee=None, total_charged=None),
+    ]
+    path = tmp_path / f"r{suffix}"
+    write_report(path, stream(*records), INFO)
+    summary = xlsx_summary(path) if suffix == ".xlsx" else csv_summary(path)
+    assert summary["total charged not known"] == (
+        "for 2 succeeded or pending rows: the provider did not report it; "
+        "the total charged totals leave them out"
+    )
+    assert summary["fee not known"] == (
+        "for 1 succeeded or pending row: the provider did not report it; "
+        "the fee totals leave them out"
+    )
+    assert as_money(summary["total charged, succeeded + pending"]) == Decimal("255.40")
+
+
+def test_summary_has_no_unknown_lines_when_every_moved_row_is_known(tmp_path: Path) -> None:
+    write_report(tmp_path / "r.xlsx", stream(*summary_records()), INFO)
+    summary = xlsx_summary(tmp_path / "r.xlsx")
+    assert "fee not known" not in summary
+    assert "total charged not known" not in summary
+
+
 def test_csv_summary_is_a_sibling_file_with_the_same_lines(tmp_path: Path) -> None:
     """A CSV report's summary goes to <stem>.summary.csv with the xlsx Summary's items."""
     write_report(tmp_path / "r.xlsx", stream(*summary_records()), INFO)
