@@ -304,26 +304,23 @@ class UncashProvider:
             text = format_amount(amount)
         card = card_id if _UNRESERVED.fullmatch(card_id) else quote(card_id, safe="")
         url = f"{self._base}/cards/{card}/topup"
+        # Bytes: a str body is re-encoded through a charset lookup at every request.
+        body = b'{"amount": ' + text.encode() + b"}"
         try:
             # The request inline rather than through _request: this runs once a topup, and a
             # run's CPU per topup decides how fast an unlimited provider can be fed.
             await self._throttle.acquire()
-            async with self._client().post(
-                # Bytes: a str body is re-encoded through a charset lookup at every request.
-                url,
-                data=b'{"amount": ' + text.encode() + b"}",
-                allow_redirects=False,
-            ) as response:
+            async with self._client().post(url, data=body, allow_redirects=False) as response:
                 status = response.status
                 # Uncash answers JSON, which is UTF-8; anything else only ends up in a message.
-                body = (await response.read()).decode("utf-8", "replace")
+                answer = (await response.read()).decode("utf-8", "replace")
                 retry_after = response.headers.get("Retry-After") if status == 429 else None
         except aiohttp.ClientConnectorError as exc:
             # The TCP connection was never made: the request cannot have been seen.
             return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {exc.os_error or exc}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Unknown(transport_message(exc))
-        outcome = classify_topup(HttpAnswer(status, body, retry_after))
+        outcome = classify_topup(HttpAnswer(status, answer, retry_after))
         if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
             self._throttle.slow_down(outcome.after)
         return outcome
