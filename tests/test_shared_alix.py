@@ -1,6 +1,6 @@
 """Alix Pay with a shared PostgreSQL ledger, end to end: several `topup-runner run` workers on
-one run against the sandbox in Alix mode, webhooks received into the same ledger, judged by
-the sandbox's own record of topups."""
+one run against the sandbox in Alix mode, webhooks received into the same ledger, one worker
+SIGKILLed mid-run, judged by the sandbox's own record of topups."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import anyio
 import anyio.abc
 import pytest
 
+from runner.ledger_pg import CardWork, PostgresLedger
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.webhook import serve_webhooks
@@ -30,6 +31,7 @@ from tests.test_alix_e2e import (  # noqa: F401  (the fixtures keys and alix_env
     until,
 )
 from tests.test_report import csv_summary
+from tests.test_shared_ledger import sigkill_when
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -50,7 +52,7 @@ def worker_args(sb: RunningSandbox, tmp: Path, url: str, name: str) -> list[str]
         "--provider", "alix", "--base-url", sb.alix.base_url, "--ledger", url,
         "--output", str(tmp / f"{name}.csv"), "--log-format", "json", "--run-key", RUN_KEY,
         "--rate-limit", "80", "--concurrency", "4", "--timeout", "1", "--max-attempts", "10",
-        "--wait-settle", "15",
+        "--wait-settle", "15", "--lease", "1.5",
     ]  # fmt: skip
 
 
@@ -76,14 +78,39 @@ def run_summary(log: Path) -> dict[str, Any]:
     return found
 
 
-async def test_three_alix_workers_with_faults_pay_every_row_once_and_settle_it(
+def left_by(url: str, pid: int) -> CardWork:
+    """What a killed worker left behind: the rows of the cards it held, with the attempts it
+    opened and never closed (a lease names its holder's pid)."""
+    ledger = PostgresLedger.open(url)
+    try:
+        held = ledger._query(
+            "SELECT card_id FROM run_cards WHERE run_key = %s AND NOT done "
+            "AND split_part(owner, ':', 2) = %s",
+            (RUN_KEY, str(pid)),
+        )
+        return ledger.card_work(RUN_KEY, [card for (card,) in held])
+    finally:
+        ledger.close()
+
+
+def reconciled(log: Path) -> set[int]:
+    """Rows whose open attempt the worker settled from the transactions list."""
+    events = [json.loads(x) for x in log.read_text().splitlines() if '"reconcile.' in x]
+    return {
+        e["row"] for e in events if e["event"] in ("reconcile.applied", "reconcile.not_applied")
+    }
+
+
+async def test_three_alix_workers_one_killed_pay_every_row_once_and_settle_it(
     pg_url: str,
     tmp_path: Path,
     keys: Keys,  # noqa: F811
     alix_env: dict[str, str],  # noqa: F811
 ) -> None:
-    """Three workers, lost answers and 5xx, webhooks into the shared ledger: every row paid
-    exactly once and reported succeeded, the same by every worker and by `report`."""
+    """Three workers, lost answers and 5xx, webhooks into the shared ledger, one worker
+    SIGKILLed mid-run: the other two take over its cards once its leases run out, settle what
+    it left open from the transactions list, and every row is paid exactly once and reported
+    succeeded, the same by both survivors and by `report`."""
     rows, workers_n = 90, 3
     job, amounts = unique_job(tmp_path, rows=rows, cards=30, seed=11)
     async with serve_webhooks(pg_url, keys.alix_public.encode()) as hook:
@@ -100,8 +127,13 @@ async def test_three_alix_workers_with_faults_pay_every_row_once_and_settle_it(
                 await start_worker(job, sb, tmp_path, pg_url, f"w{n}", alix_env)
                 for n in range(workers_n)
             ]
+            victim = workers[1]
+            await sigkill_when(victim, lambda: len(state.topups) >= rows // 3, 20)
+            killed_at = len(state.topups)
+            # Read before the survivors take its cards (not before --lease has run out).
+            left = await anyio.to_thread.run_sync(left_by, pg_url, victim.pid)
             with anyio.fail_after(30):
-                codes = [await w.wait() for w in workers]
+                codes = [await workers[0].wait(), await workers[2].wait()]
             # Every topup's webhook reaches the receiver, whether or not polling settled the
             # row first (the receiver answers 200 either way).
             await until(lambda: settled_events(sb) >= len(state.topups), 10)
@@ -112,32 +144,42 @@ async def test_three_alix_workers_with_faults_pay_every_row_once_and_settle_it(
             "report", "--ledger", pg_url, "--run-key", RUN_KEY,
             "--output", str(tmp_path / "rewritten.csv"), cwd=tmp_path,
         )  # fmt: skip
-    assert codes == [0] * workers_n, codes
+    assert codes == [0, 0], codes
+    assert 0 < killed_at < rows
+    assert not (tmp_path / "w1.csv").exists()  # the victim wrote no report
     assert sum(faults.values()) >= 5, faults
     assert counters.webhooks_delivered >= rows
+    # The victim left rows to take over, and attempts open, which a survivor settled from
+    # the transactions list before sending anything again.
+    assert left.rows, "the victim held no unfinished card when it was killed"
+    assert left.open_attempts, "the victim had no attempt open when it was killed"
+    settled = reconciled(tmp_path / "w0.log") | reconciled(tmp_path / "w2.log")
+    assert {a.row for a in left.open_attempts} <= settled
     # The sandbox's record: every row paid exactly once, on its own card, and settled.
     paid = Counter(t.amount for t in topups)
     assert set(paid.values()) == {1}, "a row was paid twice"
     assert {t.amount: t.card_id for t in topups} == amounts
     assert {t.status.value for t in topups} == {"Success"}
-    # Every worker's report says so, row for row, and so does `report` from the ledger.
-    reports = [read_csv_report(tmp_path / f"w{n}.csv") for n in range(workers_n)]
+    # Both survivors' reports say so, row for row, and so does `report` from the ledger.
+    reports = [read_csv_report(tmp_path / f"w{n}.csv") for n in (0, 2)]
     report = reports[0]
     assert len(report) == rows
+    # Every row final and paid: no needs_review either (1 % of 90 rows is none).
     assert {r["status"] for r in report} == {"succeeded"}
     assert {Decimal(r["amount"]): r["card_id"] for r in report} == amounts
     fees = {t.amount: t.fee for t in topups}
     assert all(Decimal(r["fee"]) == fees[Decimal(r["amount"])] for r in report)
-    assert all(other == report for other in reports[1:])
+    assert reports[1] == report
     assert rewritten.code == 0, rewritten.stderr
     assert read_csv_report(tmp_path / "rewritten.csv") == report
-    # Each worker counts the whole run, and its own topups, which together are all of them.
-    events = [run_summary(tmp_path / f"w{n}.log") for n in range(workers_n)]
+    # Each survivor counts the whole run; the run's count of topups sent includes the
+    # victim's, which only the ledger knows.
+    events = [run_summary(tmp_path / f"w{n}.log") for n in (0, 2)]
     counted = [{k: n for k, n in e["rows"].items() if n} for e in events]
-    assert counted == [{"succeeded": rows}] * workers_n, counted
+    assert counted == [{"succeeded": rows}] * 2, counted
     sent = [e["sent"] for e in events]
-    assert sum(n > 0 for n in sent) >= 2, sent  # the run was shared, not done by one worker
-    sheets = [csv_summary(tmp_path / f"w{n}.csv") for n in range(workers_n)]
-    assert all(other == sheets[0] for other in sheets[1:])
-    assert sheets[0]["topups sent (all processes)"] == str(sum(sent))
+    assert all(n > 0 for n in sent), sent
+    sheets = [csv_summary(tmp_path / f"w{n}.csv") for n in (0, 2)]
+    assert sheets[1] == sheets[0]
+    assert int(sheets[0]["topups sent (all processes)"]) > sum(sent)
     assert csv_summary(tmp_path / "rewritten.csv").items() <= sheets[0].items()

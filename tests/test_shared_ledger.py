@@ -12,6 +12,7 @@ import signal
 import subprocess
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -240,6 +241,16 @@ def cooldown_gaps(sb: RunningSandbox) -> list[float]:
     return [b - a for ats in by_card.values() for a, b in itertools.pairwise(ats)]
 
 
+async def sigkill_when(
+    victim: anyio.abc.Process, progress: Callable[[], bool], limit: float
+) -> None:
+    """SIGKILL `victim` mid-run: once `progress` holds, and while it is still running."""
+    await until(lambda: progress() or victim.returncode is not None, limit)
+    assert victim.returncode is None, "the victim finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    assert await victim.wait() == -signal.SIGKILL
+
+
 @pytest.mark.slow
 async def test_three_workers_one_killed_every_row_paid_once(pg_url: str, tmp_path: Path) -> None:
     """Three workers, faults, one SIGKILLed mid-run: the other two take over its cards once
@@ -263,10 +274,7 @@ async def test_three_workers_one_killed_every_row_paid_once(pg_url: str, tmp_pat
             sb.state.put_card(SandboxCard(card))
         workers = [await start_worker(job, sb, tmp_path, pg_url, f"w{n}", *more) for n in range(3)]
         victim = workers[1]
-        await until(lambda: len(sb.state.applied) >= 100 or victim.returncode is not None, 60)
-        assert victim.returncode is None, "the victim finished before it could be killed"
-        victim.send_signal(signal.SIGKILL)
-        assert await victim.wait() == -signal.SIGKILL
+        await sigkill_when(victim, lambda: len(sb.state.applied) >= 100, 60)
         killed_at = len(sb.state.applied)
         with anyio.fail_after(90):
             codes = [await workers[0].wait(), await workers[2].wait()]
