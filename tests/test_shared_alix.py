@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import psycopg
 import pytest
 
 from runner.ledger_pg import CardWork, PostgresLedger
@@ -93,6 +94,18 @@ def left_by(url: str, pid: int) -> CardWork:
         ledger.close()
 
 
+def sends_now(conn: psycopg.Connection[Any], pid: int) -> bool:
+    """Whether the worker `pid` has an attempt open (a topup in flight) on a card it holds."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM attempts a JOIN run_cards c "
+        "ON c.run_key = a.run_key AND c.card_id = a.card_id "
+        "WHERE a.run_key = %s AND a.outcome IS NULL AND NOT c.done "
+        "AND split_part(c.owner, ':', 2) = %s)",
+        (RUN_KEY, str(pid)),
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def reconciled(log: Path) -> set[int]:
     """Rows whose open attempt the worker settled from the transactions list."""
     events = [json.loads(x) for x in log.read_text().splitlines() if '"reconcile.' in x]
@@ -127,13 +140,20 @@ async def test_three_alix_workers_one_killed_pay_every_row_once_and_settle_it(
                 await start_worker(job, sb, tmp_path, pg_url, f"w{n}", alix_env)
                 for n in range(workers_n)
             ]
-            victim = workers[1]
-            await sigkill_when(victim, lambda: len(state.topups) >= rows // 3, 20)
+            # Killed a third of the way through, while a topup of its own is in flight (on a
+            # busy machine a worker may have claimed cards and not sent yet).
+            victim = workers[0]
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                await sigkill_when(
+                    victim,
+                    lambda: len(state.topups) >= rows // 3 and sends_now(conn, victim.pid),
+                    20,
+                )
             killed_at = len(state.topups)
             # Read before the survivors take its cards (not before --lease has run out).
             left = await anyio.to_thread.run_sync(left_by, pg_url, victim.pid)
             with anyio.fail_after(30):
-                codes = [await workers[0].wait(), await workers[2].wait()]
+                codes = [await workers[1].wait(), await workers[2].wait()]
             # Every topup's webhook reaches the receiver, whether or not polling settled the
             # row first (the receiver answers 200 either way).
             await until(lambda: settled_events(sb) >= len(state.topups), 10)
@@ -146,14 +166,14 @@ async def test_three_alix_workers_one_killed_pay_every_row_once_and_settle_it(
         )  # fmt: skip
     assert codes == [0, 0], codes
     assert 0 < killed_at < rows
-    assert not (tmp_path / "w1.csv").exists()  # the victim wrote no report
+    assert not (tmp_path / "w0.csv").exists()  # the victim wrote no report
     assert sum(faults.values()) >= 5, faults
     assert counters.webhooks_delivered >= rows
     # The victim left rows to take over, and attempts open, which a survivor settled from
     # the transactions list before sending anything again.
     assert left.rows, "the victim held no unfinished card when it was killed"
     assert left.open_attempts, "the victim had no attempt open when it was killed"
-    settled = reconciled(tmp_path / "w0.log") | reconciled(tmp_path / "w2.log")
+    settled = reconciled(tmp_path / "w1.log") | reconciled(tmp_path / "w2.log")
     assert {a.row for a in left.open_attempts} <= settled
     # The sandbox's record: every row paid exactly once, on its own card, and settled.
     paid = Counter(t.amount for t in topups)
@@ -161,7 +181,7 @@ async def test_three_alix_workers_one_killed_pay_every_row_once_and_settle_it(
     assert {t.amount: t.card_id for t in topups} == amounts
     assert {t.status.value for t in topups} == {"Success"}
     # Both survivors' reports say so, row for row, and so does `report` from the ledger.
-    reports = [read_csv_report(tmp_path / f"w{n}.csv") for n in (0, 2)]
+    reports = [read_csv_report(tmp_path / f"w{n}.csv") for n in (1, 2)]
     report = reports[0]
     assert len(report) == rows
     # Every row final and paid: no needs_review either (1 % of 90 rows is none).
@@ -174,12 +194,12 @@ async def test_three_alix_workers_one_killed_pay_every_row_once_and_settle_it(
     assert read_csv_report(tmp_path / "rewritten.csv") == report
     # Each survivor counts the whole run; the run's count of topups sent includes the
     # victim's, which only the ledger knows.
-    events = [run_summary(tmp_path / f"w{n}.log") for n in (0, 2)]
+    events = [run_summary(tmp_path / f"w{n}.log") for n in (1, 2)]
     counted = [{k: n for k, n in e["rows"].items() if n} for e in events]
     assert counted == [{"succeeded": rows}] * 2, counted
     sent = [e["sent"] for e in events]
     assert all(n > 0 for n in sent), sent
-    sheets = [csv_summary(tmp_path / f"w{n}.csv") for n in (0, 2)]
+    sheets = [csv_summary(tmp_path / f"w{n}.csv") for n in (1, 2)]
     assert sheets[1] == sheets[0]
     assert int(sheets[0]["topups sent (all processes)"]) > sum(sent)
     assert csv_summary(tmp_path / "rewritten.csv").items() <= sheets[0].items()
