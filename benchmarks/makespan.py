@@ -624,8 +624,22 @@ def measure_shape(
 # -- report -----------------------------------------------------------------------------------
 
 
-def _num(value: float | None, spec: str = ".2f") -> str:
+def num(value: float | None, spec: str = ".2f") -> str:
+    """A figure of a table: `-` when there is none."""
     return "-" if value is None else format(value, spec)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Aligned columns: the first to the left, the others to the right, a rule under the header."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def table(results: Sequence[Result]) -> str:
@@ -646,25 +660,17 @@ def table(results: Sequence[Result]) -> str:
             r.shape.name,
             str(r.shape.n),
             str(r.shape.k),
-            _num(r.lb),
-            _num(r.runner.makespan),
-            _num(r.runner.ratio(r.lb), ".3f"),
-            _num(r.baseline.makespan),
-            _num(r.baseline.ratio(r.lb), ".3f"),
+            num(r.lb),
+            num(r.runner.makespan),
+            num(r.runner.ratio(r.lb), ".3f"),
+            num(r.baseline.makespan),
+            num(r.baseline.ratio(r.lb), ".3f"),
             f"{r.runner.cooldown_refusals}/{r.baseline.cooldown_refusals}",
             f"{r.runner.rate_refusals}/{r.baseline.rate_refusals}",
         )
         for r in results
     ]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    return render_table(header, rows)
 
 
 def diagnostics(results: Sequence[Result], limits: Limits) -> str:
@@ -674,8 +680,8 @@ def diagnostics(results: Sequence[Result], limits: Limits) -> str:
         out.append(f"{r.shape.name}: {r.shape.layout}")
         for label, m in (("runner", r.runner), ("baseline", r.baseline)):
             out.append(
-                f"  {label:8} busiest card gaps mean {_num(m.busiest_gap_mean, '.3f')} s, "
-                f"max {_num(m.busiest_gap_max, '.3f')} s (cooldown {limits.cooldown:g} s); "
+                f"  {label:8} busiest card gaps mean {num(m.busiest_gap_mean, '.3f')} s, "
+                f"max {num(m.busiest_gap_max, '.3f')} s (cooldown {limits.cooldown:g} s); "
                 f"rate idle {m.rate_idle:.2f} s; {m.posts} topup POSTs for {r.shape.n} rows"
             )
         finished = r.runner_run.finished

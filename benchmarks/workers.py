@@ -364,10 +364,6 @@ def measure(
 # -- report -----------------------------------------------------------------------------------
 
 
-def _num(value: float | None, spec: str = ".2f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(results: Sequence[Measurement]) -> str:
     header = (
         "scenario",
@@ -393,26 +389,18 @@ def table(results: Sequence[Measurement]) -> str:
                 r.scenario.name,
                 str(len(r.workers)),
                 str(r.rows),
-                _num(r.bound),
-                _num(r.makespan),
-                _num(r.ratio(), ".3f"),
+                ms.num(r.bound),
+                ms.num(r.makespan),
+                ms.num(r.ratio(), ".3f"),
                 "-" if speedup is None else f"x{speedup:.2f}",
-                _num(r.wall, ".1f"),
+                ms.num(r.wall, ".1f"),
                 str(r.rate_refusals),
                 str(r.cooldown_refusals),
                 "yes" if r.exactly_once else "no",
                 ",".join("-" if w.exit_code is None else str(w.exit_code) for w in r.workers),
             )
         )
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    return ms.render_table(header, rows)
 
 
 def diagnostics(results: Sequence[Measurement]) -> str:
