@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from tests.alix import Keys, new_keys, partner_env
 from tests.pgserver import PostgresServer, PostgresUnavailable
 
 REQUIRE_POSTGRES = "TOPUP_REQUIRE_POSTGRES"
@@ -51,3 +53,15 @@ def pg_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> I
     url = postgres_server.create_database(prefix=request.node.name)
     yield url
     postgres_server.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def keys() -> Keys:
+    """The partner's and Alix's RSA key pairs (two 2048-bit keys: made once a session)."""
+    return new_keys()
+
+
+@pytest.fixture
+def alix_env(tmp_path: Path, keys: Keys) -> dict[str, str]:
+    """A partner's environment for an Alix run, its key files in this test's folder."""
+    return partner_env(tmp_path, keys)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import subprocess
 import sys
+import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
+
+if TYPE_CHECKING:
+    from runner.sandbox.server import RunningSandbox
 
 TOKEN = "uc_" + "T3st" * 10
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,3 +76,42 @@ def write_job(path: Path, rows: list[tuple[str, str, str]], extra: str | None = 
 def files_containing(folder: Path, text: str) -> list[Path]:
     """Files directly in `folder` whose bytes hold `text`."""
     return [p for p in folder.iterdir() if p.is_file() and text.encode() in p.read_bytes()]
+
+
+async def until(condition: Callable[[], bool], limit: float = 20.0) -> None:
+    """Poll state that has no event to wait on (the sandbox's) until `condition` holds."""
+    with anyio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+def unique_amount_job(
+    tmp: Path, rows: int, cards: int, seed: int, base: Decimal = Decimal("5.00")
+) -> tuple[Path, dict[Decimal, str]]:
+    """Rows over `cards` cards, each row with its own amount (`base` plus a cent a row), so
+    that money maps back to rows; the job's path and each amount's card."""
+    rng = random.Random(seed)
+    ids = [str(uuid.uuid4()) for _ in range(cards)]
+    chosen = [ids[n] if n < cards else rng.choice(ids) for n in range(rows)]
+    amounts = {base + Decimal(n) / 100: card for n, card in enumerate(chosen)}
+    job = write_job(
+        tmp / "job.csv", [(c, f"{a:.2f}", f"R{n}") for n, (a, c) in enumerate(amounts.items())]
+    )
+    return job, amounts
+
+
+def judge(sb: RunningSandbox, report: list[dict[str, str]], amounts: dict[Decimal, str]) -> None:
+    """The sandbox's record against the report: no unaccounted topup, no success without money."""
+    applied = Counter(a.amount for a in sb.state.applied)
+    assert all(n == 1 for n in applied.values()), "a row was paid twice"
+    for row in report:
+        amount = Decimal(row["amount"])
+        assert row["card_id"] == amounts[amount]
+        if row["status"] == "succeeded":
+            assert applied[amount] == 1, f"row {row['row']} reported paid but no money moved"
+        elif row["status"] == "failed":
+            assert applied[amount] == 0, f"row {row['row']} reported failed but was paid"
+        else:
+            assert row["status"] == "needs_review", row
+    reported = {Decimal(r["amount"]) for r in report if r["status"] != "failed"}
+    assert set(applied) <= reported, "the sandbox applied a topup the report does not account for"

@@ -7,92 +7,23 @@ import json
 import random
 import signal
 import subprocess
-import uuid
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 import anyio
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from runner.ledger import Ledger
-from runner.sandbox.config import AlixConfig, SandboxConfig
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.webhook import serve_webhooks
-from tests.e2e import clean_env, command, read_csv_report, run_cli, write_job
+from tests.alix import Keys, sandbox_config, settled_events, unique_job
+from tests.e2e import command, read_csv_report, run_cli, until
 
 pytestmark = pytest.mark.anyio
-PARTNER, SECRET, EMAIL = "PARTNER-7", "s3cret-partner-key", "ops@example.com"
-
-
-def _pem(key: rsa.RSAPrivateKey) -> tuple[str, str]:
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    public = (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-    return private, public
-
-
-@dataclass(frozen=True)
-class Keys:
-    partner_private: str
-    partner_public: str
-    alix_private: str
-    alix_public: str
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keys:
-    partner = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    alix = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    return Keys(partner[0], partner[1], alix[0], alix[1])
-
-
-@pytest.fixture
-def alix_env(tmp_path: Path, keys: Keys) -> dict[str, str]:
-    (tmp_path / "partner.pem").write_text(keys.partner_private)
-    (tmp_path / "alix-public.pem").write_text(keys.alix_public)
-    return clean_env(
-        ALIX_PARTNER_CODE=PARTNER,
-        ALIX_SECRET_KEY=SECRET,
-        ALIX_USER_EMAIL=EMAIL,
-        ALIX_PRIVATE_KEY_FILE=str(tmp_path / "partner.pem"),
-        ALIX_WEBHOOK_PUBLIC_KEY_FILE=str(tmp_path / "alix-public.pem"),
-    )
-
-
-def sandbox_config(keys: Keys, webhook_url: str, **alix: object) -> SandboxConfig:
-    settings: dict[str, object] = {
-        "access_token_ttl": 0.6,
-        "settle_delay": 0.2,
-        "webhook_duplicate_rate": 0.3,
-        "failure_style": "mixed",
-    } | alix
-    return SandboxConfig(
-        cooldown=0.0,
-        seed=3,
-        alix=AlixConfig(
-            partner_code=PARTNER,
-            secret_key=SECRET,
-            user_email=EMAIL,
-            partner_public_key_pem=keys.partner_public,
-            alix_private_key_pem=keys.alix_private,
-            webhook_url=webhook_url,
-            **settings,  # type: ignore[arg-type]
-        ),
-    )
 
 
 def alix_args(sb: RunningSandbox, tmp: Path, *more: str) -> list[str]:
@@ -102,15 +33,6 @@ def alix_args(sb: RunningSandbox, tmp: Path, *more: str) -> list[str]:
         "--ledger", str(tmp / "ledger.sqlite"), "--output", str(tmp / "report.csv"),
         "--log-format", "json", "--run-key", "alix-test", "--wait-settle", "20", *more,
     ]  # fmt: skip
-
-
-def unique_job(tmp: Path, rows: int, cards: int, seed: int) -> tuple[Path, dict[Decimal, str]]:
-    rng = random.Random(seed)
-    ids = [str(uuid.uuid4()) for _ in range(cards)]
-    chosen = [ids[n] if n < cards else rng.choice(ids) for n in range(rows)]
-    amounts = {Decimal("10.00") + Decimal(n) / 100: card for n, card in enumerate(chosen)}
-    rows_ = [(c, f"{a:.2f}", f"R{n}") for n, (a, c) in enumerate(amounts.items())]
-    return write_job(tmp / "job.csv", rows_), amounts
 
 
 async def post(url: str, body: str) -> tuple[int, dict[str, object]]:
@@ -208,20 +130,6 @@ async def test_pending_rows_settle_later_by_webhook_and_report(
     )  # fmt: skip
     assert again.code == 0, again.stderr
     assert {r["status"] for r in read_csv_report(tmp_path / "again.csv")} == {"succeeded"}
-
-
-def settled_events(sb: RunningSandbox) -> int:
-    """Distinct topups whose webhook the receiver accepted."""
-    assert sb.alix is not None
-    delivered = sb.alix.state.deliveries
-    return len({(d.card_id, d.created_at) for d in delivered if d.status == 200})
-
-
-async def until(condition: Callable[[], bool], limit: float = 20.0) -> None:
-    """Poll state that has no event to wait on."""
-    with anyio.fail_after(limit):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.02)
 
 
 async def test_alix_sigkill_twice_then_resume_pays_every_row_exactly_once(

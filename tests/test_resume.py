@@ -12,7 +12,6 @@ import signal
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -22,7 +21,17 @@ import pytest
 from runner.sandbox.config import SandboxConfig
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
-from tests.e2e import TOKEN, clean_env, command, read_csv_report, run_cli, write_job
+from tests.e2e import (
+    TOKEN,
+    clean_env,
+    command,
+    judge,
+    read_csv_report,
+    run_cli,
+    unique_amount_job,
+    until,
+    write_job,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -45,44 +54,6 @@ async def start(job: Path, sb: RunningSandbox, tmp: Path, *more: str) -> anyio.a
             stdout=log,
             stderr=log,
         )
-
-
-async def until(condition: Callable[[], bool], limit: float = 20.0) -> None:
-    """Poll the sandbox's state (it has no event to wait on) until `condition` holds."""
-    with anyio.fail_after(limit):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-
-
-def judge(sb: RunningSandbox, report: list[dict[str, str]], amounts: dict[Decimal, str]) -> None:
-    """The sandbox's record against the report: no unaccounted topup, no success without money."""
-    applied = Counter(a.amount for a in sb.state.applied)
-    assert all(n == 1 for n in applied.values()), "a row was paid twice"
-    for row in report:
-        amount = Decimal(row["amount"])
-        assert row["card_id"] == amounts[amount]
-        if row["status"] == "succeeded":
-            assert applied[amount] == 1, f"row {row['row']} reported paid but no money moved"
-        elif row["status"] == "failed":
-            assert applied[amount] == 0, f"row {row['row']} reported failed but was paid"
-        else:
-            assert row["status"] == "needs_review", row
-    reported = {Decimal(r["amount"]) for r in report if r["status"] != "failed"}
-    assert set(applied) <= reported, "the sandbox applied a topup the report does not account for"
-
-
-def unique_amount_job(
-    tmp: Path, rows: int, cards: int, seed: int
-) -> tuple[Path, dict[Decimal, str]]:
-    """Rows over `cards` cards, each row with its own amount, so money maps back to rows."""
-    rng = random.Random(seed)
-    ids = [str(uuid.uuid4()) for _ in range(cards)]
-    chosen = [ids[n % cards] if n < cards else rng.choice(ids) for n in range(rows)]
-    amounts = {Decimal("5.00") + Decimal(n) / 100: card for n, card in enumerate(chosen)}
-    job = write_job(
-        tmp / "job.csv", [(c, f"{a:.2f}", f"R{n}") for n, (a, c) in enumerate(amounts.items())]
-    )
-    return job, amounts
 
 
 async def test_sigkill_twice_then_resume_pays_every_row_exactly_once(tmp_path: Path) -> None:

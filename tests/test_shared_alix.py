@@ -21,16 +21,8 @@ from runner.ledger_pg import CardWork, PostgresLedger
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.webhook import serve_webhooks
-from tests.e2e import command, read_csv_report, run_cli
-from tests.test_alix_e2e import (  # noqa: F401  (the fixtures keys and alix_env)
-    Keys,
-    alix_env,
-    keys,
-    sandbox_config,
-    settled_events,
-    unique_job,
-    until,
-)
+from tests.alix import Keys, sandbox_config, settled_events, unique_job
+from tests.e2e import command, read_csv_report, run_cli, until
 from tests.test_report import csv_summary
 from tests.test_shared_ledger import sigkill_when
 
@@ -117,8 +109,8 @@ def reconciled(log: Path) -> set[int]:
 async def test_three_alix_workers_one_killed_pay_every_row_once_and_settle_it(
     pg_url: str,
     tmp_path: Path,
-    keys: Keys,  # noqa: F811
-    alix_env: dict[str, str],  # noqa: F811
+    keys: Keys,
+    alix_env: dict[str, str],
 ) -> None:
     """Three workers, lost answers and 5xx, webhooks into the shared ledger, one worker
     SIGKILLed mid-run: the other two take over its cards once its leases run out, settle what

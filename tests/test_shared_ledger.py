@@ -30,8 +30,17 @@ from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.sandbox.state import Refusal
 from runner.shared import LeaseLost, SharedRun
-from tests.e2e import TOKEN, clean_env, command, read_csv_report, run_cli, write_job
-from tests.test_resume import judge, unique_amount_job, until
+from tests.e2e import (
+    TOKEN,
+    clean_env,
+    command,
+    judge,
+    read_csv_report,
+    run_cli,
+    unique_amount_job,
+    until,
+    write_job,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
