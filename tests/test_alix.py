@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -934,7 +934,7 @@ def free_port() -> int:
 @pytest.fixture
 def logs() -> Iterator[list[dict[str, Any]]]:
     with structlog.testing.capture_logs() as captured:
-        yield captured
+        yield cast("list[dict[str, Any]]", captured)  # structlog's event dicts
 
 
 def events(captured: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

@@ -149,9 +149,11 @@ async def test_alix_sigkill_twice_then_resume_pays_every_row_exactly_once(
             for _ in range(2):
                 target = len(state.topups) + rng.randint(40, 90)
                 process = await start(job, sb, tmp_path, alix_env, *more)
-                await until(
-                    lambda t=target, p=process: len(state.topups) >= t or p.returncode is not None
-                )
+
+                def reached(t: int = target, p: anyio.abc.Process = process) -> bool:
+                    return len(state.topups) >= t or p.returncode is not None
+
+                await until(reached)
                 process.send_signal(signal.SIGKILL)
                 await process.wait()
             killed_with = len(state.topups)

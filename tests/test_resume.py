@@ -68,9 +68,11 @@ async def test_sigkill_twice_then_resume_pays_every_row_exactly_once(tmp_path: P
             seen = len(sb.state.applied)
             process = await start(job, sb, tmp_path, *more)
             target = seen + rng.randint(100, 300)
-            await until(
-                lambda t=target, p=process: len(sb.state.applied) >= t or p.returncode is not None
-            )
+
+            def reached(t: int = target, p: anyio.abc.Process = process) -> bool:
+                return len(sb.state.applied) >= t or p.returncode is not None
+
+            await until(reached)
             process.send_signal(signal.SIGKILL)
             assert await process.wait() == -signal.SIGKILL
         killed_with = len(sb.state.applied)

@@ -539,7 +539,11 @@ async def test_topup_settles_success_after_the_delay(keys: Keys) -> None:
     """Pending until settle_delay has passed on the clock, then Success: card balance rises."""
     clock = FakeClock()
     card = SandboxCard(CARD, balance=Decimal("5.00"))
-    settings = {"clock": clock, "cards": (card,), "wallet_balance": Decimal("1000.00")}
+    settings: dict[str, Any] = {
+        "clock": clock,
+        "cards": (card,),
+        "wallet_balance": Decimal("1000.00"),
+    }
     async with running(keys, alix={"settle_delay": 0.2}, **settings) as api:
         created = (await api.topup(CARD, "100.50")).data["createdAt"]
         clock.advance(0.19)
