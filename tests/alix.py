@@ -25,7 +25,8 @@ class Keys:
     alix_public: str
 
 
-def _pem(key: rsa.RSAPrivateKey) -> tuple[str, str]:
+def pem_pair(key: rsa.RSAPrivateKey) -> tuple[str, str]:
+    """The key's private (PKCS#8) and public (SubjectPublicKeyInfo) PEM texts."""
     private = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -40,8 +41,8 @@ def _pem(key: rsa.RSAPrivateKey) -> tuple[str, str]:
 
 
 def new_keys() -> Keys:
-    partner = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-    alix = _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    partner = pem_pair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    alix = pem_pair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
     return Keys(partner[0], partner[1], alix[0], alix[1])
 
 

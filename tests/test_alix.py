@@ -45,6 +45,7 @@ from runner.providers.base import (
 )
 from runner.providers.http import HttpAnswer
 from runner.webhooks import TopupEvent, WebhookRejected, verify_topup_webhook
+from tests.alix import pem_pair
 
 PARTNER = "PARTNER-7"
 SECRET = "s3cr3t-Key-0123456789"
@@ -66,23 +67,11 @@ class Keys:
     other_public_pem: bytes
 
 
-def _pems(key: rsa.RSAPrivateKey) -> tuple[bytes, bytes]:
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return private, public
-
-
 @pytest.fixture(scope="module")
 def keys() -> Keys:
     mine = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return Keys(*_pems(mine), *_pems(other))
+    return Keys(*(pem.encode() for key in (mine, other) for pem in pem_pair(key)))
 
 
 def signature_of(private_pem: bytes, text: str) -> str:

@@ -39,6 +39,7 @@ from runner.sandbox import (
 )
 from runner.sandbox.command import sandbox as sandbox_command
 from runner.sandbox.server import make_alix_faults
+from tests.alix import pem_pair
 
 PARTNER = "PARTNER-7"
 SECRET = "s3cret-key"
@@ -65,22 +66,11 @@ class Keys:
     alix_private_pem: str
 
 
-def _pem(key: rsa.RSAPrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
 @pytest.fixture(scope="module")
 def keys() -> Keys:
     partner = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     alix = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = partner.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return Keys(partner, public.decode(), alix, _pem(alix))
+    return Keys(partner, pem_pair(partner)[1], alix, pem_pair(alix)[0])
 
 
 def _sign(key: rsa.RSAPrivateKey, message: str) -> str:
