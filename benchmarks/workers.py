@@ -96,7 +96,7 @@ class Scenario:
         if self.lease is not None and not (math.isfinite(self.lease) and self.lease > 0):
             raise ValueError(f"lease must be a positive number of seconds, got {self.lease}")
 
-    def bound(self, job: Job, workers: int) -> float:
+    def bound(self, job: ms.Shape, workers: int) -> float:
         """The shortest first-to-last span: the rate's, else the workers' own capacity.
 
         Either way a card's rows are at least a cooldown apart. Without a rate limit each
@@ -110,32 +110,10 @@ class Scenario:
         return max(waves * self.latency, chain)
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+def make_job(rows: int, heavy_cards: int, heavy_rows: int, rng: Random) -> ms.Shape:
     """Card ids in file order, every row topping up AMOUNT: a few cards with several rows
     (spread through the file, so their cooldown holds across workers), the rest one each."""
 
-    cards: tuple[str, ...]
-
-    @property
-    def counts(self) -> Counter[str]:
-        return Counter(self.cards)
-
-    @property
-    def n(self) -> int:
-        return len(self.cards)
-
-    @property
-    def k(self) -> int:
-        return max(self.counts.values())
-
-    def write(self, path: Path) -> None:
-        lines = ["card_id,amount,reference"]
-        lines += [f"{card},{AMOUNT},row-{i}" for i, card in enumerate(self.cards, 1)]
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def make_job(rows: int, heavy_cards: int, heavy_rows: int, rng: Random) -> Job:
     def card() -> str:
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
@@ -145,7 +123,7 @@ def make_job(rows: int, heavy_cards: int, heavy_rows: int, rng: Random) -> Job:
     # Heavy cards in turn, evenly through the file: each card's rows far apart, not in a block.
     for i, c in enumerate(repeated):
         cards.insert(round(i * len(cards) / max(1, len(repeated))) + i, c)
-    return Job(tuple(cards))
+    return ms.Shape("row", "heavy cards spread through the file", tuple(cards))
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -286,7 +264,7 @@ class Measurement:
 
 
 def judge(
-    scenario: Scenario, job: Job, workers: list[Worker], wall: float, state: Mapping[str, Any]
+    scenario: Scenario, job: ms.Shape, workers: list[Worker], wall: float, state: Mapping[str, Any]
 ) -> Measurement:
     applied = sorted(state["applied"], key=lambda record: record["seq"])
     times = [float(record["at"]) for record in applied]
@@ -324,7 +302,7 @@ def judge(
 
 def measure(
     scenario: Scenario,
-    job: Job,
+    job: ms.Shape,
     workers: int,
     server: PostgresServer | None,
     seed: int,
@@ -339,7 +317,7 @@ def measure(
     # Unique, so that a count given twice in --workers measures twice.
     rundir = Path(tempfile.mkdtemp(prefix=f"{scenario.name}-{workers}-", dir=workdir))
     job_file = rundir / "job.csv"
-    job.write(job_file)
+    ms.write_job(job, job_file)
     env = ms.child_env(token)
     if server is None:
         ledger = str(rundir / "ledger.sqlite")
