@@ -251,7 +251,11 @@ def describe(config: SandboxConfig, base_url: str) -> str:
         if config.fault_rate > 0
         else "faults off"
     )
-    return f"sandbox: Uncash API on {base_url} (cooldown {config.cooldown:g}s, {rate}, {faults})"
+    delay = f", apply delay {config.apply_delay:g}s" if config.apply_delay > 0 else ""
+    return (
+        f"sandbox: Uncash API on {base_url} (cooldown {config.cooldown:g}s, {rate}, {faults}"
+        f"{delay})"
+    )
 
 
 @web.middleware
