@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import click
 
+from runner.logs import configure_logging
 from runner.sandbox.config import AlixConfig, ResponseVersion, SandboxConfig
 from runner.sandbox.server import run_standalone
 
@@ -298,6 +299,9 @@ def sandbox(
     except ValueError as exc:
         click.echo(f"Error: invalid sandbox setting: {exc}", err=True)
         ctx.exit(2)
+    # The sandbox's own events (a malformed request, say) go to stderr: JSON lines unless a
+    # terminal is watching.
+    configure_logging(provider="sandbox")
     try:
         run_standalone(config, host, port, alix_public_key_out=alix_public_key_out)
     except OSError as exc:
