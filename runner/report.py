@@ -2,6 +2,10 @@
 
 Rows are streamed in one pass (openpyxl write-only mode, the csv module) into a temporary file
 beside the target, which replaces the target only once complete: a crash never leaves half a report.
+A temporary file is removed when its write fails; one left by a writer that was killed (its name
+carries the writer's host and pid) is removed by the next write of the same file.
+An xlsx cell holds at most Excel's 32,767 characters: a longer text is cut there with a visible
+marker and a `report.cell_cut` warning; the CSV keeps every character.
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import secrets
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,6 +23,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import structlog
 from openpyxl import Workbook
 from openpyxl.cell.cell import ERROR_CODES, ILLEGAL_CHARACTERS_RE, WriteOnlyCell
 from openpyxl.formatting.rule import CellIsRule
@@ -61,6 +68,9 @@ MONEY_COLUMNS: Final = frozenset(
 # Excel's hard limit per sheet, header row included. A module variable (not Final) so that
 # tests can lower it instead of writing a million rows.
 MAX_SHEET_ROWS = 1_048_576
+
+# Excel's limit on the text of one cell, counted as Excel counts: in UTF-16 code units.
+MAX_CELL_CHARS: Final = 32_767
 
 RESULTS_SHEET: Final = "Results"
 SUMMARY_SHEET: Final = "Summary"
@@ -137,6 +147,8 @@ _COLUMN_WIDTHS: Final[dict[str, float]] = {
 _SUMMARY_WIDTHS: Final = (36, 22, 14, 14, 15)
 
 _Value = str | int | Decimal | datetime | None
+
+log = structlog.get_logger("runner.report")
 
 
 def write_report(path: Path, records: Iterable[RowRecord], info: RunInfo) -> Path:
@@ -223,10 +235,52 @@ def _neutralise(text: str) -> str:
     return "'" + text if text.startswith(_FORMULA_TRIGGERS) else text
 
 
+def temp_host() -> str:
+    """This machine's name as temporary file names carry it: letters, digits and hyphens."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only when no process `pid` exists here (a pid reused since counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # not ours to signal, or not a pid at all: keep its file
+        return True
+    return True
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Remove temporary files of `target` left by writers on this host that no longer run.
+
+    A writer killed outright (SIGKILL, a power cut) never runs its cleanup; without this its
+    half-written file would sit beside the report for good.
+    """
+    own = re.compile(
+        rf"\.{re.escape(target.name)}\.{re.escape(temp_host())}\.(\d{{1,10}})\.[0-9a-f]{{12}}\.tmp"
+    )
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return  # an unreadable folder: the write itself will say what is wrong
+    for entry in entries:
+        match = own.fullmatch(entry.name)
+        if match is None or int(match[1]) == os.getpid() or _pid_alive(int(match[1])):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+
+
 @contextlib.contextmanager
 def _replacing(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary path beside `target`; on success move it onto `target`."""
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    """Yield a fresh temporary path beside `target`; on success move it onto `target`.
+
+    The temporary file is removed however the block ends (an error, a cancellation); its name
+    carries this host and pid, so that the next write can remove one a killed writer left.
+    """
+    _remove_stale_temps(target)
+    tmp = target.with_name(f".{target.name}.{temp_host()}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     # os.open with 0o666 honours the umask, unlike mkstemp's 0o600: the report is shared.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
@@ -429,10 +483,33 @@ def _xlsx_text(text: str) -> str:
     return _neutralise(ILLEGAL_CHARACTERS_RE.sub("", text))
 
 
+def _cut_marker(characters: int) -> str:
+    return f"… [cut: {characters} characters; a CSV report and the ledger hold all]"
+
+
+def _fitted(text: str, *, sheet: str, row: object, column: str) -> str:
+    """`text` ready for a cell (see `_xlsx_text`), cut to Excel's limit with a visible marker
+    if it is longer, and the cut logged. Excel would refuse to open the file otherwise, and
+    openpyxl does not check."""
+    cleaned = _xlsx_text(text)
+    if len(cleaned) <= MAX_CELL_CHARS // 2:  # fits even if every character takes two units
+        return cleaned
+    encoded = cleaned.encode("utf-16-le")
+    if len(encoded) // 2 <= MAX_CELL_CHARS:
+        return cleaned
+    marker = _cut_marker(len(text))
+    room = MAX_CELL_CHARS - len(marker.encode("utf-16-le")) // 2
+    # Cut on a code unit; "ignore" drops half a surrogate pair rather than leave it broken.
+    head = encoded[: room * 2].decode("utf-16-le", errors="ignore")
+    log.warning("report.cell_cut", sheet=sheet, row=row, column=column, characters=len(text))
+    return head + marker
+
+
 def _xlsx_header(ws: Any, names: list[str] | tuple[str, ...]) -> list[Any]:
     cells = []
-    for name in names:
-        cell = WriteOnlyCell(ws, value=_xlsx_text(name))
+    for index, name in enumerate(names, start=1):
+        text = _fitted(name, sheet=ws.title, row=1, column=get_column_letter(index))
+        cell = WriteOnlyCell(ws, value=text)
         cell.font = _HEADER_FONT
         cell.fill = _HEADER_FILL
         cell.border = _HEADER_BORDER
@@ -545,6 +622,10 @@ class _ResultsSheets:
         for index, value in enumerate(values):
             cell = self._styled.get(index)
             if cell is None or value is None:
+                if isinstance(value, str) and len(value) > MAX_CELL_CHARS // 2:
+                    value = _fitted(
+                        value, sheet=self._ws.title, row=values[0], column=self._header[index]
+                    )
                 cells.append(_xlsx_value(self._ws, value))
             else:
                 cell.value = _utc(value) if isinstance(value, datetime) else value
@@ -623,7 +704,10 @@ def _write_summary(ws: Any, info: RunInfo, totals: _Totals, sheets: int) -> None
                 cell.fill = _SANDBOX_FILL
             ws.append(banner)
         else:
-            ws.append([_xlsx_value(ws, key), _xlsx_value(ws, value)])
+            fitted_key = _fitted(key, sheet=ws.title, row=key[:80], column="item")
+            if isinstance(value, str):
+                value = _fitted(value, sheet=ws.title, row=key[:80], column="value")
+            ws.append([_xlsx_value(ws, fitted_key), _xlsx_value(ws, value)])
     ws.append([])
     title = WriteOnlyCell(ws, value=_BY_STATUS_TITLE)
     title.font = _TITLE_FONT

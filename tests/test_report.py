@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from typing import Any
 
 import openpyxl
 import pytest
+import structlog
 from openpyxl.utils import get_column_letter
 
 from runner import report
@@ -26,6 +30,7 @@ from runner.report import (
     summary_path_for,
     write_report,
 )
+from tests.e2e import ROOT
 
 START = datetime(2026, 11, 1, 9, 30, 15, tzinfo=UTC)
 INFO = RunInfo(
@@ -814,3 +819,177 @@ def test_unknown_suffix_is_a_config_error(tmp_path: Path, name: str) -> None:
     assert "\n" not in str(caught.value)
     assert caught.value.exit_code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Excel's cell limit -------------------------------------------------------------------------
+
+
+def _utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def test_xlsx_cell_over_excels_limit_is_cut_visibly_and_csv_keeps_all(tmp_path: Path) -> None:
+    """An error of 40,000 characters: the xlsx cell holds its start and a marker saying it was
+    cut (and where the whole is), within Excel's 32,767; the CSV holds every character; a
+    report.cell_cut warning names the row and column."""
+    error = "E" + "x" * 39_998 + "Z"
+    rec = record(7, status=RowStatus.FAILED, error=error)
+    with structlog.testing.capture_logs() as events:
+        write_report(tmp_path / "r.xlsx", stream(rec), INFO)
+    write_report(tmp_path / "r.csv", stream(rec), INFO)
+    (row,) = xlsx_cells(tmp_path / "r.xlsx")
+    cell = row["error"].value
+    assert len(cell) <= report.MAX_CELL_CHARS
+    assert cell.startswith("E" + "x" * 30_000)
+    assert cell.endswith("… [cut: 40000 characters; a CSV report and the ledger hold all]")
+    assert csv_rows(tmp_path / "r.csv")[0]["error"] == error
+    cuts = [e for e in events if e["event"] == "report.cell_cut"]
+    assert cuts == [
+        {
+            "event": "report.cell_cut",
+            "log_level": "warning",
+            "sheet": "Results",
+            "row": 7,
+            "column": "error",
+            "characters": 40_000,
+        }
+    ]
+
+
+def test_xlsx_cut_counts_as_excel_does_and_never_splits_a_character(tmp_path: Path) -> None:
+    """Excel counts UTF-16 units: 20,000 emoji (40,000 units) are cut too, on a whole emoji."""
+    rec = record(status=RowStatus.FAILED, error="😀" * 20_000)
+    write_report(tmp_path / "r.xlsx", stream(rec), INFO)
+    (row,) = xlsx_cells(tmp_path / "r.xlsx")
+    cell = row["error"].value
+    assert _utf16_units(cell) <= report.MAX_CELL_CHARS
+    head, _, marker = cell.partition("…")
+    assert set(head.strip()) == {"😀"}
+    assert "20000 characters" in marker
+
+
+def test_xlsx_cell_at_excels_limit_is_kept_whole(tmp_path: Path) -> None:
+    """Exactly 32,767 characters fit: nothing is cut, nothing logged."""
+    error = "y" * report.MAX_CELL_CHARS
+    with structlog.testing.capture_logs() as events:
+        write_report(tmp_path / "r.xlsx", stream(record(error=error)), INFO)
+    assert xlsx_cells(tmp_path / "r.xlsx")[0]["error"].value == error
+    assert [e for e in events if e["event"] == "report.cell_cut"] == []
+
+
+def test_long_extra_column_and_summary_values_are_cut_too(tmp_path: Path) -> None:
+    """Every text cell is held to the limit: a job's extra column, the Summary's job file."""
+    long = "j" * 40_000
+    info = RunInfo(run_key="k", provider="uncash", job_file=long, extra_columns=("department",))
+    rec = record(3, extra=(("department", long),))
+    with structlog.testing.capture_logs() as events:
+        write_report(tmp_path / "r.xlsx", stream(rec), info)
+    (row,) = xlsx_cells(tmp_path / "r.xlsx")
+    assert len(row["department"].value) <= report.MAX_CELL_CHARS
+    assert len(xlsx_summary(tmp_path / "r.xlsx")["job file"]) <= report.MAX_CELL_CHARS
+    where = {(e["sheet"], e["row"], e["column"]) for e in events if e["event"] == "report.cell_cut"}
+    assert where == {("Results", 3, "department"), ("Summary", "job file", "value")}
+
+
+# --- temporary files ----------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _temp_name(target: str, pid: int) -> str:
+    return f".{target}.{report.temp_host()}.{pid}.0123456789ab.tmp"
+
+
+@pytest.mark.parametrize("name", ["r.xlsx", "r.csv"])
+def test_stale_temp_file_of_a_dead_writer_is_removed_at_the_next_write(
+    tmp_path: Path, name: str
+) -> None:
+    """A temp file left by a writer that died (SIGKILL) is removed by the next write of the
+    same report; one of a live writer, or of another report, is left alone."""
+    dead = tmp_path / _temp_name(name, _dead_pid())
+    alive = tmp_path / _temp_name(name, os.getppid())
+    other = tmp_path / _temp_name("other.xlsx", _dead_pid())
+    for path in (dead, alive, other):
+        path.write_text("half a report")
+    write_report(tmp_path / name, stream(record()), INFO)
+    assert not dead.exists()
+    assert alive.exists()
+    assert other.exists()
+
+
+def test_stale_temp_file_of_the_failed_rows_job_is_removed(tmp_path: Path) -> None:
+    """The failed-rows job cleans up after a killed writer of its own file too."""
+    target = tmp_path / "r.failed.csv"
+    dead = tmp_path / _temp_name(target.name, _dead_pid())
+    dead.write_text("half a job")
+    written = report.write_failed_rows(
+        target, stream(record(status=RowStatus.FAILED, error="no")), ()
+    )
+    assert written == 1
+    assert {p.name for p in tmp_path.iterdir()} == {"r.failed.csv"}
+
+
+def test_failed_rows_job_failing_midway_leaves_no_temp_file(tmp_path: Path) -> None:
+    """If the rows stop with an error, the failed-rows job leaves no temp file behind."""
+
+    def broken() -> Iterator[RowRecord]:
+        yield record(1, status=RowStatus.FAILED, error="no")
+        raise RuntimeError("ledger vanished")
+
+    with pytest.raises(RuntimeError, match="ledger vanished"):
+        report.write_failed_rows(tmp_path / "r.failed.csv", broken(), ())
+    assert list(tmp_path.iterdir()) == []
+
+
+_KILLED_WRITER = """
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from runner.records import RowRecord, RowStatus, RunInfo
+from runner.report import write_report
+
+def rows():
+    yield RowRecord(row=1, card_id="c", amount=Decimal("5.00"), reference="r",
+                    status=RowStatus.SUCCEEDED)
+    print("writing", flush=True)
+    sys.stdin.readline()  # blocks: the test kills the process here, mid-write
+
+write_report(Path(sys.argv[1]), rows(), RunInfo(run_key="k", provider="uncash", job_file="j"))
+"""
+
+
+@pytest.mark.parametrize("name", ["r.xlsx", "r.csv"])
+def test_report_writer_killed_midway_leaves_nothing_after_the_next_write(
+    tmp_path: Path, name: str
+) -> None:
+    """A writer SIGKILLed mid-write leaves its temp file; the next write of the report removes
+    it, and the folder holds only the report files."""
+    target = tmp_path / name
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(target)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        assert writer.stdout.readline() == "writing\n"
+    finally:
+        writer.kill()
+        writer.wait()
+        if writer.stdin is not None:
+            writer.stdin.close()
+        if writer.stdout is not None:
+            writer.stdout.close()
+    left = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert left, "the killed writer left no temp file: the test proves nothing"
+    write_report(target, stream(record()), INFO)
+    expected = {name} if name.endswith("xlsx") else {name, "r.summary.csv"}
+    assert {p.name for p in tmp_path.iterdir()} == expected

@@ -190,8 +190,10 @@ async def _topup(request: web.Request) -> web.StreamResponse:
         alix.note_fault(fault)
         if not fault.applies_first:
             return _fault_instead(request, fault)
-    response = _decide_topup(request, body, fault)
-    if fault is None:
+    config = alix.shared.config
+    delay = config.slow_seconds if fault is FaultKind.LATE else config.apply_delay
+    response = await request.app[_DELAYS].later(delay, lambda: _decide_topup(request, body, fault))
+    if fault is None or fault is FaultKind.LATE:
         return response
     return await _fault_after(request, fault, response)
 

@@ -76,6 +76,9 @@ The sandbox's own choices where even those are silent:
 - Faults: the Uncash kinds but `cooldown`, drawn for topup POSTs after the token and rate-limit
   checks; a scripted fault matches the body's `cardId` (a body without one matches only
   scripts for any card).
+- A busy backend (`apply_delay`, or a `late` fault's `slow_seconds`): the topup is decided and
+  accepted that long after it arrives, whether or not its client is still connected; its
+  acceptance time and createdAt are that moment.
 - Webhooks go to loopback URLs only. A delivery answered other than 2xx, or failing, is retried up
   to `webhook_attempts` times in all, waiting `webhook_backoff` seconds, then twice that, and so
   on; with probability `webhook_duplicate_rate` a delivered event is sent once more, unchanged.

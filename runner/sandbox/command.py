@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import click
 
+from runner.logs import configure_logging
 from runner.sandbox.config import AlixConfig, ResponseVersion, SandboxConfig
 from runner.sandbox.server import run_standalone
 
@@ -77,7 +78,8 @@ DECIMAL = _DecimalType()
     "--fault-kinds",
     default=",".join(_DEFAULTS["fault_kinds"]),
     show_default=True,
-    help="Comma-separated fault kinds to draw from.",
+    help="Comma-separated fault kinds to draw from (also: late, a topup applied "
+    "--slow-seconds after it arrives).",
 )
 @click.option(
     "--slow-seconds",
@@ -123,6 +125,14 @@ DECIMAL = _DecimalType()
     default=_DEFAULTS["latency"],
     show_default=True,
     help="Seconds added to every API answer.",
+)
+@click.option(
+    "--apply-delay",
+    type=float,
+    default=_DEFAULTS["apply_delay"],
+    show_default=True,
+    help="Seconds from a topup's arrival to its application, whether or not the client is "
+    "still connected (a busy backend).",
 )
 @click.option(
     "--response-version",
@@ -215,6 +225,7 @@ def sandbox(
     fee_rate: Decimal,
     fee_fixed: Decimal,
     latency: float,
+    apply_delay: float,
     response_version: str,
     token: str | None,
     alix_partner_code: str | None,
@@ -278,6 +289,7 @@ def sandbox(
             default_card_limit=card_limit,
             response_version=cast(ResponseVersion, response_version),
             latency=latency,
+            apply_delay=apply_delay,
             fault_rate=fault_rate,
             fault_kinds=tuple(kind.strip() for kind in fault_kinds.split(",") if kind.strip()),
             slow_seconds=slow_seconds,
@@ -287,6 +299,9 @@ def sandbox(
     except ValueError as exc:
         click.echo(f"Error: invalid sandbox setting: {exc}", err=True)
         ctx.exit(2)
+    # The sandbox's own events (a malformed request, say) go to stderr: JSON lines unless a
+    # terminal is watching.
+    configure_logging(provider="sandbox")
     try:
         run_standalone(config, host, port, alix_public_key_out=alix_public_key_out)
     except OSError as exc:

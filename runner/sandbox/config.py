@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Literal, get_args
 from urllib.parse import urlsplit
 
-from runner.sandbox.faults import FaultKind, parse_fault_kind
+from runner.sandbox.faults import DEFAULT_FAULT_KINDS, parse_fault_kind
 from runner.sandbox.signing import load_private_key, load_public_key
 
 ResponseVersion = Literal["new", "old", "mixed"]
@@ -235,6 +235,10 @@ class SandboxConfig:
 
     The cooldown is anchored on the card's last *applied* topup: refused attempts do not restart
     it (an assumption; the docs speak of "attempts" without saying what a refused one does).
+
+    `apply_delay`: a busy backend. Each topup (Uncash and Alix) is validated and applied that many
+    seconds after it arrives, whether or not its client is still connected, and answered after
+    that (plus `latency`); a client that times out first may find the money moved later.
     """
 
     token: str | None = None
@@ -251,8 +255,9 @@ class SandboxConfig:
     missing_cards: frozenset[str] = frozenset()
     response_version: ResponseVersion = "new"
     latency: float = 0.0
+    apply_delay: float = 0.0
     fault_rate: float = 0.0
-    fault_kinds: tuple[str, ...] = tuple(FaultKind)
+    fault_kinds: tuple[str, ...] = DEFAULT_FAULT_KINDS
     slow_seconds: float = 5.0
     seed: int | None = None
     alix: AlixConfig | None = None
@@ -271,6 +276,7 @@ class SandboxConfig:
         object.__setattr__(self, "fee_rate", check_fee_rate("fee_rate", self.fee_rate))
         _check_seconds("cooldown", self.cooldown)
         _check_seconds("latency", self.latency)
+        _check_seconds("apply_delay", self.apply_delay)
         _check_seconds("slow_seconds", self.slow_seconds)
         if (
             isinstance(self.cooldown_status, bool)

@@ -21,11 +21,21 @@ class FaultKind(enum.StrEnum):
     SLOW = "slow"  # applied, the answer held back for `slow_seconds`
     RATE_LIMITED = "rate_limited"  # a spurious 429 with Retry-After; nothing applied
     COOLDOWN = "cooldown"  # a spurious "Please wait N seconds" refusal; nothing applied
+    # Processed (and applied, if the rules allow) `slow_seconds` after arrival whether or not
+    # the client is still there, as a backend that was busy does; answered then if anyone listens.
+    LATE = "late"
 
     @property
     def applies_first(self) -> bool:
         """True when the request is processed (and may apply) before the fault shows."""
-        return self in (FaultKind.DROP_AFTER, FaultKind.ERROR_AFTER, FaultKind.SLOW)
+        return self in (FaultKind.DROP_AFTER, FaultKind.ERROR_AFTER, FaultKind.SLOW, FaultKind.LATE)
+
+
+# The kinds drawn at random unless a config names others. `late` is left out: it holds a
+# request for `slow_seconds` (5 s by default), so it is asked for by name, or scripted.
+DEFAULT_FAULT_KINDS: tuple[FaultKind, ...] = tuple(
+    kind for kind in FaultKind if kind is not FaultKind.LATE
+)
 
 
 def parse_fault_kind(value: str, allowed: Iterable[FaultKind] = tuple(FaultKind)) -> FaultKind:
@@ -66,7 +76,7 @@ class FaultPlan:
     def __init__(
         self,
         rate: float = 0.0,
-        kinds: Iterable[FaultKind | str] = tuple(FaultKind),
+        kinds: Iterable[FaultKind | str] = DEFAULT_FAULT_KINDS,
         *,
         seed: int | None = None,
         canonical_id: Callable[[str], str] = _unchanged,

@@ -27,6 +27,7 @@ from runner.sandbox.alix import alix_app
 from runner.sandbox.alix_state import AlixState, AlixTopup, TopupStatus, WebhookDelivery
 from runner.sandbox.config import SandboxConfig, canonical_card_id, to_money
 from runner.sandbox.faults import FaultKind, FaultPlan
+from runner.sandbox.serverlog import aiohttp_logs_as_events
 from runner.sandbox.signing import generate_private_key
 from runner.sandbox.state import AppliedTopup, CardAccount, SandboxState
 from runner.sandbox.uncash import API_PREFIX, uncash_app
@@ -161,22 +162,35 @@ async def serve_sandbox(
     app = make_app(state, faults, alix=alix, alix_faults=alix_faults)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
     await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_port = int(runner.addresses[0][1])
-        url_host = f"[{host}]" if ":" in host else host
-        root_url = f"http://{url_host}:{bound_port}"
-        running_alix = (
-            None
-            if alix is None or alix_faults is None
-            else RunningAlix(root_url + ALIX_PREFIX, alix, alix_faults)
-        )
-        yield RunningSandbox(
-            root_url + API_PREFIX, root_url, state, faults, bound_port, running_alix
-        )
-    finally:
-        await runner.cleanup()
+    # From setup to cleanup: a malformed request becomes one structlog event, no traceback.
+    with aiohttp_logs_as_events():
+        try:
+            yield await _start(runner, host, port, state, faults, alix, alix_faults)
+        finally:
+            await runner.cleanup()
+
+
+async def _start(
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    state: SandboxState,
+    faults: FaultPlan,
+    alix: AlixState | None,
+    alix_faults: FaultPlan | None,
+) -> RunningSandbox:
+    """Listen on `host`:`port` and describe the running sandbox."""
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_port = int(runner.addresses[0][1])
+    url_host = f"[{host}]" if ":" in host else host
+    root_url = f"http://{url_host}:{bound_port}"
+    running_alix = (
+        None
+        if alix is None or alix_faults is None
+        else RunningAlix(root_url + ALIX_PREFIX, alix, alix_faults)
+    )
+    return RunningSandbox(root_url + API_PREFIX, root_url, state, faults, bound_port, running_alix)
 
 
 def run_standalone(
@@ -251,7 +265,11 @@ def describe(config: SandboxConfig, base_url: str) -> str:
         if config.fault_rate > 0
         else "faults off"
     )
-    return f"sandbox: Uncash API on {base_url} (cooldown {config.cooldown:g}s, {rate}, {faults})"
+    delay = f", apply delay {config.apply_delay:g}s" if config.apply_delay > 0 else ""
+    return (
+        f"sandbox: Uncash API on {base_url} (cooldown {config.cooldown:g}s, {rate}, {faults}"
+        f"{delay})"
+    )
 
 
 @web.middleware

@@ -157,8 +157,12 @@ async def _topup(request: web.Request) -> web.StreamResponse:
         state.note_fault(fault)
         if not fault.applies_first:
             return _fault_instead(request, state, fault)
-    response = _decide_topup(request, state, card_id, body, fault)
-    if fault is None:
+    config = state.config
+    delay = config.slow_seconds if fault is FaultKind.LATE else config.apply_delay
+    response = await request.app[_DELAYS].later(
+        delay, lambda: _decide_topup(request, state, card_id, body, fault)
+    )
+    if fault is None or fault is FaultKind.LATE:
         return response
     return await _fault_after(request, state, fault, response)
 

@@ -8,13 +8,15 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal
-from typing import TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from aiohttp import web
 
 from runner.sandbox.config import CENT
+
+T = TypeVar("T")
 
 JSON: TypeAlias = (
     bool | int | float | str | Decimal | Sequence["JSON"] | Mapping[str, "JSON"] | None
@@ -104,7 +106,8 @@ def proxy_error_page(status: int = 502, reason: str = "Bad Gateway") -> web.Resp
 
 
 class Delays:
-    """Simulated waits (latency, slow answers) that end at once when the server shuts down.
+    """Simulated waits (latency, slow answers, late application) that end at once when the server
+    shuts down.
 
     aiohttp does not wait for handlers whose client has gone, so `close` waits for the tracked
     ones itself: stopping the sandbox then leaves no handler sleeping behind it.
@@ -115,18 +118,25 @@ class Delays:
         self._idle = asyncio.Event()
         self._idle.set()
         self._active = 0
+        self._detached: set[asyncio.Task[Any]] = set()
+
+    def _enter(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
         """Count a handler as in flight until the block exits."""
-        self._active += 1
-        self._idle.clear()
+        self._enter()
         try:
             yield
         finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+            self._leave()
 
     async def pause(self, seconds: float) -> None:
         """Wait `seconds`, or less if the server is shutting down."""
@@ -136,9 +146,42 @@ class Delays:
             async with asyncio.timeout(seconds):
                 await self._closing.wait()
 
+    async def later(self, seconds: float, work: Callable[[], T]) -> T:
+        """`work()` done `seconds` from now, whatever becomes of the request that asked for it.
+
+        A backend goes on processing a request whose client has gone. aiohttp may cancel a
+        handler when its client disconnects (`handler_cancellation`), so the wait and the work
+        run in a task of their own, which the handler awaits shielded: cancelling the handler
+        leaves the task running. Shutdown cuts the wait short and the work is done at once, so
+        that no request the sandbox received is lost; `close` waits for it.
+        """
+        if seconds <= 0:
+            return work()
+        self._enter()  # counted now, not when the task starts: close must not miss it
+        task = asyncio.get_running_loop().create_task(self._after(seconds, work))
+        self._detached.add(task)
+        task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    async def _after(self, seconds: float, work: Callable[[], T]) -> T:
+        await self.pause(seconds)
+        return work()
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._detached.discard(task)
+        self._leave()
+        if not task.cancelled():
+            task.exception()  # retrieved: a handler that went away cannot, and asyncio would warn
+
     async def close(self, grace: float = 2.0) -> None:
-        """End every pause and wait (up to `grace` seconds) for tracked handlers to finish."""
+        """End every pause and wait (up to `grace` seconds) for tracked work to finish; cancel
+        any detached work still running after that."""
         self._closing.set()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self._idle.wait()
+        leftovers = list(self._detached)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.gather(*leftovers, return_exceptions=True)
