@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -237,11 +238,11 @@ async def test_uncash_topup_with_a_compressed_bomb_is_unknown() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("chunked", [False, True])
-async def test_uncash_topup_answer_of_exactly_1_mib_is_read(chunked: bool) -> None:
-    """An answer of exactly the bound is read and classified as usual."""
+@pytest.mark.parametrize("by_close", [False, True])
+async def test_uncash_topup_answer_of_exactly_1_mib_is_read(by_close: bool) -> None:
+    """An answer of exactly the bound is read and classified as usual, sized or not."""
     body = padded(APPLIED, MIB)
-    answer = http(200, body) if chunked else sized(200, body)  # ended by closing, if not sized
+    answer = http(200, body) if by_close else sized(200, body)  # ended by closing, if not sized
     async with raw_server(Raw(answer)) as url, uncash_at(url) as provider:
         outcome = await provider.topup(CARD, HUNDRED)
     assert outcome == Applied(
@@ -294,12 +295,12 @@ def card_listing(count: int) -> bytes:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("chunked", [False, True])
-async def test_uncash_card_listing_past_1_mib_is_read_whole(chunked: bool) -> None:
+@pytest.mark.parametrize("by_close", [False, True])
+async def test_uncash_card_listing_past_1_mib_is_read_whole(by_close: bool) -> None:
     """The card listing has its own, larger bound: a 2 MiB listing is read in full."""
     listing = card_listing(16_000)
     assert 2 * MIB < len(listing) < 4 * MIB
-    answer = http(200, listing) if chunked else sized(200, listing)
+    answer = http(200, listing) if by_close else sized(200, listing)
     async with raw_server(Raw(answer)) as url, uncash_at(url) as provider:
         cards = await provider.list_cards()
     assert len(cards) == 16_000
@@ -307,14 +308,14 @@ async def test_uncash_card_listing_past_1_mib_is_read_whole(chunked: bool) -> No
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("by_close", [False, True])
 async def test_uncash_card_listing_past_its_bound_is_a_provider_error(
-    chunked: bool, monkeypatch: pytest.MonkeyPatch
+    by_close: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A listing past its bound (here lowered to 1 MiB) is a ProviderError naming it."""
     monkeypatch.setattr(uncash_module, "MAX_CARD_LIST_BYTES", MIB)
     listing = card_listing(16_000)
-    answer = http(200, listing) if chunked else sized(200, listing)
+    answer = http(200, listing) if by_close else sized(200, listing)
     async with raw_server(Raw(answer)) as url, uncash_at(url) as provider:
         with pytest.raises(ProviderError, match=f"GET /cards: the answer is {TOO_LARGE}"):
             await provider.list_cards()
@@ -380,8 +381,6 @@ async def test_alix_transactions_page_oversize_is_a_provider_error(keys: Keys) -
 @pytest.mark.anyio
 async def test_alix_reconcile_with_an_oversize_page_is_unknown(keys: Keys) -> None:
     """Reconciling from an oversize transactions page cannot tell: Unknown."""
-    from datetime import UTC, datetime
-
     raw = Raw(GRANT, sized(200, b" " * (MIB + 1)))
     async with raw_server(raw, "/api/v2") as url, alix_at(keys, url) as provider:
         settled = await provider.reconcile(CARD, HUNDRED, None, sent_at=datetime.now(UTC))
