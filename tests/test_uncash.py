@@ -256,12 +256,15 @@ async def test_amount_with_three_decimals_is_refused_not_rounded(amount: Decimal
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("status", ["frozen", "closed"])
-async def test_inactive_card_is_refused_for_good(status: str) -> None:
-    """A frozen or closed card is Refused(CARD_INACTIVE), a final refusal; nothing moves."""
+async def test_inactive_card_refusal_is_unknown_and_reconciled(status: str) -> None:
+    """Uncash documents no inactive-card refusal: Unknown, then proven not applied by reconcile."""
     async with running(cards=(SandboxCard(CARD, status=status),)) as (sb, provider):
+        before = await provider.get_card(CARD)
         outcome = await provider.topup(CARD, HUNDRED)
+        settled = await provider.reconcile(CARD, HUNDRED, before)
         assert sb.state.applied == []
-    assert outcome == Refused(RefusalCode.CARD_INACTIVE, "Card is not active")
+    assert outcome == Unknown("HTTP 400, a refusal Uncash does not document: Card is not active")
+    assert isinstance(settled, NotApplied)
 
 
 # -- cooldown and rate limit ----------------------------------------------------------------
@@ -669,8 +672,18 @@ async def test_get_that_keeps_failing_raises_provider_error(
 # -- classify_topup: shapes the sandbox cannot produce --------------------------------------
 
 
-def answer(status: int, payload: Any = None, *, text: str | None = None, **kw: Any) -> Outcome:
-    return classify_topup(HttpAnswer(status, body(payload) if text is None else text, **kw))
+def answer(
+    status: int,
+    payload: Any = None,
+    *,
+    text: str | None = None,
+    card_id: str = CARD,
+    amount: Decimal = HUNDRED,
+    **kw: Any,
+) -> Outcome:
+    """The answer's meaning for a topup of `amount` (100.00) on `card_id` (CARD)."""
+    sent = HttpAnswer(status, body(payload) if text is None else text, **kw)
+    return classify_topup(sent, card_id, amount)
 
 
 DOCUMENTED_REFUSALS = [
@@ -685,7 +698,6 @@ DOCUMENTED_REFUSALS = [
     ),
     ("Card not found or access denied", RefusalCode.CARD_NOT_FOUND),
     ("Invalid input data", RefusalCode.INVALID_AMOUNT),
-    ("Card is not active", RefusalCode.CARD_INACTIVE),
 ]
 
 
@@ -730,7 +742,8 @@ def test_documented_success_example_is_applied_exactly() -> None:
         '"wallet_balance": 1000.00, "total_charged": 1.0, "platform_fee_amount": 0.1, '
         '"new_card_balance": 10}, "timestamp": "2025-11-22T11:14:39.907Z"}'
     )
-    assert answer(200, text=text) == Applied(
+    # The example charged 1.0 with a fee of 0.1: a topup of 0.90 on card-id.
+    assert answer(200, text=text, card_id="card-id", amount=Decimal("0.90")) == Applied(
         fee=Decimal("0.1"),
         total_charged=Decimal("1.0"),
         card_balance_after=Decimal("10"),
@@ -753,7 +766,8 @@ def test_2xx_without_a_readable_verdict_is_unknown(text: str) -> None:
 
 
 def test_success_with_garbage_fields_is_applied_with_none_fields() -> None:
-    """success:true with unreadable money fields is Applied with those fields None, no crash."""
+    """success:true with unreadable money fields is Applied with those fields None, no crash;
+    an unreadable amount confirms nothing and is named as a discrepancy."""
     payload = {
         "success": True,
         "data": {
@@ -765,7 +779,91 @@ def test_success_with_garbage_fields_is_applied_with_none_fields() -> None:
             "transaction_id": None,
         },
     }
-    assert answer(200, payload) == Applied()
+    assert answer(200, payload) == Applied(
+        discrepancy="the answer's amount (abc) is not an amount; 100.00 was sent"
+    )
+
+
+def applied(**data: Any) -> Outcome:
+    """The answer to a topup of 100.00 on CARD: the newer version's fields, changed by `data`."""
+    fields: dict[str, Any] = {
+        "card_id": CARD,
+        "transaction_id": "tx-1",
+        "invoice_id": 7,
+        "wallet_balance": 897,
+        "total_charged": 103,
+        "platform_fee_amount": 3,
+        "new_card_balance": 100,
+    } | data
+    return answer(200, {"success": True, "data": fields})
+
+
+def test_answer_as_sent_has_no_discrepancy() -> None:
+    """The card and the amount sent, total = amount + fee: a clean Applied."""
+    outcome = applied()
+    assert isinstance(outcome, Applied)
+    assert outcome.discrepancy is None
+
+
+def test_answer_naming_another_card_is_applied_with_a_discrepancy() -> None:
+    """An answer for another card is Applied (money moved) with the discrepancy named."""
+    outcome = applied(card_id=OTHER)
+    assert isinstance(outcome, Applied)
+    assert outcome.transaction_id == "tx-1"
+    assert outcome.discrepancy == f"the answer names card {OTHER}, not {CARD}"
+
+
+@pytest.mark.parametrize("spelling", [CARD.upper(), f"  {CARD}  ", "{" + CARD.upper() + "}"])
+def test_answer_naming_the_card_in_another_spelling_is_clean(spelling: str) -> None:
+    """Uncash identifies cards by UUID: another case or spelling of it is the same card."""
+    outcome = applied(card_id=spelling)
+    assert isinstance(outcome, Applied)
+    assert outcome.discrepancy is None
+
+
+@pytest.mark.parametrize("card", [None, 12345, True, {"id": CARD}])
+def test_answer_with_a_card_id_that_is_no_id(card: Any) -> None:
+    """No card id is no claim (None); one that is not text or a number is a discrepancy."""
+    outcome = applied(card_id=card)
+    assert isinstance(outcome, Applied)
+    assert (outcome.discrepancy is None) == (card is None)
+
+
+def test_total_charged_that_is_not_amount_plus_fee_is_a_discrepancy() -> None:
+    """total_charged is documented as amount + fee: 1003.00 - 3.00 is not the 100.00 sent."""
+    outcome = applied(total_charged=1003)
+    assert isinstance(outcome, Applied)
+    assert outcome.discrepancy == (
+        "the answer's total_charged 1003.00 minus its fee 3.00 is 1000.00, not the 100.00 sent"
+    )
+
+
+def test_older_version_total_is_checked_with_its_fee_name() -> None:
+    """The older version's `platform_fee` takes part in the same check."""
+    outcome = applied(platform_fee_amount=None, platform_fee=13)
+    assert isinstance(outcome, Applied)
+    assert outcome.discrepancy is not None
+    assert "minus its fee 13.00 is 90.00" in outcome.discrepancy
+
+
+def test_amount_in_the_answer_other_than_sent_is_a_discrepancy() -> None:
+    """An `amount` in the answer (undocumented, but if present) must be the amount sent."""
+    outcome = applied(amount=10, total_charged=13)
+    assert isinstance(outcome, Applied)
+    assert outcome.discrepancy == (
+        "the answer's amount is 10.00, not the 100.00 sent; "
+        "the answer's total_charged 13.00 minus its fee 3.00 is 10.00, not the 100.00 sent"
+    )
+
+
+@pytest.mark.anyio
+async def test_topup_sent_with_an_upper_case_card_id_is_clean() -> None:
+    """The sandbox answers the card id lower-cased; the same UUID is no discrepancy."""
+    async with running() as (_, provider):
+        outcome = await provider.topup(CARD.upper(), HUNDRED)
+    assert isinstance(outcome, Applied)
+    assert outcome.card_balance_after == HUNDRED
+    assert outcome.discrepancy is None
 
 
 @pytest.mark.parametrize("data", [None, [], "ok"])
@@ -780,12 +878,62 @@ def test_redirect_is_unknown(status: int) -> None:
     assert isinstance(answer(status, text=""), Unknown)
 
 
-def test_unknown_4xx_with_an_html_page_is_rejected() -> None:
-    """A 4xx outside the documented messages, even HTML, is Refused(REJECTED)."""
-    outcome = answer(418, text="<html><body><h1>I'm a teapot</h1></body></html>")
+@pytest.mark.parametrize("status", [400, 403, 404, 409, 413, 418, 422])
+def test_4xx_with_an_html_page_is_unknown(status: int) -> None:
+    """A 4xx outside the documented messages (a proxy's page) proves nothing: Unknown."""
+    outcome = answer(status, text="<html><body><h1>I'm a teapot</h1></body></html>")
+    assert isinstance(outcome, Unknown)
+    assert f"HTTP {status}" in outcome.message
+    assert "teapot" in outcome.message
+
+
+@pytest.mark.parametrize("status", [200, 400, 403, 404, 409, 422])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Card is not active",
+        "Internal server error",
+        "Transaction failed",
+        "Topup failed after the wallet was charged",
+        "Card frozen by issuer",
+        "Upstream connection closed",
+        "",
+    ],
+)
+def test_undocumented_refusal_is_unknown(status: int, message: str) -> None:
+    """success:false (or a 4xx) in words Uncash does not document may follow money that moved."""
+    outcome = answer(status, {"success": False, "message": message})
+    assert isinstance(outcome, Unknown)
+    assert f"HTTP {status}" in outcome.message
+    assert message in outcome.message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Error: Insufficient wallet balance reported after the card was credited",
+        "Processing failed (Card not found or access denied on the issuer's side)",
+        "Unexpected: Topup would exceed card limit",
+    ],
+)
+def test_documented_words_inside_another_message_are_not_final(message: str) -> None:
+    """Documented words are a refusal only where the message opens with them."""
+    assert isinstance(answer(400, {"success": False, "message": message}), Unknown)
+
+
+def test_documented_refusal_from_a_5xx_is_unknown() -> None:
+    """A documented message carried by a 5xx does not make it final: Unknown."""
+    payload = {"success": False, "message": "Insufficient wallet balance. Required: 1"}
+    assert isinstance(answer(502, payload), Unknown)
+
+
+def test_long_refusal_message_is_kept_to_one_short_line() -> None:
+    """A provider's message of any length reaches outcomes (ledger, logs) cut to 300 chars."""
+    payload = {"success": False, "message": "Invalid input data " + "x" * 100_000}
+    outcome = answer(400, payload)
     assert isinstance(outcome, Refused)
-    assert outcome.code is RefusalCode.REJECTED
-    assert "418" in outcome.message
+    assert outcome.code is RefusalCode.INVALID_AMOUNT
+    assert len(outcome.message) <= 301
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])

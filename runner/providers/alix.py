@@ -1,7 +1,8 @@
 """The Alix Pay adapter: string amounts, expiring tokens, topups that answer `Pending`.
 
 `classify_topup()` alone gives a topup answer its meaning and `topup()`'s handlers alone map a
-failed request; what the docs leave unsaid is in the ASSUMPTIONS block, one name each.
+failed request; what the docs leave unsaid is in the ASSUMPTIONS block, one name each. Only
+refusals named there are final, and an accepted answer is checked against what was sent.
 """
 
 from __future__ import annotations
@@ -46,10 +47,21 @@ from runner.providers.base import (
     Unknown,
     UnlimitedThrottle,
 )
+from runner.providers.checks import (
+    amount_discrepancy,
+    card_discrepancy,
+    first,
+    moved_discrepancy,
+    same_card_id,
+)
 from runner.providers.http import (
+    MAX_ANSWER_BYTES,
+    AnswerTooLarge,
     HttpAnswer,
+    check_base_url,
     loads_exact,
     parse_retry_after,
+    read_bounded,
     snippet,
     transport_message,
 )
@@ -160,6 +172,35 @@ LIST_WINDOW_MARGIN = timedelta(hours=14)
 # answer is sent. Only then does "not in the list" prove "not applied"; set False and a lost
 # answer that left no trace becomes Unknown (needs review) instead of NotApplied (resent).
 LIST_SHOWS_ACCEPTED_TOPUPS_AT_ONCE = True
+# ASSUMPTION (final refusals): Alix publishes no error table, and a refusal it did not mean as
+# final may follow money that moved. A refusal is final only when its message opens with the
+# words of a check made before anything moves: the wallet, the card, the amount (the words the
+# sandbox uses, and the docs' one example, the topup page's 400). Any other refusal, by
+# `success: false` or by a 4xx, is Unknown and reconciled from the transactions list.
+FINAL_REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
+    (
+        re.compile(
+            r"(insufficient (wallet |account )?(balance|funds?)|not enough (balance|funds?))\b",
+            re.I,
+        ),
+        RefusalCode.INSUFFICIENT_FUNDS,
+    ),
+    (re.compile(r"card (not found|does not exist)\b", re.I), RefusalCode.CARD_NOT_FOUND),
+    (
+        re.compile(r"card is (not active|inactive|frozen|locked|blocked|suspended|closed)\b", re.I),
+        RefusalCode.CARD_INACTIVE,
+    ),
+    (
+        re.compile(r"(invalid amount|(minimum|maximum) topup amount is)\b", re.I),
+        RefusalCode.INVALID_AMOUNT,
+    ),
+    (re.compile(r"the qr code is invalid\b", re.I), RefusalCode.REJECTED),
+)
+# ASSUMPTION (what an accepted answer says): `data.amount` echoes the amount sent (the docs'
+# example: "100" sent, 100 answered), a `cardId`, when present, names the card sent, and
+# `balanceBefore`/`balanceAfter` are the card's balance around this topup: apart by exactly the
+# amount once it is `Success`; while `Pending` they may not have moved yet (the example: 0, 0).
+# An answer that says otherwise is still Applied (the provider took it), with a discrepancy.
 
 # -- end of assumptions -----------------------------------------------------------------------
 
@@ -210,44 +251,33 @@ def _optional_decimal(data: Mapping[str, Any], name: str) -> Decimal | None:
 
 
 def _same_card(a: str, b: str) -> bool:
-    # Card ids are UUID-like; a provider may answer in another case than the job wrote.
-    return a.strip().lower() == b.strip().lower()
+    # Card ids that are UUIDs may come back in another spelling (case) than the job wrote.
+    return same_card_id(a, b)
 
 
-# Refusal messages that look like known causes. No error-code table is published, so these
-# only choose the RefusalCode shown in the report; every refusal is final whatever it says,
-# except the rate-limit wording, whose retry is safe because a refusal proves nothing applied.
+# A rate-limit refusal in words: its retry is safe, since Alix turned the request away.
 _RATE_LIMITED = re.compile(r"too many requests|rate.?limit", re.I)
-_REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
-    (re.compile(r"insufficient|not enough (balance|funds?)", re.I), RefusalCode.INSUFFICIENT_FUNDS),
-    (re.compile(r"exceed\w* .*limit", re.I), RefusalCode.CARD_LIMIT),
-    (
-        re.compile(r"card.{0,20}(not found|not exist)|invalid card", re.I),
-        RefusalCode.CARD_NOT_FOUND,
-    ),
-    (
-        re.compile(r"frozen|locked|blocked|inactive|suspended|closed", re.I),
-        RefusalCode.CARD_INACTIVE,
-    ),
-    (re.compile(r"amount", re.I), RefusalCode.INVALID_AMOUNT),
-)
 
 
-def _refusal(message: str) -> Refused | RetryLater:
+def _refusal(status: int, payload: Any, message: str) -> Outcome:
     if _RATE_LIMITED.search(message):
         return RetryLater(RetryKind.RATE_LIMITED, message)
-    for pattern, code in _REFUSALS:
-        if pattern.search(message):
+    stated = payload.get("message") if isinstance(payload, Mapping) else None
+    stated = " ".join(stated.split()) if isinstance(stated, str) else ""
+    for pattern, code in FINAL_REFUSALS:
+        if pattern.match(stated):
             return Refused(code, message)
-    return Refused(RefusalCode.REJECTED, message)
+    return Unknown(f"HTTP {status}, a refusal not known to be final: {message}")
 
 
-def classify_topup(answer: HttpAnswer) -> Outcome:
-    """Give an HTTP answer to a topup POST its meaning; the only place that does.
+def classify_topup(answer: HttpAnswer, card_id: str, amount: Decimal) -> Outcome:
+    """Give an HTTP answer to the topup of `amount` on `card_id` its meaning; the only place
+    that does.
 
-    Alix refuses either with HTTP 4xx or inside HTTP 200 with `success: false`; both prove
-    nothing was applied. A 401 raises `AccessTokenRejected` so that the caller renews the token
-    and sends again. A 5xx or an unreadable 200 may follow an applied topup: Unknown.
+    Alix refuses either with HTTP 4xx or inside HTTP 200 with `success: false`; only the
+    refusals in FINAL_REFUSALS prove nothing was applied, any other is Unknown. A 401 raises
+    `AccessTokenRejected` so that the caller renews the token and sends again. A 5xx or an
+    unreadable 200 may follow an applied topup: Unknown.
     """
     if token_rejected(answer.status):
         raise AccessTokenRejected("Alix refused the access token (HTTP 401)")
@@ -267,18 +297,18 @@ def classify_topup(answer: HttpAnswer) -> Outcome:
         if not isinstance(payload, Mapping):
             return Unknown(f"HTTP {status} with an unreadable body: {snippet(answer.body)}")
         if payload.get("success") is True:
-            return _accepted(payload.get("data"))
+            return _accepted(payload.get("data"), card_id, amount)
         if payload.get("success") is False:
-            return _refusal(message or f"HTTP {status} with success=false")
+            return _refusal(status, payload, message or "success=false")
         return Unknown(f"HTTP {status} without a success flag: {snippet(answer.body)}")
     if status == 408:
         return RetryLater(RetryKind.TRANSIENT, "HTTP 408 Request Timeout")
     if 400 <= status < 500:
-        return _refusal(message or f"HTTP {status}: {snippet(answer.body)}")
+        return _refusal(status, payload, message or snippet(answer.body))
     return Unknown(f"HTTP {status}: {message or snippet(answer.body)}")
 
 
-def _accepted(data: object) -> Outcome:
+def _accepted(data: object, card_id: str, amount: Decimal) -> Outcome:
     """`success: true`: the topup's own status says whether it is pending, settled or failed."""
     if not isinstance(data, Mapping):
         return Unknown(f"accepted (success=true) without a data object: {snippet(data)}")
@@ -297,12 +327,21 @@ def _accepted(data: object) -> Outcome:
         return Unknown(
             f"accepted as Pending without a readable createdAt ({data.get('createdAt')!r})"
         )
+    pending = status is TopupStatus.PENDING
+    before = _optional_decimal(data, "balanceBefore")
+    after = _optional_decimal(data, "balanceAfter")
     return Applied(
         fee=_optional_decimal(data, "fee"),
-        card_balance_before=_optional_decimal(data, "balanceBefore"),
-        card_balance_after=_optional_decimal(data, "balanceAfter"),
-        pending=status is TopupStatus.PENDING,
+        card_balance_before=before,
+        card_balance_after=after,
+        pending=pending,
         provider_ref=None if created_at is None else str(created_at),
+        # ASSUMPTION "what an accepted answer says".
+        discrepancy=first(
+            card_discrepancy(data.get("cardId"), card_id),
+            amount_discrepancy(data.get("amount"), amount),
+            moved_discrepancy(before, after, amount, may_not_have_moved=pending),
+        ),
     )
 
 
@@ -328,7 +367,7 @@ class AlixProvider:
         if not base_url.strip():
             raise ConfigError("Alix publishes no API URL: give --base-url (ending in /api/v2)")
         self.name = name
-        self._base = base_url.strip().rstrip("/")
+        self._base = check_base_url(base_url, "Alix")
         self._throttle: Throttle = throttle or UnlimitedThrottle()
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._connector_limit = max(1, concurrency) + 4
@@ -362,12 +401,16 @@ class AlixProvider:
     async def _send(
         self, method: str, path: str, body: str | None, token: AccessToken | None
     ) -> HttpAnswer:
+        """One request; raises aiohttp's errors, TimeoutError, AnswerTooLarge past
+        MAX_ANSWER_BYTES (every Alix answer is one object or one page), or ValueError for a
+        request aiohttp will not send. The callers give each its meaning."""
         await self._throttle.acquire()
         headers = {} if token is None else {"access-token": token.value}
         async with self._client().request(
             method, self._base + path, data=body, headers=headers, allow_redirects=False
         ) as response:
-            text = await response.text(errors="replace")
+            # JSON is UTF-8; anything else only ends up in a message.
+            text = (await read_bounded(response, MAX_ANSWER_BYTES)).decode("utf-8", "replace")
             return HttpAnswer(response.status, text, response.headers.get("Retry-After"))
 
     async def _post_unauthenticated(self, path: str, body: str) -> HttpAnswer:
@@ -406,20 +449,31 @@ class AlixProvider:
         body = json.dumps({"cardId": card_id, "amount": format_amount(amount)})
 
         async def send(token: AccessToken) -> Outcome:
-            return classify_topup(await self._send("POST", TOPUP_PATH, body, token))
+            answer = await self._send("POST", TOPUP_PATH, body, token)
+            return classify_topup(answer, card_id, amount)
 
         try:
             outcome = await self._with_token(send)
         except AuthenticationFailed:
             raise
         except ProviderError as exc:
-            # No token could be had, so the topup was never sent.
+            # No token could be had (the token calls map every failure to this), so the
+            # topup was never sent.
             return RetryLater(RetryKind.TRANSIENT, f"no access token: {exc}")
+        except AnswerTooLarge as exc:
+            return Unknown(str(exc))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # The TCP connection was never made: the request cannot have been seen.
             return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {transport_message(exc)}")
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+            # Refused before any connection was made (check_base_url keeps this from happening).
+            return RetryLater(RetryKind.TRANSIENT, f"not sent: {transport_message(exc)}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Unknown(transport_message(exc))
+        except ValueError as exc:
+            # aiohttp refuses some requests (a header it will not send) with a plain
+            # ValueError; without knowing where it stopped, the topup may have been sent.
+            return Unknown(f"{type(exc).__name__}: {snippet(exc)}")
         if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
             self._throttle.slow_down(outcome.after)
         return outcome
@@ -454,8 +508,14 @@ class AlixProvider:
             wait = delay * 2 ** (attempt - 1)
             try:
                 answer = await self._with_token(send)
+            except AnswerTooLarge as exc:
+                raise ProviderError(f"Alix {method} {path}: {exc}") from None
+            except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+                raise ProviderError(f"Alix {method} {path}: {transport_message(exc)}") from None
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last = transport_message(exc)
+            except ValueError as exc:
+                raise ProviderError(f"Alix {method} {path}: {snippet(exc)}") from None
             else:
                 try:
                     payload = loads_exact(answer.body)
@@ -500,7 +560,10 @@ class AlixProvider:
                 raise ValueError("since must be timezone-aware")
             floor = math.floor(since.timestamp())
             params["from"] = (since - LIST_WINDOW_MARGIN).astimezone(UTC).strftime(_LIST_TIME)
-        base_path = f"/cards/{quote(card_id, safe='')}/transactions"
+        try:
+            base_path = f"/cards/{quote(card_id, safe='')}/transactions"
+        except UnicodeEncodeError:
+            raise ProviderError("Alix GET transactions: the card id is not valid text") from None
         records: dict[str, AlixTopupRecord] = {}
         page, total = 1, 1
         while page <= total:
@@ -563,7 +626,7 @@ class AlixProvider:
         record = matches[0]
         status = topup_status(record.status)
         if status is TopupStatus.SUCCESS:
-            return _applied(record, pending=False)
+            return _applied(record, amount, pending=False)
         if status is TopupStatus.FAILED:
             return Refused(RefusalCode.REJECTED, "the provider reported the topup Failed")
         if status is TopupStatus.UNKNOWN:
@@ -628,7 +691,7 @@ class AlixProvider:
                     f"topup {record.transaction_id} has status {record.status!r}, "
                     "which is not known"
                 )
-            return _applied(record, pending=status is TopupStatus.PENDING)
+            return _applied(record, amount, pending=status is TopupStatus.PENDING)
         if candidates:
             return NotApplied("the topup is listed with status Failed: nothing was applied")
         if not LIST_SHOWS_ACCEPTED_TOPUPS_AT_ONCE:
@@ -679,7 +742,9 @@ class AlixProvider:
         raise NotDocumented("card-list")
 
 
-def _applied(record: AlixTopupRecord, *, pending: bool) -> Applied:
+def _applied(record: AlixTopupRecord, amount: Decimal, *, pending: bool) -> Applied:
+    """The listed topup as an outcome; the record matched the card and amount (same_topup),
+    so only its balance pair is left to check (ASSUMPTION "what an accepted answer says")."""
     return Applied(
         fee=record.fee,
         card_balance_before=record.balance_before,
@@ -688,6 +753,9 @@ def _applied(record: AlixTopupRecord, *, pending: bool) -> Applied:
         pending=pending,
         source="reconciled",
         provider_ref=str(record.created_at),
+        discrepancy=moved_discrepancy(
+            record.balance_before, record.balance_after, amount, may_not_have_moved=pending
+        ),
     )
 
 

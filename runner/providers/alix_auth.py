@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from runner.errors import AuthenticationFailed, ConfigError, ProviderError
 from runner.logs import register_secret
 from runner.money import parse_provider_decimal
-from runner.providers.http import HttpAnswer, parse_retry_after
+from runner.providers.http import (
+    AnswerTooLarge,
+    HttpAnswer,
+    loads_exact,
+    parse_retry_after,
+    transport_message,
+)
 
 log = structlog.get_logger("runner.providers.alix")
 
@@ -60,6 +67,11 @@ class Grant:
     expires_in: Decimal | None  # seconds; None when the answer did not say
 
 
+# The access token is sent as a header: printable ASCII without blanks, so that nothing in it
+# can end the header or inject another (aiohttp would refuse it at every request).
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
+
+
 def parse_grant(data: Any) -> Grant:
     """ASSUMPTION "Access token": `data {accessToken, refreshToken, expiresIn (seconds)}`, and the
     refresh call answers the same shape. Raises ValueError when the answer holds no token."""
@@ -68,6 +80,9 @@ def parse_grant(data: Any) -> Grant:
     access = data.get("accessToken")
     if not isinstance(access, str) or not access.strip():
         raise ValueError("the answer has no accessToken")
+    if not _HEADER_SAFE.fullmatch(access):
+        # Never quoted: it is a secret, whatever is wrong with it.
+        raise ValueError("the answer's accessToken holds characters a header cannot carry")
     refresh = data.get("refreshToken")
     refresh = refresh if isinstance(refresh, str) and refresh.strip() else None
     try:
@@ -342,7 +357,8 @@ class TokenManager:
     async def _call(self, path: str, body: Mapping[str, str]) -> Grant:
         """POST to an auth endpoint: a Grant, `_Refused`, or ProviderError once retries run out.
 
-        Asking for a token moves no money, so every failure that is not a refusal is retried.
+        Asking for a token moves no money, so every failure that is not a refusal is retried,
+        except those that would recur: an answer too large, a request aiohttp will not send.
         """
         text = json.dumps(body)
         last = ""
@@ -350,13 +366,19 @@ class TokenManager:
             wait = self._retry_delay * 2 ** (attempt - 1)
             try:
                 answer = await self._send(path, text)
+            except AnswerTooLarge as exc:
+                raise ProviderError(f"Alix POST {path}: {exc}") from None
+            except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+                raise ProviderError(f"Alix POST {path}: {transport_message(exc)}") from None
             except aiohttp.ClientError as exc:
                 last = type(exc).__name__
             except TimeoutError:
                 last = "no answer before the timeout"
+            except ValueError as exc:
+                raise ProviderError(f"Alix POST {path}: {type(exc).__name__}") from None
             else:
                 try:
-                    payload = json.loads(answer.body, parse_float=Decimal)
+                    payload = loads_exact(answer.body)
                 except ValueError:
                     payload = None
                 status = answer.status

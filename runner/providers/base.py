@@ -2,7 +2,8 @@
 
 A topup ends in exactly one of four outcomes, decided in one place per adapter:
 
-    Applied      the money moved (or, `pending=True`, was accepted and will settle later)
+    Applied      the money moved (or, `pending=True`, was accepted and will settle later);
+                 with a `discrepancy` when the answer contradicts what was sent
     Refused      final refusal; the provider proves nothing was applied
     RetryLater   nothing was applied and it is safe to send again, `after` seconds from now
     Unknown      the answer was lost: money may have moved; reconcile before anything else
@@ -37,6 +38,11 @@ class Applied:
     # What identifies the topup at the provider when it returns no id (Alix: createdAt),
     # kept so that a later webhook or transactions list can settle a pending row.
     provider_ref: str | None = None
+    # One line saying how the answer contradicts what was sent (another card, another amount,
+    # balances that did not move by the amount), or None when it does not. The provider says
+    # the topup applied, so it is not retried; but what applied is in doubt: the row needs
+    # review, with this text. Set only by the adapter, from the answer's own fields.
+    discrepancy: str | None = None
 
 
 class RefusalCode(enum.StrEnum):

@@ -3,7 +3,8 @@
 Every answer Uncash can give is classified in `classify_topup()`, and every way a request
 can fail in `UncashProvider.topup()`'s handlers: nowhere else decides what a status, a
 message or a dropped connection means. Uncash documents its error messages but not the
-HTTP statuses that carry them, so messages are read first.
+HTTP statuses that carry them, so messages are read first; only the refusals it documents
+are final, and an applied answer is checked against the card and amount sent.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 
-from runner.errors import AuthenticationFailed, ProviderError
+from runner.errors import AuthenticationFailed, ConfigError, ProviderError
 from runner.money import format_amount, parse_provider_decimal, quantize_cents
 from runner.providers.base import (
     Applied,
@@ -41,10 +42,21 @@ from runner.providers.base import (
     Unknown,
     UnlimitedThrottle,
 )
+from runner.providers.checks import (
+    amount_discrepancy,
+    card_discrepancy,
+    charged_discrepancy,
+    first,
+)
 from runner.providers.http import (
+    MAX_ANSWER_BYTES,
+    MAX_CARD_LIST_BYTES,
+    AnswerTooLarge,
     HttpAnswer,
+    check_base_url,
     loads_exact,
     parse_retry_after,
+    read_bounded,
     snippet,
     transport_message,
 )
@@ -60,30 +72,46 @@ RULES = ProviderRules(
 )
 
 _COOLDOWN = re.compile(r"please wait\s+(\d+(?:\.\d+)?)\s+seconds?", re.IGNORECASE)
-# Documented refusal messages, matched by their stable opening words.
-_REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
-    (re.compile(r"insufficient wallet balance", re.I), RefusalCode.INSUFFICIENT_FUNDS),
-    (re.compile(r"exceed card limit", re.I), RefusalCode.CARD_LIMIT),
-    (re.compile(r"card not found", re.I), RefusalCode.CARD_NOT_FOUND),
-    (re.compile(r"invalid input data", re.I), RefusalCode.INVALID_AMOUNT),
-    (re.compile(r"not active|frozen|closed", re.I), RefusalCode.CARD_INACTIVE),
+# The refusals Uncash documents (its topup page and ../shared/providers.md), each matched by
+# the opening words of the envelope's `message`: only these are final. The docs call a topup
+# atomic and these are its checks before anything moves (validation, card, limit, wallet).
+# Any other refusal, in words or by status, is Unknown: money may have moved, so it is
+# reconciled before anything else, never written off as failed and paid again.
+_CARD_NOT_FOUND = re.compile(r"card not found or access denied\b", re.I)
+_DOCUMENTED_REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
+    (re.compile(r"insufficient wallet balance\b", re.I), RefusalCode.INSUFFICIENT_FUNDS),
+    (re.compile(r"topup would exceed card limit\b", re.I), RefusalCode.CARD_LIMIT),
+    (_CARD_NOT_FOUND, RefusalCode.CARD_NOT_FOUND),
+    (re.compile(r"invalid input data\b", re.I), RefusalCode.INVALID_AMOUNT),
 )
+# A provider's message is kept to this many characters in outcomes, the ledger and logs.
+_MESSAGE_CHARS = 300
+# What an HTTP header can carry: the token goes in one, and a control character would be an
+# injected header (aiohttp refuses it with a ValueError at every request).
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 _GET_ATTEMPTS = 4
 # An amount already written with exactly two decimals, and a card id quote() leaves as it is.
 _CENTS_TEXT = re.compile(r"(?:0|[1-9][0-9]*)\.[0-9]{2}")
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]+")
 
 
-def _message_of(payload: Any) -> str:
+def _stated(payload: Any) -> str:
+    """The envelope's own `message`, as the provider wrote it (documented refusals match it)."""
     if not isinstance(payload, Mapping):
         return ""
-    message = str(payload.get("message") or "")
-    issues = payload.get("error")
+    message = payload.get("message")
+    return " ".join(message.split()) if isinstance(message, str) else ""
+
+
+def _message_of(payload: Any) -> str:
+    """The message with the validation issues' messages, shortened to one line."""
+    message = _stated(payload)
+    issues = payload.get("error") if isinstance(payload, Mapping) else None
     if isinstance(issues, list):
-        details = [str(i.get("message")) for i in issues if isinstance(i, Mapping)]
+        details = [str(i.get("message")) for i in issues[:20] if isinstance(i, Mapping)]
         if details:
             message = f"{message}: {'; '.join(details)}"
-    return message
+    return snippet(message, _MESSAGE_CHARS) if message else ""
 
 
 def _decimal_field(data: Mapping[str, Any], *names: str) -> Decimal | None:
@@ -102,24 +130,35 @@ def _text_field(data: Mapping[str, Any], name: str) -> str | None:
     return None if value is None else str(value)
 
 
-def parse_applied(data: Mapping[str, Any]) -> Applied:
-    """Both documented response versions of a successful topup's `data`."""
+def parse_applied(data: Mapping[str, Any], card_id: str, amount: Decimal) -> Applied:
+    """Both documented response versions of a successful topup's `data`, checked against the
+    card and amount sent: both versions name the card (`card_id`), and `total_charged` is
+    documented as amount + fee. An `amount`, undocumented, is checked when present."""
+    fee = _decimal_field(data, "platform_fee_amount", "platform_fee")
+    total = _decimal_field(data, "total_charged")
     return Applied(
-        fee=_decimal_field(data, "platform_fee_amount", "platform_fee"),
-        total_charged=_decimal_field(data, "total_charged"),
+        fee=fee,
+        total_charged=total,
         card_balance_after=_decimal_field(data, "new_card_balance", "new_balance"),
         wallet_balance_after=_decimal_field(data, "wallet_balance"),
         transaction_id=_text_field(data, "transaction_id"),
         invoice_id=_text_field(data, "invoice_id"),
+        discrepancy=first(
+            card_discrepancy(data.get("card_id"), card_id),
+            amount_discrepancy(data.get("amount"), amount),
+            charged_discrepancy(total, fee, amount),
+        ),
     )
 
 
-def classify_topup(answer: HttpAnswer) -> Outcome:
-    """Give an HTTP answer to a topup POST its meaning; the only place that does.
+def classify_topup(answer: HttpAnswer, card_id: str, amount: Decimal) -> Outcome:
+    """Give an HTTP answer to the topup of `amount` on `card_id` its meaning; the only place
+    that does.
 
     Messages are read before statuses because Uncash documents its messages but not the
     statuses that carry them. A 5xx may come from a proxy after the topup applied, so it
-    is Unknown; a 401 stops the run (raised), since no row can succeed without credentials.
+    is Unknown; so is a refusal Uncash does not document. A 401 stops the run (raised),
+    since no row can succeed without credentials.
     """
     try:
         payload = loads_exact(answer.body)
@@ -142,22 +181,24 @@ def classify_topup(answer: HttpAnswer) -> Outcome:
     if 200 <= answer.status < 300:
         if isinstance(payload, Mapping) and payload.get("success") is True:
             data = payload.get("data")
-            return parse_applied(data if isinstance(data, Mapping) else {})
+            return parse_applied(data if isinstance(data, Mapping) else {}, card_id, amount)
         if isinstance(payload, Mapping) and payload.get("success") is False:
-            return _refusal(message or f"HTTP {answer.status} with success=false")
+            return _refusal(answer.status, payload, message)
         return Unknown(f"HTTP {answer.status} with an unreadable body: {snippet(answer.body)}")
     if answer.status == 408:
         return RetryLater(RetryKind.TRANSIENT, "HTTP 408 Request Timeout")
     if 400 <= answer.status < 500:
-        return _refusal(message or f"HTTP {answer.status}: {snippet(answer.body)}")
+        return _refusal(answer.status, payload, message or snippet(answer.body))
     return Unknown(f"HTTP {answer.status}: {message or snippet(answer.body)}")
 
 
-def _refusal(message: str) -> Refused:
-    for pattern, code in _REFUSALS:
-        if pattern.search(message):
+def _refusal(status: int, payload: Any, message: str) -> Refused | Unknown:
+    """A documented refusal is final; any other may have followed money that moved."""
+    stated = _stated(payload)
+    for pattern, code in _DOCUMENTED_REFUSALS:
+        if pattern.match(stated):
             return Refused(code, message)
-    return Refused(RefusalCode.REJECTED, message)
+    return Unknown(f"HTTP {status}, a refusal Uncash does not document: {message or '(none)'}")
 
 
 def _card_state(data: Mapping[str, Any]) -> CardState:
@@ -229,7 +270,10 @@ def _loads_card_list(body: str) -> Any:
             currency=sys.intern(state.currency),
         )
 
-    return json.loads(body, parse_float=Decimal, object_hook=card)
+    try:
+        return json.loads(body, parse_float=Decimal, object_hook=card)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 class UncashProvider:
@@ -248,8 +292,13 @@ class UncashProvider:
         throttle: Throttle | None = None,
         name: str = "uncash",
     ) -> None:
+        if not _HEADER_SAFE.fullmatch(token):
+            # Never quoted: it is a secret, whatever is wrong with it.
+            raise ConfigError(
+                "UNCASH_API_TOKEN holds a space or a character an HTTP header cannot carry"
+            )
         self.name = name
-        self._base = base_url.rstrip("/")
+        self._base = check_base_url(base_url, "Uncash")
         self._throttle: Throttle = throttle or UnlimitedThrottle()
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._headers = {
@@ -282,13 +331,14 @@ class UncashProvider:
 
     @asynccontextmanager
     async def _request(
-        self, method: str, path: str, body: str | None = None
+        self, method: str, path: str, body: str | None = None, *, limit: int = MAX_ANSWER_BYTES
     ) -> AsyncIterator[HttpAnswer]:
         await self._throttle.acquire()
         async with self._client().request(
             method, self._base + path, data=body, allow_redirects=False
         ) as response:
-            text = await response.text(errors="replace")
+            # Uncash answers JSON, which is UTF-8; anything else only ends up in a message.
+            text = (await read_bounded(response, limit)).decode("utf-8", "replace")
             yield HttpAnswer(response.status, text, response.headers.get("Retry-After"))
 
     async def topup(
@@ -302,7 +352,10 @@ class UncashProvider:
                     RefusalCode.INVALID_AMOUNT, f"{amount} has more than two decimals: not sent"
                 )
             text = format_amount(amount)
-        card = card_id if _UNRESERVED.fullmatch(card_id) else quote(card_id, safe="")
+        try:
+            card = card_id if _UNRESERVED.fullmatch(card_id) else quote(card_id, safe="")
+        except UnicodeEncodeError:
+            return Refused(RefusalCode.CARD_NOT_FOUND, "the card id is not valid text: not sent")
         url = f"{self._base}/cards/{card}/topup"
         # Bytes: a str body is re-encoded through a charset lookup at every request.
         body = b'{"amount": ' + text.encode() + b"}"
@@ -313,30 +366,53 @@ class UncashProvider:
             async with self._client().post(url, data=body, allow_redirects=False) as response:
                 status = response.status
                 # Uncash answers JSON, which is UTF-8; anything else only ends up in a message.
-                answer = (await response.read()).decode("utf-8", "replace")
+                raw = await read_bounded(response, MAX_ANSWER_BYTES)
+                answer = raw.decode("utf-8", "replace")
                 retry_after = response.headers.get("Retry-After") if status == 429 else None
+        except AnswerTooLarge as exc:
+            return Unknown(f"HTTP {status}: {exc}")
         except aiohttp.ClientConnectorError as exc:
             # The TCP connection was never made: the request cannot have been seen.
             return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {exc.os_error or exc}")
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+            # Refused before any connection was made (check_base_url keeps this from happening).
+            return RetryLater(RetryKind.TRANSIENT, f"not sent: {transport_message(exc)}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Unknown(transport_message(exc))
-        outcome = classify_topup(HttpAnswer(status, answer, retry_after))
+        except ValueError as exc:
+            # aiohttp refuses some requests (a header it will not send) and answers with a
+            # plain ValueError; without knowing where it stopped, the topup may have been sent.
+            return Unknown(f"{type(exc).__name__}: {snippet(exc)}")
+        outcome = classify_topup(HttpAnswer(status, answer, retry_after), card_id, amount)
         if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
             self._throttle.slow_down(outcome.after)
         return outcome
 
-    async def _get(self, path: str, loads: Callable[[str], Any] = loads_exact) -> tuple[int, Any]:
-        """GET with bounded retries: reads are safe to repeat, unlike topups."""
+    async def _get(
+        self,
+        path: str,
+        loads: Callable[[str], Any] = loads_exact,
+        *,
+        limit: int = MAX_ANSWER_BYTES,
+    ) -> tuple[int, Any]:
+        """GET with bounded retries: reads are safe to repeat, unlike topups. An answer past
+        `limit` bytes, or a request aiohttp will not send, is not retried: it would recur."""
         delay = 0.2
         last = ""
         for attempt in range(1, _GET_ATTEMPTS + 1):
             try:
-                async with self._request("GET", path) as answer:
+                async with self._request("GET", path, limit=limit) as answer:
                     pass  # read in full; the body is parsed once the response is let go of
+            except AnswerTooLarge as exc:
+                raise ProviderError(f"Uncash GET {path}: {exc}") from None
+            except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
+                raise ProviderError(f"Uncash GET {path}: {transport_message(exc)}") from None
             except aiohttp.ClientError as exc:
                 last = transport_message(exc)
             except TimeoutError:
                 last = "timed out"
+            except ValueError as exc:
+                raise ProviderError(f"Uncash GET {path}: {snippet(exc)}") from None
             else:
                 if answer.status == 401:
                     raise AuthenticationFailed(
@@ -360,8 +436,10 @@ class UncashProvider:
                 delay *= 2
         raise ProviderError(f"Uncash GET {path} failed {_GET_ATTEMPTS} times: {last}")
 
-    async def _get_data(self, path: str, loads: Callable[[str], Any] = loads_exact) -> Any:
-        status, payload = await self._get(path, loads)
+    async def _get_data(
+        self, path: str, loads: Callable[[str], Any] = loads_exact, *, limit: int = MAX_ANSWER_BYTES
+    ) -> Any:
+        status, payload = await self._get(path, loads, limit=limit)
         if status == 200 and isinstance(payload, Mapping) and payload.get("success") is True:
             return payload.get("data")
         raise ProviderError(f"Uncash GET {path}: HTTP {status}: {_message_of(payload) or payload}")
@@ -378,10 +456,13 @@ class UncashProvider:
         return {}
 
     async def get_card(self, card_id: str) -> CardState | None:
-        path = f"/cards/{quote(card_id, safe='')}"
+        try:
+            path = f"/cards/{quote(card_id, safe='')}"
+        except UnicodeEncodeError:
+            raise ProviderError("Uncash GET /cards/{id}: the card id is not valid text") from None
         status, payload = await self._get(path)
-        message = _message_of(payload).lower()
-        if "card not found" in message:
+        message = _message_of(payload)
+        if status < 500 and _CARD_NOT_FOUND.match(_stated(payload)):
             return None
         if status == 404:
             # Not the documented card refusal: most likely a wrong --base-url.
@@ -397,7 +478,8 @@ class UncashProvider:
             raise ProviderError(f"Uncash GET {path}: {exc}") from None
 
     async def list_cards(self) -> Mapping[str, CardState]:
-        data = await self._get_data("/cards", _loads_card_list)
+        # Every card of the account in one answer: the one read allowed past a MiB.
+        data = await self._get_data("/cards", _loads_card_list, limit=MAX_CARD_LIST_BYTES)
         cards = data.get("cards") if isinstance(data, Mapping) else None
         if not isinstance(cards, list):
             raise ProviderError("Uncash GET /cards: no card list in the answer")
