@@ -12,7 +12,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import stat
 import warnings
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +33,10 @@ from runner.errors import JobInvalid, Problem
 from runner.money import CENTS, parse_amount
 
 MAX_PROBLEMS = 50
+# Far above any payroll (a million rows is about 60 MB); a FIFO, a device or a runaway file
+# is refused before it can fill memory.
+MAX_JOB_BYTES = 256 * 1024 * 1024
+_GROWTH_CHUNK = 1024 * 1024
 REQUIRED_COLUMNS = ("card_id", "amount")
 KNOWN_COLUMNS = ("card_id", "amount", "reference")
 YAML_KEYS = ("run_key", "provider", "settings", "topups")
@@ -208,15 +214,66 @@ class _Table:
 
 
 def _read_text(path: Path, problems: _Problems) -> str:
-    if path.is_dir():
-        problems.fail("is a directory, not a job file")
-    if not path.exists():
-        problems.fail("no such file")
+    return _decode(_read_bytes(path, problems), problems)
+
+
+def _read_bytes(path: Path, problems: _Problems) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_JOB_BYTES.
+
+    Opened without blocking (a FIFO would wait for a writer) and judged by what was opened,
+    not by the name (a name can be swapped for a link to /dev/zero between a check and a
+    read). At most the limit plus one byte is read, as a file may grow while it is read.
+    """
+    limit = MAX_JOB_BYTES
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        problems.fail("no such file")
     except OSError as exc:
         problems.fail(f"cannot be read: {exc.strerror or exc}")
-    return _decode(data, problems)
+    parts: list[bytes] = []
+    total = 0
+    try:
+        status = os.fstat(fd)
+        if stat.S_ISDIR(status.st_mode):
+            problems.fail("is a directory, not a job file")
+        if not stat.S_ISREG(status.st_mode):
+            problems.fail(f"is {_file_kind(status.st_mode)}, not a regular file: give a job file")
+        if status.st_size > limit:
+            problems.fail(
+                f"is {status.st_size:,} bytes: a job file may be at most {_size_text(limit)}"
+            )
+        # Reads of the size the file had (one, as a rule), then small ones only if it grew.
+        first = min(status.st_size, limit) + 1
+        while total <= limit:
+            wanted = first - total if total < first else min(_GROWTH_CHUNK, limit + 1 - total)
+            chunk = os.read(fd, wanted)
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        problems.fail(f"cannot be read: {exc.strerror or exc}")
+    finally:
+        os.close(fd)
+    if total > limit:
+        problems.fail(f"grew past {_size_text(limit)} while it was read: the limit for a job file")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device (such as /dev/zero)"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def _size_text(size: int) -> str:
+    mib = 1024 * 1024
+    return f"{size // mib} MiB" if size % mib == 0 else f"{size:,} bytes"
 
 
 def _decode(data: bytes, problems: _Problems) -> str:

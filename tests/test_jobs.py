@@ -5,7 +5,9 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import gc
+import os
 import tempfile
+import threading
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runner import jobs
 from runner.errors import JobInvalid, Problem
 from runner.jobs import MAX_PROBLEMS, Job, load_job
 from runner.money import parse_amount
@@ -359,6 +362,65 @@ class TestFiles:
         """load_job takes a str as well as a Path, and keeps it as the job's path."""
         path = write(tmp_path, "job.csv", SIMPLE_CSV)
         assert load_job(str(path)).path == path
+
+
+class TestFileKinds:
+    def test_fifo_is_refused_without_hanging(self, tmp_path: Path) -> None:
+        """A named pipe given as the job is refused at once, not read until a writer comes."""
+        fifo = tmp_path / "job.csv"
+        os.mkfifo(fifo)
+        outcome: list[Problem] = []
+        reader = threading.Thread(target=lambda: outcome.append(only_problem(fifo)), daemon=True)
+        reader.start()
+        reader.join(timeout=5)
+        if reader.is_alive():
+            # Unblock the reader so that the test process can end, then fail.
+            with open(fifo, "wb"):
+                pass
+            pytest.fail("reading a FIFO job hung")
+        assert "named pipe" in outcome[0].message
+        assert "regular file" in outcome[0].message
+
+    def test_symlink_to_dev_zero_is_refused(self, tmp_path: Path) -> None:
+        """A link to an endless device is refused before a byte is read."""
+        link = tmp_path / "job.csv"
+        link.symlink_to("/dev/zero")
+        message = only_problem(link).message
+        assert "character device" in message
+        assert "regular file" in message
+
+    def test_directory_named_like_a_job(self, tmp_path: Path) -> None:
+        """A directory is refused as one, by the same check as every other non-file."""
+        (tmp_path / "dir.yaml").mkdir()
+        assert only_problem(tmp_path / "dir.yaml").message == "is a directory, not a job file"
+
+    def test_oversize_file_is_refused_before_reading(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file above MAX_JOB_BYTES is refused, the limit stated in the message."""
+        monkeypatch.setattr(jobs, "MAX_JOB_BYTES", 100)
+        path = write(tmp_path, "job.csv", "card_id,amount\n" + "c-1,5.00\n" * 20)
+        message = only_problem(path).message
+        assert "100 bytes" in message
+        assert "195" in message  # the file's size
+
+    def test_file_at_the_limit_loads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A file of exactly MAX_JOB_BYTES is accepted."""
+        text = "card_id,amount\nc-1,5.00\n"
+        monkeypatch.setattr(jobs, "MAX_JOB_BYTES", len(text))
+        assert len(load_job(write(tmp_path, "job.csv", text)).rows) == 1
+
+    def test_limit_is_256_mib(self) -> None:
+        """The documented limit."""
+        assert jobs.MAX_JOB_BYTES == 256 * 1024 * 1024
+
+    def test_unreadable_file(self, tmp_path: Path) -> None:
+        """A file without read permission is a problem, not a traceback."""
+        path = write(tmp_path, "job.csv", SIMPLE_CSV)
+        path.chmod(0)
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        assert "cannot be read" in only_problem(path).message
 
 
 class TestYamlLoads:
