@@ -60,6 +60,16 @@ _DIGEST_SLICE = 65_536  # values hashed at a time
 _SHARED_AMOUNTS = 4_096
 # From this many rows a column is first looked at for repeated values.
 _FEW_DISTINCT_FROM = 10_000
+# YAML nesting allowed (a job needs four or five levels: document, topups, row, value).
+MAX_YAML_DEPTH = 50
+# YAML aliases may expand a file to at most 10 values per value written, plus 100,000. The
+# usual use, `<<: *defaults` on every row, adds the defaults' few keys per row of about
+# five written values: two or three times the written size. A factor of 10 leaves room for
+# larger defaults while keeping the work linear in the file's size, which the parser has
+# already paid for; the allowance lets a small file share a sizeable block freely. A
+# "billion laughs" of a few lines expands past this at its seventh level of ten.
+_ALIAS_FACTOR = 10
+_ALIAS_ALLOWANCE = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,14 +479,100 @@ class _Typed:
     source: str
 
 
+class _TooDeep(Exception):
+    """Composing met a node nested deeper than MAX_YAML_DEPTH (at `line`, 1-based)."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
 class _JobLoader(yaml.SafeLoader):
     """SafeLoader that notes repeated keys (plain PyYAML keeps the last one silently), keeps the
-    written text of numbers and booleans, and leaves dates as text."""
+    written text of numbers and booleans, and leaves dates as text. It also counts the nodes
+    written and the aliases met, and stops composing past MAX_YAML_DEPTH (PyYAML's composer
+    recurses, so a deep file would otherwise end in a RecursionError)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         # id() of a constructed mapping -> its repeated keys and their 1-based lines.
         self.repeated: dict[int, list[tuple[str, int]]] = {}
+        self.nodes = 0
+        self.aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            return super().compose_node(parent, index)
+        self.nodes += 1
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _TooDeep(event.start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expansion_problem(root: yaml.Node, written: int) -> str | None:
+    """Why the composed graph at `root` may not be constructed, or None.
+
+    PyYAML composes an alias as a reference to its anchor's node, so the graph stays as
+    small as the text; what costs is everything after that walks it as a tree (merge keys
+    copy, settings are copied, checks descend), where each alias counts as a full copy of
+    its target. That expanded size and depth are computed here, once per distinct node.
+    """
+    bound = _ALIAS_FACTOR * written + _ALIAS_ALLOWANCE
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if children_done:
+            on_path.discard(key)
+            total, tallest = 1, 0
+            for child in children:
+                if isinstance(child, yaml.ScalarNode):
+                    total, tallest = total + 1, max(tallest, 1)
+                else:
+                    total, tallest = total + size[id(child)], max(tallest, height[id(child)])
+            if total > bound:
+                return (
+                    f"its YAML aliases expand to more than {bound:,} values from "
+                    f'{written:,} written (a "billion laughs"?): an alias may repeat '
+                    "a value, not multiply the file; write the values out"
+                )
+            if tallest + 1 > MAX_YAML_DEPTH:
+                return (
+                    f"is nested more than {MAX_YAML_DEPTH} levels deep once its YAML aliases "
+                    "are expanded: a job needs only a few"
+                )
+            size[key], height[key] = total, tallest + 1
+            continue
+        if key in size:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                line = child.start_mark.line + 1
+                return f"has a YAML alias that refers to itself (anchor on line {line})"
+            if not isinstance(child, yaml.ScalarNode) and id(child) not in size:
+                stack.append((child, False))
+    return None
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _construct_map(loader: _JobLoader, node: yaml.MappingNode) -> Iterator[dict[Hashable, Any]]:
@@ -522,7 +618,17 @@ def _read_yaml(
 ) -> tuple[_Table | None, str | None, str | None, Mapping[str, object]]:
     loader = _JobLoader(text)
     try:
-        document = loader.get_single_data()
+        node = loader.get_single_node()
+        if node is not None and loader.aliases:
+            problem = _expansion_problem(node, loader.nodes)
+            if problem is not None:
+                problems.fail(problem)
+        document = None if node is None else loader.construct_document(node)
+    except _TooDeep as exc:
+        problems.fail(
+            f"is nested more than {MAX_YAML_DEPTH} levels deep on line {exc.line}: "
+            "a job needs only a few"
+        )
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" on line {mark.line + 1}, column {mark.column + 1}" if mark else ""

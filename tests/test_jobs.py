@@ -8,6 +8,7 @@ import gc
 import os
 import tempfile
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 
@@ -621,6 +622,83 @@ class TestYamlRefuses:
         )
         found = [(p.row, p.column) for p in problems_of(write(tmp_path, "job.yaml", text))]
         assert found == [(None, None), (1, "card_id"), (1, "amount"), (3, "card_id"), (3, "amount")]
+
+
+def laughs(levels: int, width: int, indent: str = "  ") -> str:
+    """A "billion laughs" chain: each anchor a list of `width` aliases of the one before."""
+    lines = [f"{indent}l0: &l0 [lol]"]
+    for n in range(1, levels):
+        aliases = ", ".join([f"*l{n - 1}"] * width)
+        lines.append(f"{indent}l{n}: &l{n} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+ROW = "topups:\n  - {card_id: c-1, amount: '5'}\n"
+
+
+class TestYamlAliasBombs:
+    def refused_fast(self, tmp_path: Path, text: str) -> Problem:
+        started = time.monotonic()
+        problem = only_problem(write(tmp_path, "job.yaml", text))
+        assert time.monotonic() - started < 2.0
+        return problem
+
+    def test_billion_laughs_in_settings(self, tmp_path: Path) -> None:
+        """Nine levels of nine aliases (387 million values) are refused at once, not built."""
+        problem = self.refused_fast(tmp_path, "settings:\n" + laughs(9, 9) + ROW)
+        assert "alias" in problem.message
+        assert problem.row is None
+
+    def test_modest_alias_bomb_in_settings(self, tmp_path: Path) -> None:
+        """A million values from a few lines is refused too: nothing legitimate needs that."""
+        problem = self.refused_fast(tmp_path, "settings:\n" + laughs(7, 10) + ROW)
+        assert "alias" in problem.message
+
+    def test_alias_bomb_in_a_row(self, tmp_path: Path) -> None:
+        """A row's extra column holding the bomb is refused the same way."""
+        text = "settings:\n" + laughs(9, 9) + "topups:\n  - {card_id: c-1, amount: '5', x: *l8}\n"
+        assert "alias" in self.refused_fast(tmp_path, text).message
+
+    def test_merge_key_bomb(self, tmp_path: Path) -> None:
+        """Merge keys that fold mappings of mappings into each other are bounded as well."""
+        lines = ["settings:", "  m0: &m0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8}"]
+        for n in range(1, 9):
+            merged = ", ".join([f"*m{n - 1}"] * 9)
+            lines.append(f"  m{n}: &m{n} {{<<: [{merged}], k{n}: 1}}")
+        assert "alias" in self.refused_fast(tmp_path, "\n".join(lines) + "\n" + ROW).message
+
+    def test_alias_to_itself(self, tmp_path: Path) -> None:
+        """A structure that contains itself is refused, not walked forever."""
+        text = "settings: &s {again: *s}\n" + ROW
+        assert "itself" in self.refused_fast(tmp_path, text).message
+
+    def test_deep_nesting(self, tmp_path: Path) -> None:
+        """Thousands of nested lists are refused with a problem, not a RecursionError."""
+        text = "settings: {x: " + "[" * 5000 + "]" * 5000 + "}\n" + ROW
+        problem = self.refused_fast(tmp_path, text)
+        assert "nested" in problem.message
+        assert str(jobs.MAX_YAML_DEPTH) in problem.message
+
+    def test_deep_nesting_through_aliases(self, tmp_path: Path) -> None:
+        """Aliases that stack nesting on nesting count as the nesting they expand to."""
+        lines = ["settings:", "  d0: &d0 " + "[" * 30 + "]" * 30]
+        for n in range(1, 6):
+            lines.append(f"  d{n}: &d{n} " + "[" * 30 + f"*d{n - 1}" + "]" * 30)
+        problem = self.refused_fast(tmp_path, "\n".join(lines) + "\n" + ROW)
+        assert "nested" in problem.message
+
+    def test_merge_defaults_per_row_keep_working(self, tmp_path: Path) -> None:
+        """`<<: *defaults` on every row loads, past the 100,000 allowance (the ratio counts)."""
+        first = "  - &defaults {card_id: c-0, amount: '5', dept: Ops, site: Paris, team: A}\n"
+        rows = "".join(f"  - {{<<: *defaults, card_id: c-{n}}}\n" for n in range(1, 10_000))
+        job = load_job(write(tmp_path, "job.yaml", "topups:\n" + first + rows))
+        assert len(job.rows) == 10_000
+        assert job.rows[-1].extra[0] == ("dept", "Ops")
+
+    def test_settings_reused_through_an_alias(self, tmp_path: Path) -> None:
+        """A value given once and referred to a few times is fine."""
+        text = "settings: {a: &v [1, 2, 3], b: *v, c: *v}\n" + ROW
+        assert load_job(write(tmp_path, "job.yaml", text)).settings["b"] == [1, 2, 3]
 
 
 class TestDigest:
