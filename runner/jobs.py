@@ -40,14 +40,22 @@ _GROWTH_CHUNK = 1024 * 1024
 REQUIRED_COLUMNS = ("card_id", "amount")
 KNOWN_COLUMNS = ("card_id", "amount", "reference")
 YAML_KEYS = ("run_key", "provider", "settings", "topups")
+# Far above any real id (a UUID is 36) or payroll reference; a cell past them is a mistake,
+# and a card id goes into a URL path.
+MAX_CARD_ID_LENGTH = 200
+MAX_REFERENCE_LENGTH = 1_000
+# Ids that quote() leaves as they are and that a URL path then resolves away (/cards/../x).
+_DOT_SEGMENTS = (".", "..")
 
 # Shapes that need no further thought; everything else takes the slow, explaining path.
 # The lookahead keeps zero amounts ("0", "0.00") out of the fast path.
 _FAST_AMOUNT = r"(?=[0-9.]*[1-9])[0-9]{1,12}(?:\.[0-9]{1,2})?"
-_FAST_CARD_ID = r"[A-Za-z0-9_-]+"
+_FAST_CARD_ID = rf"[A-Za-z0-9_-]{{1,{MAX_CARD_ID_LENGTH}}}"
 _CONTROL = r"[\x00-\x1f\x7f-\x9f]"
 # No surrounding spaces and no control characters: nothing to strip or refuse.
-_FAST_REFERENCE = r"(?:[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?)?"
+_FAST_REFERENCE = rf"(?=.{{0,{MAX_REFERENCE_LENGTH}}}\Z)" + (
+    r"(?:[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?)?"
+)
 # What Excel makes of a long numeric id in a General-format column: the real id is gone.
 _EXCEL_SCIENTIFIC = re.compile(r"[0-9](?:\.[0-9]+)?E\+[0-9]{1,3}", re.IGNORECASE)
 _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
@@ -940,14 +948,28 @@ def _judge_row(
             found.append(("amount", str(exc)))
     if (position, "reference") not in table.judged:
         references[position] = references[position].strip()
-        if re.search(_CONTROL, references[position]):
+        if len(references[position]) > MAX_REFERENCE_LENGTH:
+            message = _too_long(references[position], "a reference", MAX_REFERENCE_LENGTH)
+            found.append(("reference", message))
+        elif re.search(_CONTROL, references[position]):
             found.append(("reference", "contains a line break or control character"))
     return found
+
+
+def _too_long(value: str, what: str, limit: int) -> str:
+    return f"is {len(value):,} characters long: {what} may be at most {limit:,} characters"
 
 
 def _card_id_problem(card_id: str) -> str | None:
     if not card_id:
         return "is empty"
+    if len(card_id) > MAX_CARD_ID_LENGTH:
+        return _too_long(card_id, "a card id", MAX_CARD_ID_LENGTH)
+    if card_id in _DOT_SEGMENTS:
+        return (
+            f'"{card_id}" is not a card id: in the provider\'s URL it would be read as a path '
+            "step and address something else"
+        )
     if _EXCEL_SCIENTIFIC.fullmatch(card_id):
         return (
             f'"{card_id}" is a number Excel rewrote in scientific notation: the real id is lost; '

@@ -701,6 +701,77 @@ class TestYamlAliasBombs:
         assert load_job(write(tmp_path, "job.yaml", text)).settings["b"] == [1, 2, 3]
 
 
+class TestCellLimits:
+    @pytest.mark.parametrize("card_id", [".", "..", " .. "])
+    def test_dot_segment_card_id(self, tmp_path: Path, card_id: str) -> None:
+        """ "." and ".." would be read as a path step in the provider's URL: refused."""
+        problem = only_problem(write(tmp_path, "job.csv", f"card_id,amount\n{card_id},5\n"))
+        assert (problem.row, problem.column) == (1, "card_id")
+        assert "URL" in problem.message
+
+    def test_dot_segment_card_id_in_yaml(self, tmp_path: Path) -> None:
+        """The same holds for a YAML job."""
+        text = "topups:\n  - {card_id: '..', amount: '5'}\n"
+        assert only_problem(write(tmp_path, "job.yaml", text)).column == "card_id"
+
+    @pytest.mark.parametrize("card_id", ["...", ".a", "a.b", "a..b"])
+    def test_dots_within_an_id_are_fine(self, tmp_path: Path, card_id: str) -> None:
+        """Only whole dot segments change a URL; other ids with dots load."""
+        job = load_job(write(tmp_path, "job.csv", f"card_id,amount\n{card_id},5\n"))
+        assert job.rows[0].card_id == card_id
+
+    def test_card_id_at_the_length_limit(self, tmp_path: Path) -> None:
+        """A card id of MAX_CARD_ID_LENGTH characters loads."""
+        card_id = "c" * jobs.MAX_CARD_ID_LENGTH
+        job = load_job(write(tmp_path, "job.csv", f"card_id,amount\n{card_id},5\n"))
+        assert job.rows[0].card_id == card_id
+
+    @pytest.mark.parametrize("character", ["c", "é"])
+    def test_card_id_over_the_length_limit(self, tmp_path: Path, character: str) -> None:
+        """One character more is refused, the limit stated."""
+        card_id = character * (jobs.MAX_CARD_ID_LENGTH + 1)
+        problem = only_problem(write(tmp_path, "job.csv", f"card_id,amount\n{card_id},5\n"))
+        assert problem.column == "card_id"
+        assert "at most 200 characters" in problem.message
+
+    def test_huge_card_id_is_one_short_line_fast(self, tmp_path: Path) -> None:
+        """A 10 MB card id gives a one-line problem, quickly, without echoing the id."""
+        path = write(tmp_path, "job.csv", "card_id,amount\n" + "x" * 10_000_000 + ",5\n")
+        started = time.monotonic()
+        problem = only_problem(path)
+        assert time.monotonic() - started < 2.0
+        assert problem.column == "card_id"
+        assert len(str(problem)) < 300
+        assert "\n" not in str(problem)
+
+    def test_huge_card_id_with_spaces_is_not_echoed(self, tmp_path: Path) -> None:
+        """A long id is refused for its length before its content is shown."""
+        path = write(tmp_path, "job.csv", 'card_id,amount\n"' + "x y" * 100_000 + '",5\n')
+        assert len(only_problem(path).message) < 200
+
+    def test_reference_at_the_length_limit(self, tmp_path: Path) -> None:
+        """A reference of MAX_REFERENCE_LENGTH characters loads."""
+        reference = "r" * jobs.MAX_REFERENCE_LENGTH
+        text = f"card_id,amount,reference\nc,5,{reference}\n"
+        assert load_job(write(tmp_path, "job.csv", text)).rows[0].reference == reference
+
+    def test_reference_over_the_length_limit(self, tmp_path: Path) -> None:
+        """One character more is refused, the limit stated, the reference not echoed."""
+        reference = "r" * (jobs.MAX_REFERENCE_LENGTH + 1)
+        text = f"card_id,amount,reference\nc,5,{reference}\n"
+        problem = only_problem(write(tmp_path, "job.csv", text))
+        assert problem.column == "reference"
+        assert "at most 1,000 characters" in problem.message
+        assert reference not in problem.message
+
+    def test_huge_yaml_card_id(self, tmp_path: Path) -> None:
+        """A YAML job's 10 MB card id is refused the same way."""
+        text = "topups:\n  - {card_id: '" + "x" * 10_000_000 + "', amount: '5'}\n"
+        problem = only_problem(write(tmp_path, "job.yaml", text))
+        assert problem.column == "card_id"
+        assert len(problem.message) < 200
+
+
 class TestDigest:
     def test_same_amount_written_differently(self, tmp_path: Path) -> None:
         """250, 250.0 and 250.00 are the same amount and the same digest."""
