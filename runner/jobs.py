@@ -59,6 +59,7 @@ _FAST_REFERENCE = rf"(?=.{{0,{MAX_REFERENCE_LENGTH}}}\Z)" + (
 # What Excel makes of a long numeric id in a General-format column: the real id is gone.
 _EXCEL_SCIENTIFIC = re.compile(r"[0-9](?:\.[0-9]+)?E\+[0-9]{1,3}", re.IGNORECASE)
 _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 _PLAIN_INT = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 # Bump when the canonical form changes: run keys derived from digests must not collide.
 _DIGEST_VERSION = "topup-runner job content v2"
@@ -911,7 +912,7 @@ def _validate(holder: list[_Table], problems: _Problems) -> tuple[tuple[JobRow, 
     del same_card, same_amount, pairs
     # Only what moves money counts: fixing a typo in a name column must resume the run,
     # not start a new one that pays everyone a second time.
-    digest = _content_digest([card_ids, amounts, references])
+    digest = _content_digest([_canonical_card_ids(card_ids), amounts, references])
     return tuple(rows), digest
 
 
@@ -982,6 +983,24 @@ def _card_id_problem(card_id: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # Content digest
+
+
+def _canonical_card_ids(card_ids: list[str]) -> list[str]:
+    """The ids as the providers tell cards apart: a UUID in any case is the same card (UUIDs
+    are case-insensitive on input, RFC 9562; the providers answer in lower case, and the
+    sandbox, preflight and the Alix adapter all compare them so). A copy of a job with its
+    UUIDs re-spelled must resume the run, not pay again. Other ids are kept as written: they
+    may be case-sensitive. Lower case is the canonical form, so the digest of a file already
+    in it is the one earlier versions recorded; the list is only copied if an id changes."""
+    folded: list[str] | None = None
+    for position, card_id in enumerate(card_ids):
+        if card_id.islower() or card_id == (lower := card_id.lower()):
+            continue
+        if _UUID.fullmatch(card_id):
+            if folded is None:
+                folded = list(card_ids)
+            folded[position] = lower
+    return card_ids if folded is None else folded
 
 
 def _content_digest(columns: list[list[str]]) -> str:

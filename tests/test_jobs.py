@@ -11,6 +11,7 @@ import threading
 import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -772,6 +773,13 @@ class TestCellLimits:
         assert len(problem.message) < 200
 
 
+CANONICAL_IDS = (
+    "card_id,amount,reference\n3f9c2d4e-8a1b-4c2d-9e3f-0a1b2c3d4e5f,250,EMP-1\ncard-7,99.5,EMP-2\n"
+)
+# Recorded before card ids were canonicalised in the digest: it must never change.
+CANONICAL_IDS_DIGEST = "6df32b0fcac63269fb7f12f6c00cfe0755422845a9c6872956ab08bc3214bdfa"
+
+
 class TestDigest:
     def test_same_amount_written_differently(self, tmp_path: Path) -> None:
         """250, 250.0 and 250.00 are the same amount and the same digest."""
@@ -812,6 +820,46 @@ class TestDigest:
         digest = load_job(write(tmp_path, "a.csv", SIMPLE_CSV)).content_digest
         assert len(digest) == 64
         assert set(digest) <= set("0123456789abcdef")
+
+    def test_canonical_file_digest_is_unchanged(self, tmp_path: Path) -> None:
+        """A file in canonical form keeps the digest earlier versions recorded in ledgers."""
+        job = load_job(write(tmp_path, "a.csv", CANONICAL_IDS))
+        assert job.content_digest == CANONICAL_IDS_DIGEST
+
+    @pytest.mark.parametrize("spell", [str.upper, lambda s: s[:9] + s[9:].upper()])
+    def test_uuid_case_does_not_change_the_digest(self, tmp_path: Path, spell: Any) -> None:
+        """A copy with UUID card ids in another case addresses the same cards: same digest."""
+        uuid_ = "3f9c2d4e-8a1b-4c2d-9e3f-0a1b2c3d4e5f"
+        respelled = CANONICAL_IDS.replace(uuid_, spell(uuid_))
+        assert respelled != CANONICAL_IDS
+        job = load_job(write(tmp_path, "b.csv", respelled))
+        assert job.content_digest == CANONICAL_IDS_DIGEST
+        assert job.rows[0].card_id == spell(uuid_)  # rows keep the ids as written
+
+    def test_uuid_case_in_yaml(self, tmp_path: Path) -> None:
+        """The same holds across formats: an upper-case YAML copy of the CSV resumes it."""
+        text = (
+            "topups:\n"
+            "  - {card_id: 3F9C2D4E-8A1B-4C2D-9E3F-0A1B2C3D4E5F, amount: '250', reference: EMP-1}\n"
+            "  - {card_id: card-7, amount: '99.50', reference: EMP-2}\n"
+        )
+        assert load_job(write(tmp_path, "c.yaml", text)).content_digest == CANONICAL_IDS_DIGEST
+
+    def test_other_ids_keep_their_case(self, tmp_path: Path) -> None:
+        """Ids that are not UUIDs may be case-sensitive at the provider: not folded."""
+        changed = CANONICAL_IDS.replace("card-7", "CARD-7")
+        assert load_job(write(tmp_path, "d.csv", changed)).content_digest != CANONICAL_IDS_DIGEST
+
+    @given(st.uuids(), st.lists(st.booleans(), min_size=36, max_size=36))
+    @settings(max_examples=30, deadline=None)
+    def test_any_uuid_spelling_folds(self, uuid_: Any, upper: list[bool]) -> None:
+        """Every mix of cases of a UUID gives the digest of its lower-case form."""
+        text = str(uuid_)
+        spelled = "".join(c.upper() if up else c for c, up in zip(text, upper, strict=True))
+        with tempfile.TemporaryDirectory() as folder:
+            base = load_job(write(Path(folder), "a.csv", f"card_id,amount\n{text},5\n"))
+            other = load_job(write(Path(folder), "b.csv", f"card_id,amount\n{spelled},5\n"))
+        assert base.content_digest == other.content_digest
 
 
 class TestValues:
