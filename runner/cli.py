@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -54,7 +55,7 @@ def say(message: str, *, event: str, err: bool = False, **fields: Any) -> None:
         click.echo(message, err=err)
 
 
-def _fail(exc: RunnerError) -> None:
+def _fail(exc: RunnerError) -> NoReturn:
     code = exc.exit_code
     if isinstance(exc, JobInvalid):
         for p in exc.problems:
@@ -66,13 +67,86 @@ def _fail(exc: RunnerError) -> None:
         say("topup-runner: the job is invalid: nothing was sent",
             event="job.invalid", err=True, exit_code=code)  # fmt: skip
     else:
-        say(f"topup-runner: error: {exc}", event="run.error", err=True,
+        say(f"topup-runner: error: {_without_secrets(str(exc))}", event="run.error", err=True,
             error_type=type(exc).__name__, exit_code=code)  # fmt: skip
     sys.exit(code)
 
 
+# Which of several RunnerErrors raised together (a task group's) is reported: the one whose
+# exit code comes first here. A configuration, job or credentials error (2) is the cause
+# the operator must fix and proves nothing was sent; then a held lock (75), a preflight
+# refusal (3), and last a provider failing (1), often only the echo of the first in the
+# other tasks. Within one code the most derived class wins (AuthenticationFailed over
+# ProviderError), then the first found.
+_EXIT_CODE_RANK = (2, 75, 3, 1)
+# Environment variables whose values are secrets: never printed, whatever carries them.
+_SECRET_VARIABLES = (
+    "UNCASH_API_TOKEN",
+    "ALIX_PARTNER_CODE",
+    "ALIX_SECRET_KEY",
+    "ALIX_USER_EMAIL",
+    "TOPUP_LEDGER_KEY",
+)
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+_INTERNAL_MESSAGE_LIMIT = 300
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in `group` and its nested groups, depth first."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def _reported(errors: list[RunnerError]) -> RunnerError:
+    """The one of several runner errors raised together that the command reports."""
+
+    def rank(exc: RunnerError) -> tuple[int, int]:
+        code = exc.exit_code
+        order = _EXIT_CODE_RANK.index(code) if code in _EXIT_CODE_RANK else len(_EXIT_CODE_RANK)
+        return order, -len(type(exc).__mro__)
+
+    return min(errors, key=rank)  # min keeps the first of equals
+
+
+def _without_secrets(text: str) -> str:
+    """`text` with registered and environment secrets and URL user info taken out."""
+    from runner.logs import scrub_secrets
+
+    text = str(scrub_secrets(None, "", {"text": text})["text"])
+    for name in _SECRET_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if len(value) >= 4:
+            text = text.replace(value, "[redacted]")
+    return _USERINFO.sub("[redacted]@", text)
+
+
+def _internal_error(exc: BaseException) -> NoReturn:
+    detail = " ".join(_without_secrets(str(exc)).split())
+    if len(detail) > _INTERNAL_MESSAGE_LIMIT:
+        detail = detail[:_INTERNAL_MESSAGE_LIMIT] + "..."
+    say(
+        f"topup-runner: internal error: {type(exc).__name__}: {detail} "
+        "(set TOPUP_DEBUG=1 for a traceback)",
+        event="run.internal_error",
+        err=True,
+    )
+    sys.exit(1)
+
+
+def _interrupted() -> NoReturn:
+    say("topup-runner: interrupted", event="run.interrupted", err=True)
+    sys.exit(130)
+
+
 def guarded(func: F) -> F:
-    """Turn the runner's errors into one-line messages and the contract's exit codes."""
+    """Turn the runner's errors into one-line messages and the contract's exit codes.
+
+    Errors raised in a task group arrive wrapped in an ExceptionGroup: an interrupt among
+    them is an interrupt (130), runner errors among them are reported as one (see
+    _EXIT_CODE_RANK), and only a group of nothing else is an internal error.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -81,18 +155,24 @@ def guarded(func: F) -> F:
         except RunnerError as exc:
             _fail(exc)
         except KeyboardInterrupt:
-            say("topup-runner: interrupted", event="run.interrupted", err=True)
-            sys.exit(130)
+            _interrupted()
+        except BaseExceptionGroup as group:
+            leaves = _leaves(group)
+            if any(isinstance(exc, KeyboardInterrupt) for exc in leaves):
+                _interrupted()
+            errors = [exc for exc in leaves if isinstance(exc, RunnerError)]
+            if errors:
+                _fail(_reported(errors))
+            exits = [exc for exc in leaves if isinstance(exc, SystemExit)]
+            if exits:
+                raise exits[0] from None
+            if os.environ.get("TOPUP_DEBUG"):
+                raise
+            _internal_error(group)
         except Exception as exc:
             if os.environ.get("TOPUP_DEBUG"):
                 raise
-            say(
-                f"topup-runner: internal error: {type(exc).__name__}: {exc} "
-                "(set TOPUP_DEBUG=1 for a traceback)",
-                event="run.internal_error",
-                err=True,
-            )
-            sys.exit(1)
+            _internal_error(exc)
         return None
 
     return wrapper  # type: ignore[return-value]
@@ -123,6 +203,13 @@ def run_options(func: F) -> F:
         click.option("--wait-settle", help="Seconds to wait for pending rows to settle."),
         click.option(
             "--lease", help="Seconds a worker of a shared ledger holds its cards unrenewed."
+        ),
+        click.option(
+            "--apply-grace",
+            metavar="SECONDS",
+            help="Seconds after a request's timeout during which the provider may still apply "
+            "it: a lost answer is judged not applied only after timeout + this grace "
+            "(default 30).",
         ),
         click.option(
             "--metrics-file",

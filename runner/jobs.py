@@ -12,7 +12,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import stat
 import warnings
 from collections.abc import Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,20 +33,33 @@ from runner.errors import JobInvalid, Problem
 from runner.money import CENTS, parse_amount
 
 MAX_PROBLEMS = 50
+# Far above any payroll (a million rows is about 60 MB); a FIFO, a device or a runaway file
+# is refused before it can fill memory.
+MAX_JOB_BYTES = 256 * 1024 * 1024
+_GROWTH_CHUNK = 1024 * 1024
 REQUIRED_COLUMNS = ("card_id", "amount")
 KNOWN_COLUMNS = ("card_id", "amount", "reference")
 YAML_KEYS = ("run_key", "provider", "settings", "topups")
+# Far above any real id (a UUID is 36) or payroll reference; a cell past them is a mistake,
+# and a card id goes into a URL path.
+MAX_CARD_ID_LENGTH = 200
+MAX_REFERENCE_LENGTH = 1_000
+# Ids that quote() leaves as they are and that a URL path then resolves away (/cards/../x).
+_DOT_SEGMENTS = (".", "..")
 
 # Shapes that need no further thought; everything else takes the slow, explaining path.
 # The lookahead keeps zero amounts ("0", "0.00") out of the fast path.
 _FAST_AMOUNT = r"(?=[0-9.]*[1-9])[0-9]{1,12}(?:\.[0-9]{1,2})?"
-_FAST_CARD_ID = r"[A-Za-z0-9_-]+"
+_FAST_CARD_ID = rf"[A-Za-z0-9_-]{{1,{MAX_CARD_ID_LENGTH}}}"
 _CONTROL = r"[\x00-\x1f\x7f-\x9f]"
 # No surrounding spaces and no control characters: nothing to strip or refuse.
-_FAST_REFERENCE = r"(?:[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?)?"
+_FAST_REFERENCE = rf"(?=.{{0,{MAX_REFERENCE_LENGTH}}}\Z)" + (
+    r"(?:[^\s\x00-\x1f\x7f-\x9f](?:[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f])?)?"
+)
 # What Excel makes of a long numeric id in a General-format column: the real id is gone.
 _EXCEL_SCIENTIFIC = re.compile(r"[0-9](?:\.[0-9]+)?E\+[0-9]{1,3}", re.IGNORECASE)
 _WHITESPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 _PLAIN_INT = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 # Bump when the canonical form changes: run keys derived from digests must not collide.
 _DIGEST_VERSION = "topup-runner job content v2"
@@ -54,6 +69,16 @@ _DIGEST_SLICE = 65_536  # values hashed at a time
 _SHARED_AMOUNTS = 4_096
 # From this many rows a column is first looked at for repeated values.
 _FEW_DISTINCT_FROM = 10_000
+# YAML nesting allowed (a job needs four or five levels: document, topups, row, value).
+MAX_YAML_DEPTH = 50
+# YAML aliases may expand a file to at most 10 values per value written, plus 100,000. The
+# usual use, `<<: *defaults` on every row, adds the defaults' few keys per row of about
+# five written values: two or three times the written size. A factor of 10 leaves room for
+# larger defaults while keeping the work linear in the file's size, which the parser has
+# already paid for; the allowance lets a small file share a sizeable block freely. A
+# "billion laughs" of a few lines expands past this at its seventh level of ten.
+_ALIAS_FACTOR = 10
+_ALIAS_ALLOWANCE = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,15 +233,66 @@ class _Table:
 
 
 def _read_text(path: Path, problems: _Problems) -> str:
-    if path.is_dir():
-        problems.fail("is a directory, not a job file")
-    if not path.exists():
-        problems.fail("no such file")
+    return _decode(_read_bytes(path, problems), problems)
+
+
+def _read_bytes(path: Path, problems: _Problems) -> bytes:
+    """The file's bytes, if it is a regular file of at most MAX_JOB_BYTES.
+
+    Opened without blocking (a FIFO would wait for a writer) and judged by what was opened,
+    not by the name (a name can be swapped for a link to /dev/zero between a check and a
+    read). At most the limit plus one byte is read, as a file may grow while it is read.
+    """
+    limit = MAX_JOB_BYTES
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        problems.fail("no such file")
     except OSError as exc:
         problems.fail(f"cannot be read: {exc.strerror or exc}")
-    return _decode(data, problems)
+    parts: list[bytes] = []
+    total = 0
+    try:
+        status = os.fstat(fd)
+        if stat.S_ISDIR(status.st_mode):
+            problems.fail("is a directory, not a job file")
+        if not stat.S_ISREG(status.st_mode):
+            problems.fail(f"is {_file_kind(status.st_mode)}, not a regular file: give a job file")
+        if status.st_size > limit:
+            problems.fail(
+                f"is {status.st_size:,} bytes: a job file may be at most {_size_text(limit)}"
+            )
+        # Reads of the size the file had (one, as a rule), then small ones only if it grew.
+        first = min(status.st_size, limit) + 1
+        while total <= limit:
+            wanted = first - total if total < first else min(_GROWTH_CHUNK, limit + 1 - total)
+            chunk = os.read(fd, wanted)
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        problems.fail(f"cannot be read: {exc.strerror or exc}")
+    finally:
+        os.close(fd)
+    if total > limit:
+        problems.fail(f"grew past {_size_text(limit)} while it was read: the limit for a job file")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device (such as /dev/zero)"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def _size_text(size: int) -> str:
+    mib = 1024 * 1024
+    return f"{size // mib} MiB" if size % mib == 0 else f"{size:,} bytes"
 
 
 def _decode(data: bytes, problems: _Problems) -> str:
@@ -412,14 +488,100 @@ class _Typed:
     source: str
 
 
+class _TooDeep(Exception):
+    """Composing met a node nested deeper than MAX_YAML_DEPTH (at `line`, 1-based)."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
 class _JobLoader(yaml.SafeLoader):
     """SafeLoader that notes repeated keys (plain PyYAML keeps the last one silently), keeps the
-    written text of numbers and booleans, and leaves dates as text."""
+    written text of numbers and booleans, and leaves dates as text. It also counts the nodes
+    written and the aliases met, and stops composing past MAX_YAML_DEPTH (PyYAML's composer
+    recurses, so a deep file would otherwise end in a RecursionError)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         # id() of a constructed mapping -> its repeated keys and their 1-based lines.
         self.repeated: dict[int, list[tuple[str, int]]] = {}
+        self.nodes = 0
+        self.aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            return super().compose_node(parent, index)
+        self.nodes += 1
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _TooDeep(event.start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expansion_problem(root: yaml.Node, written: int) -> str | None:
+    """Why the composed graph at `root` may not be constructed, or None.
+
+    PyYAML composes an alias as a reference to its anchor's node, so the graph stays as
+    small as the text; what costs is everything after that walks it as a tree (merge keys
+    copy, settings are copied, checks descend), where each alias counts as a full copy of
+    its target. That expanded size and depth are computed here, once per distinct node.
+    """
+    bound = _ALIAS_FACTOR * written + _ALIAS_ALLOWANCE
+    size: dict[int, int] = {}
+    height: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if children_done:
+            on_path.discard(key)
+            total, tallest = 1, 0
+            for child in children:
+                if isinstance(child, yaml.ScalarNode):
+                    total, tallest = total + 1, max(tallest, 1)
+                else:
+                    total, tallest = total + size[id(child)], max(tallest, height[id(child)])
+            if total > bound:
+                return (
+                    f"its YAML aliases expand to more than {bound:,} values from "
+                    f'{written:,} written (a "billion laughs"?): an alias may repeat '
+                    "a value, not multiply the file; write the values out"
+                )
+            if tallest + 1 > MAX_YAML_DEPTH:
+                return (
+                    f"is nested more than {MAX_YAML_DEPTH} levels deep once its YAML aliases "
+                    "are expanded: a job needs only a few"
+                )
+            size[key], height[key] = total, tallest + 1
+            continue
+        if key in size:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                line = child.start_mark.line + 1
+                return f"has a YAML alias that refers to itself (anchor on line {line})"
+            if not isinstance(child, yaml.ScalarNode) and id(child) not in size:
+                stack.append((child, False))
+    return None
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _construct_map(loader: _JobLoader, node: yaml.MappingNode) -> Iterator[dict[Hashable, Any]]:
@@ -465,7 +627,17 @@ def _read_yaml(
 ) -> tuple[_Table | None, str | None, str | None, Mapping[str, object]]:
     loader = _JobLoader(text)
     try:
-        document = loader.get_single_data()
+        node = loader.get_single_node()
+        if node is not None and loader.aliases:
+            problem = _expansion_problem(node, loader.nodes)
+            if problem is not None:
+                problems.fail(problem)
+        document = None if node is None else loader.construct_document(node)
+    except _TooDeep as exc:
+        problems.fail(
+            f"is nested more than {MAX_YAML_DEPTH} levels deep on line {exc.line}: "
+            "a job needs only a few"
+        )
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" on line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -740,7 +912,7 @@ def _validate(holder: list[_Table], problems: _Problems) -> tuple[tuple[JobRow, 
     del same_card, same_amount, pairs
     # Only what moves money counts: fixing a typo in a name column must resume the run,
     # not start a new one that pays everyone a second time.
-    digest = _content_digest([card_ids, amounts, references])
+    digest = _content_digest([_canonical_card_ids(card_ids), amounts, references])
     return tuple(rows), digest
 
 
@@ -777,14 +949,28 @@ def _judge_row(
             found.append(("amount", str(exc)))
     if (position, "reference") not in table.judged:
         references[position] = references[position].strip()
-        if re.search(_CONTROL, references[position]):
+        if len(references[position]) > MAX_REFERENCE_LENGTH:
+            message = _too_long(references[position], "a reference", MAX_REFERENCE_LENGTH)
+            found.append(("reference", message))
+        elif re.search(_CONTROL, references[position]):
             found.append(("reference", "contains a line break or control character"))
     return found
+
+
+def _too_long(value: str, what: str, limit: int) -> str:
+    return f"is {len(value):,} characters long: {what} may be at most {limit:,} characters"
 
 
 def _card_id_problem(card_id: str) -> str | None:
     if not card_id:
         return "is empty"
+    if len(card_id) > MAX_CARD_ID_LENGTH:
+        return _too_long(card_id, "a card id", MAX_CARD_ID_LENGTH)
+    if card_id in _DOT_SEGMENTS:
+        return (
+            f'"{card_id}" is not a card id: in the provider\'s URL it would be read as a path '
+            "step and address something else"
+        )
     if _EXCEL_SCIENTIFIC.fullmatch(card_id):
         return (
             f'"{card_id}" is a number Excel rewrote in scientific notation: the real id is lost; '
@@ -797,6 +983,24 @@ def _card_id_problem(card_id: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # Content digest
+
+
+def _canonical_card_ids(card_ids: list[str]) -> list[str]:
+    """The ids as the providers tell cards apart: a UUID in any case is the same card (UUIDs
+    are case-insensitive on input, RFC 9562; the providers answer in lower case, and the
+    sandbox, preflight and the Alix adapter all compare them so). A copy of a job with its
+    UUIDs re-spelled must resume the run, not pay again. Other ids are kept as written: they
+    may be case-sensitive. Lower case is the canonical form, so the digest of a file already
+    in it is the one earlier versions recorded; the list is only copied if an id changes."""
+    folded: list[str] | None = None
+    for position, card_id in enumerate(card_ids):
+        if card_id.islower() or card_id == (lower := card_id.lower()):
+            continue
+        if _UUID.fullmatch(card_id):
+            if folded is None:
+                folded = list(card_ids)
+            folded[position] = lower
+    return card_ids if folded is None else folded
 
 
 def _content_digest(columns: list[list[str]]) -> str:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import gc
+import os
 import tempfile
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runner import jobs
 from runner.errors import JobInvalid, Problem
 from runner.jobs import MAX_PROBLEMS, Job, load_job
 from runner.money import parse_amount
@@ -361,6 +366,65 @@ class TestFiles:
         assert load_job(str(path)).path == path
 
 
+class TestFileKinds:
+    def test_fifo_is_refused_without_hanging(self, tmp_path: Path) -> None:
+        """A named pipe given as the job is refused at once, not read until a writer comes."""
+        fifo = tmp_path / "job.csv"
+        os.mkfifo(fifo)
+        outcome: list[Problem] = []
+        reader = threading.Thread(target=lambda: outcome.append(only_problem(fifo)), daemon=True)
+        reader.start()
+        reader.join(timeout=5)
+        if reader.is_alive():
+            # Unblock the reader so that the test process can end, then fail.
+            with open(fifo, "wb"):
+                pass
+            pytest.fail("reading a FIFO job hung")
+        assert "named pipe" in outcome[0].message
+        assert "regular file" in outcome[0].message
+
+    def test_symlink_to_dev_zero_is_refused(self, tmp_path: Path) -> None:
+        """A link to an endless device is refused before a byte is read."""
+        link = tmp_path / "job.csv"
+        link.symlink_to("/dev/zero")
+        message = only_problem(link).message
+        assert "character device" in message
+        assert "regular file" in message
+
+    def test_directory_named_like_a_job(self, tmp_path: Path) -> None:
+        """A directory is refused as one, by the same check as every other non-file."""
+        (tmp_path / "dir.yaml").mkdir()
+        assert only_problem(tmp_path / "dir.yaml").message == "is a directory, not a job file"
+
+    def test_oversize_file_is_refused_before_reading(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A file above MAX_JOB_BYTES is refused, the limit stated in the message."""
+        monkeypatch.setattr(jobs, "MAX_JOB_BYTES", 100)
+        path = write(tmp_path, "job.csv", "card_id,amount\n" + "c-1,5.00\n" * 20)
+        message = only_problem(path).message
+        assert "100 bytes" in message
+        assert "195" in message  # the file's size
+
+    def test_file_at_the_limit_loads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A file of exactly MAX_JOB_BYTES is accepted."""
+        text = "card_id,amount\nc-1,5.00\n"
+        monkeypatch.setattr(jobs, "MAX_JOB_BYTES", len(text))
+        assert len(load_job(write(tmp_path, "job.csv", text)).rows) == 1
+
+    def test_limit_is_256_mib(self) -> None:
+        """The documented limit."""
+        assert jobs.MAX_JOB_BYTES == 256 * 1024 * 1024
+
+    def test_unreadable_file(self, tmp_path: Path) -> None:
+        """A file without read permission is a problem, not a traceback."""
+        path = write(tmp_path, "job.csv", SIMPLE_CSV)
+        path.chmod(0)
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        assert "cannot be read" in only_problem(path).message
+
+
 class TestYamlLoads:
     def test_rows_and_run_fields(self, tmp_path: Path) -> None:
         """topups become rows; run_key, provider and settings are returned as given."""
@@ -561,6 +625,161 @@ class TestYamlRefuses:
         assert found == [(None, None), (1, "card_id"), (1, "amount"), (3, "card_id"), (3, "amount")]
 
 
+def laughs(levels: int, width: int, indent: str = "  ") -> str:
+    """A "billion laughs" chain: each anchor a list of `width` aliases of the one before."""
+    lines = [f"{indent}l0: &l0 [lol]"]
+    for n in range(1, levels):
+        aliases = ", ".join([f"*l{n - 1}"] * width)
+        lines.append(f"{indent}l{n}: &l{n} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+ROW = "topups:\n  - {card_id: c-1, amount: '5'}\n"
+
+
+class TestYamlAliasBombs:
+    def refused_fast(self, tmp_path: Path, text: str) -> Problem:
+        started = time.monotonic()
+        problem = only_problem(write(tmp_path, "job.yaml", text))
+        assert time.monotonic() - started < 2.0
+        return problem
+
+    def test_billion_laughs_in_settings(self, tmp_path: Path) -> None:
+        """Nine levels of nine aliases (387 million values) are refused at once, not built."""
+        problem = self.refused_fast(tmp_path, "settings:\n" + laughs(9, 9) + ROW)
+        assert "alias" in problem.message
+        assert problem.row is None
+
+    def test_modest_alias_bomb_in_settings(self, tmp_path: Path) -> None:
+        """A million values from a few lines is refused too: nothing legitimate needs that."""
+        problem = self.refused_fast(tmp_path, "settings:\n" + laughs(7, 10) + ROW)
+        assert "alias" in problem.message
+
+    def test_alias_bomb_in_a_row(self, tmp_path: Path) -> None:
+        """A row's extra column holding the bomb is refused the same way."""
+        text = "settings:\n" + laughs(9, 9) + "topups:\n  - {card_id: c-1, amount: '5', x: *l8}\n"
+        assert "alias" in self.refused_fast(tmp_path, text).message
+
+    def test_merge_key_bomb(self, tmp_path: Path) -> None:
+        """Merge keys that fold mappings of mappings into each other are bounded as well."""
+        lines = ["settings:", "  m0: &m0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8}"]
+        for n in range(1, 9):
+            merged = ", ".join([f"*m{n - 1}"] * 9)
+            lines.append(f"  m{n}: &m{n} {{<<: [{merged}], k{n}: 1}}")
+        assert "alias" in self.refused_fast(tmp_path, "\n".join(lines) + "\n" + ROW).message
+
+    def test_alias_to_itself(self, tmp_path: Path) -> None:
+        """A structure that contains itself is refused, not walked forever."""
+        text = "settings: &s {again: *s}\n" + ROW
+        assert "itself" in self.refused_fast(tmp_path, text).message
+
+    def test_deep_nesting(self, tmp_path: Path) -> None:
+        """Thousands of nested lists are refused with a problem, not a RecursionError."""
+        text = "settings: {x: " + "[" * 5000 + "]" * 5000 + "}\n" + ROW
+        problem = self.refused_fast(tmp_path, text)
+        assert "nested" in problem.message
+        assert str(jobs.MAX_YAML_DEPTH) in problem.message
+
+    def test_deep_nesting_through_aliases(self, tmp_path: Path) -> None:
+        """Aliases that stack nesting on nesting count as the nesting they expand to."""
+        lines = ["settings:", "  d0: &d0 " + "[" * 30 + "]" * 30]
+        for n in range(1, 6):
+            lines.append(f"  d{n}: &d{n} " + "[" * 30 + f"*d{n - 1}" + "]" * 30)
+        problem = self.refused_fast(tmp_path, "\n".join(lines) + "\n" + ROW)
+        assert "nested" in problem.message
+
+    def test_merge_defaults_per_row_keep_working(self, tmp_path: Path) -> None:
+        """`<<: *defaults` on every row loads, past the 100,000 allowance (the ratio counts)."""
+        first = "  - &defaults {card_id: c-0, amount: '5', dept: Ops, site: Paris, team: A}\n"
+        rows = "".join(f"  - {{<<: *defaults, card_id: c-{n}}}\n" for n in range(1, 10_000))
+        job = load_job(write(tmp_path, "job.yaml", "topups:\n" + first + rows))
+        assert len(job.rows) == 10_000
+        assert job.rows[-1].extra[0] == ("dept", "Ops")
+
+    def test_settings_reused_through_an_alias(self, tmp_path: Path) -> None:
+        """A value given once and referred to a few times is fine."""
+        text = "settings: {a: &v [1, 2, 3], b: *v, c: *v}\n" + ROW
+        assert load_job(write(tmp_path, "job.yaml", text)).settings["b"] == [1, 2, 3]
+
+
+class TestCellLimits:
+    @pytest.mark.parametrize("card_id", [".", "..", " .. "])
+    def test_dot_segment_card_id(self, tmp_path: Path, card_id: str) -> None:
+        """ "." and ".." would be read as a path step in the provider's URL: refused."""
+        problem = only_problem(write(tmp_path, "job.csv", f"card_id,amount\n{card_id},5\n"))
+        assert (problem.row, problem.column) == (1, "card_id")
+        assert "URL" in problem.message
+
+    def test_dot_segment_card_id_in_yaml(self, tmp_path: Path) -> None:
+        """The same holds for a YAML job."""
+        text = "topups:\n  - {card_id: '..', amount: '5'}\n"
+        assert only_problem(write(tmp_path, "job.yaml", text)).column == "card_id"
+
+    @pytest.mark.parametrize("card_id", ["...", ".a", "a.b", "a..b"])
+    def test_dots_within_an_id_are_fine(self, tmp_path: Path, card_id: str) -> None:
+        """Only whole dot segments change a URL; other ids with dots load."""
+        job = load_job(write(tmp_path, "job.csv", f"card_id,amount\n{card_id},5\n"))
+        assert job.rows[0].card_id == card_id
+
+    def test_card_id_at_the_length_limit(self, tmp_path: Path) -> None:
+        """A card id of MAX_CARD_ID_LENGTH characters loads."""
+        card_id = "c" * jobs.MAX_CARD_ID_LENGTH
+        job = load_job(write(tmp_path, "job.csv", f"card_id,amount\n{card_id},5\n"))
+        assert job.rows[0].card_id == card_id
+
+    @pytest.mark.parametrize("character", ["c", "é"])
+    def test_card_id_over_the_length_limit(self, tmp_path: Path, character: str) -> None:
+        """One character more is refused, the limit stated."""
+        card_id = character * (jobs.MAX_CARD_ID_LENGTH + 1)
+        problem = only_problem(write(tmp_path, "job.csv", f"card_id,amount\n{card_id},5\n"))
+        assert problem.column == "card_id"
+        assert "at most 200 characters" in problem.message
+
+    def test_huge_card_id_is_one_short_line_fast(self, tmp_path: Path) -> None:
+        """A 10 MB card id gives a one-line problem, quickly, without echoing the id."""
+        path = write(tmp_path, "job.csv", "card_id,amount\n" + "x" * 10_000_000 + ",5\n")
+        started = time.monotonic()
+        problem = only_problem(path)
+        assert time.monotonic() - started < 2.0
+        assert problem.column == "card_id"
+        assert len(str(problem)) < 300
+        assert "\n" not in str(problem)
+
+    def test_huge_card_id_with_spaces_is_not_echoed(self, tmp_path: Path) -> None:
+        """A long id is refused for its length before its content is shown."""
+        path = write(tmp_path, "job.csv", 'card_id,amount\n"' + "x y" * 100_000 + '",5\n')
+        assert len(only_problem(path).message) < 200
+
+    def test_reference_at_the_length_limit(self, tmp_path: Path) -> None:
+        """A reference of MAX_REFERENCE_LENGTH characters loads."""
+        reference = "r" * jobs.MAX_REFERENCE_LENGTH
+        text = f"card_id,amount,reference\nc,5,{reference}\n"
+        assert load_job(write(tmp_path, "job.csv", text)).rows[0].reference == reference
+
+    def test_reference_over_the_length_limit(self, tmp_path: Path) -> None:
+        """One character more is refused, the limit stated, the reference not echoed."""
+        reference = "r" * (jobs.MAX_REFERENCE_LENGTH + 1)
+        text = f"card_id,amount,reference\nc,5,{reference}\n"
+        problem = only_problem(write(tmp_path, "job.csv", text))
+        assert problem.column == "reference"
+        assert "at most 1,000 characters" in problem.message
+        assert reference not in problem.message
+
+    def test_huge_yaml_card_id(self, tmp_path: Path) -> None:
+        """A YAML job's 10 MB card id is refused the same way."""
+        text = "topups:\n  - {card_id: '" + "x" * 10_000_000 + "', amount: '5'}\n"
+        problem = only_problem(write(tmp_path, "job.yaml", text))
+        assert problem.column == "card_id"
+        assert len(problem.message) < 200
+
+
+CANONICAL_IDS = (
+    "card_id,amount,reference\n3f9c2d4e-8a1b-4c2d-9e3f-0a1b2c3d4e5f,250,EMP-1\ncard-7,99.5,EMP-2\n"
+)
+# Recorded before card ids were canonicalised in the digest: it must never change.
+CANONICAL_IDS_DIGEST = "6df32b0fcac63269fb7f12f6c00cfe0755422845a9c6872956ab08bc3214bdfa"
+
+
 class TestDigest:
     def test_same_amount_written_differently(self, tmp_path: Path) -> None:
         """250, 250.0 and 250.00 are the same amount and the same digest."""
@@ -601,6 +820,46 @@ class TestDigest:
         digest = load_job(write(tmp_path, "a.csv", SIMPLE_CSV)).content_digest
         assert len(digest) == 64
         assert set(digest) <= set("0123456789abcdef")
+
+    def test_canonical_file_digest_is_unchanged(self, tmp_path: Path) -> None:
+        """A file in canonical form keeps the digest earlier versions recorded in ledgers."""
+        job = load_job(write(tmp_path, "a.csv", CANONICAL_IDS))
+        assert job.content_digest == CANONICAL_IDS_DIGEST
+
+    @pytest.mark.parametrize("spell", [str.upper, lambda s: s[:9] + s[9:].upper()])
+    def test_uuid_case_does_not_change_the_digest(self, tmp_path: Path, spell: Any) -> None:
+        """A copy with UUID card ids in another case addresses the same cards: same digest."""
+        uuid_ = "3f9c2d4e-8a1b-4c2d-9e3f-0a1b2c3d4e5f"
+        respelled = CANONICAL_IDS.replace(uuid_, spell(uuid_))
+        assert respelled != CANONICAL_IDS
+        job = load_job(write(tmp_path, "b.csv", respelled))
+        assert job.content_digest == CANONICAL_IDS_DIGEST
+        assert job.rows[0].card_id == spell(uuid_)  # rows keep the ids as written
+
+    def test_uuid_case_in_yaml(self, tmp_path: Path) -> None:
+        """The same holds across formats: an upper-case YAML copy of the CSV resumes it."""
+        text = (
+            "topups:\n"
+            "  - {card_id: 3F9C2D4E-8A1B-4C2D-9E3F-0A1B2C3D4E5F, amount: '250', reference: EMP-1}\n"
+            "  - {card_id: card-7, amount: '99.50', reference: EMP-2}\n"
+        )
+        assert load_job(write(tmp_path, "c.yaml", text)).content_digest == CANONICAL_IDS_DIGEST
+
+    def test_other_ids_keep_their_case(self, tmp_path: Path) -> None:
+        """Ids that are not UUIDs may be case-sensitive at the provider: not folded."""
+        changed = CANONICAL_IDS.replace("card-7", "CARD-7")
+        assert load_job(write(tmp_path, "d.csv", changed)).content_digest != CANONICAL_IDS_DIGEST
+
+    @given(st.uuids(), st.lists(st.booleans(), min_size=36, max_size=36))
+    @settings(max_examples=30, deadline=None)
+    def test_any_uuid_spelling_folds(self, uuid_: Any, upper: list[bool]) -> None:
+        """Every mix of cases of a UUID gives the digest of its lower-case form."""
+        text = str(uuid_)
+        spelled = "".join(c.upper() if up else c for c, up in zip(text, upper, strict=True))
+        with tempfile.TemporaryDirectory() as folder:
+            base = load_job(write(Path(folder), "a.csv", f"card_id,amount\n{text},5\n"))
+            other = load_job(write(Path(folder), "b.csv", f"card_id,amount\n{spelled},5\n"))
+        assert base.content_digest == other.content_digest
 
 
 class TestValues:

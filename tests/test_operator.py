@@ -3,17 +3,22 @@ failed-rows file, metrics, and warnings that come before money moves."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
+import anyio
+import anyio.abc
 import pytest
 
+from runner.cli import guarded
 from runner.config import expand_run_key, resolve_settings
-from runner.errors import ConfigError
+from runner.errors import AuthenticationFailed, ConfigError, PreflightRefused, ProviderError
 from runner.jobs import JobRow
 from runner.metrics import RunMetrics, StatusTotals, render_metrics, write_metrics
 from runner.preflight import duplicate_rows, fit_fee_model
@@ -165,3 +170,177 @@ async def test_without_a_terminal_every_output_line_is_json(tmp_path: Path) -> N
     assert all(r["provider"] == "sandbox" for r in records if r["event"].startswith("topup."))
     problem = next(r for r in records if r["event"] == "job.problem")
     assert (problem["row"], problem["column"]) == (1, "amount")
+
+
+class CountingServer:
+    """A second HTTP server on 127.0.0.1 that counts every connection made to it."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.url = ""
+
+    async def serve(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        async def answer(stream: anyio.abc.SocketStream) -> None:
+            self.connections += 1
+            async with stream:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    await stream.receive()
+                    await stream.send(
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
+
+        async with listener:
+            await listener.serve(answer)
+
+
+@contextlib.asynccontextmanager
+async def counting_server() -> AsyncIterator[CountingServer]:
+    server = CountingServer()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    server.url = f"http://127.0.0.1:{port}/api/v1"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, listener)
+        try:
+            yield server
+        finally:
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("give_base_url", [True, False])
+async def test_job_file_cannot_send_the_token_elsewhere(
+    tmp_path: Path, give_base_url: bool
+) -> None:
+    """A job's settings.base_url is refused (exit 2): the host it names gets nothing."""
+    card = str(uuid.uuid4())
+    config = SandboxConfig(token=TOKEN)
+    async with serve_sandbox(config) as sb, counting_server() as elsewhere:
+        job = tmp_path / "job.yaml"
+        job.write_text(
+            f"settings: {{base_url: '{elsewhere.url}'}}\n"
+            f"topups:\n  - {{card_id: '{card}', amount: '10.00'}}\n",
+            encoding="utf-8",
+        )
+        given = ["--base-url", sb.base_url] if give_base_url else []
+        done = await run_cli(
+            "check", str(job), "--provider", "uncash", *given, "--log-format", "console",
+            cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+        )  # fmt: skip
+    assert done.code == 2, done.stderr
+    assert elsewhere.connections == 0
+    assert "settings.base_url" in done.stderr
+    assert "--base-url" in done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+
+
+@pytest.mark.anyio
+async def test_check_with_a_wrong_token_is_one_line(tmp_path: Path) -> None:
+    """A 401 during check is the credentials error (exit 2), not an internal error."""
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "A")])
+    wrong = "uc_" + "W" * 40
+    async with serve_sandbox(SandboxConfig(token=TOKEN)) as sb:
+        done = await run_cli(
+            "check", str(job), "--provider", "uncash", "--base-url", sb.base_url,
+            "--log-format", "console", cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=wrong),
+        )  # fmt: skip
+    assert done.code == 2, done.stderr
+    assert "internal error" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "UNCASH_API_TOKEN" in done.stderr
+    assert wrong not in done.stdout + done.stderr
+
+
+@pytest.mark.anyio
+async def test_base_url_password_is_refused_and_not_shown(tmp_path: Path) -> None:
+    """A base URL with user:password@ is exit 2, and the password appears nowhere."""
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "A")])
+    done = await run_cli(
+        "check", str(job), "--provider", "uncash",
+        "--base-url", "http://admin:hunter2secret@127.0.0.1:9/api", "--log-format", "console",
+        cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+    )  # fmt: skip
+    assert done.code == 2
+    assert "password" in done.stderr
+    assert "hunter2secret" not in done.stdout + done.stderr
+
+
+@pytest.mark.anyio
+async def test_apply_grace_option_and_variable(tmp_path: Path) -> None:
+    """--apply-grace and TOPUP_APPLY_GRACE are read and validated by run and check."""
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "A")])
+    flag = await run_cli("check", str(job), "--apply-grace", "-1", cwd=tmp_path)
+    variable = await run_cli(
+        "check", str(job), cwd=tmp_path, env=clean_env(TOPUP_APPLY_GRACE="nan")
+    )
+    fine = await run_cli("check", str(job), "--apply-grace", "0", cwd=tmp_path)
+    assert (flag.code, variable.code, fine.code) == (2, 2, 0), fine.stderr
+    assert "apply-grace" in flag.stderr
+    assert "apply-grace" in variable.stderr
+
+
+def raising(exc: BaseException) -> Callable[[], None]:
+    @guarded
+    def command() -> None:
+        raise exc
+
+    return command
+
+
+def exit_of(
+    command: Callable[[], None], capsys: pytest.CaptureFixture[str]
+) -> tuple[int | str | None, str]:
+    with pytest.raises(SystemExit) as caught:
+        command()
+    return caught.value.code, capsys.readouterr().err
+
+
+class TestGuarded:
+    @pytest.fixture(autouse=True)
+    def console(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("TOPUP_LOG_FORMAT", "console")
+        monkeypatch.delenv("TOPUP_DEBUG", raising=False)
+
+    def test_group_of_one_runner_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A runner error raised in a task group is reported as itself."""
+        group = ExceptionGroup("tg", [AuthenticationFailed("refused the API token")])
+        code, err = exit_of(raising(group), capsys)
+        assert code == 2
+        assert err == "topup-runner: error: refused the API token\n"
+
+    def test_the_most_telling_error_wins(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Of several, exit 2 (nothing sent, fix the input) beats a provider failure (1)."""
+        group = ExceptionGroup(
+            "tg",
+            [
+                ProviderError("connection reset"),
+                ExceptionGroup("inner", [ValueError("x"), AuthenticationFailed("bad token")]),
+                PreflightRefused("wallet"),
+            ],
+        )
+        code, err = exit_of(raising(group), capsys)
+        assert code == 2
+        assert "bad token" in err
+        assert "internal error" not in err
+
+    def test_interrupt_in_a_group(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Ctrl-C inside a task group is an interrupt, exit 130."""
+        group = BaseExceptionGroup("tg", [KeyboardInterrupt(), ProviderError("x")])
+        code, err = exit_of(raising(group), capsys)
+        assert code == 130
+        assert "interrupted" in err
+
+    @pytest.mark.parametrize("grouped", [True, False])
+    def test_internal_errors_are_one_line_without_secrets(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, grouped: bool
+    ) -> None:
+        """A bug, alone or in a group, is one internal-error line that shows no secret."""
+        monkeypatch.setenv("UNCASH_API_TOKEN", TOKEN)
+        bug = RuntimeError(f"header Bearer {TOKEN}\nat https://u:pw123456@host/")
+        code, err = exit_of(raising(ExceptionGroup("tg", [bug]) if grouped else bug), capsys)
+        assert code == 1
+        assert err.count("\n") == 1
+        assert "internal error" in err
+        assert TOKEN not in err
+        assert "pw123456" not in err
