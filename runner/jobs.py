@@ -910,10 +910,34 @@ def _validate(holder: list[_Table], problems: _Problems) -> tuple[tuple[JobRow, 
         amounts[position] = text
         rows.append(JobRow(position + 1, card_id, amount, reference, extra))
     del same_card, same_amount, pairs
+    canonical = _canonical_card_ids(card_ids)
+    if canonical is not card_ids and _respelled_cards(card_ids, canonical, problems):
+        return None
     # Only what moves money counts: fixing a typo in a name column must resume the run,
     # not start a new one that pays everyone a second time.
-    digest = _content_digest([_canonical_card_ids(card_ids), amounts, references])
+    digest = _content_digest([canonical, amounts, references])
     return tuple(rows), digest
+
+
+def _respelled_cards(card_ids: list[str], canonical: list[str], problems: _Problems) -> bool:
+    """Whether one card is named in two spellings (a UUID in two cases), each such row added
+    to `problems`. The provider sees one card; the runner would see two, and send them side by
+    side: two topups in flight on one card break its cooldown and make a lost answer
+    impossible to settle from the card's deposit."""
+    first: dict[str, tuple[str, int]] = {}
+    found = 0
+    for position, (written, card) in enumerate(zip(card_ids, canonical, strict=True)):
+        seen = first.setdefault(card, (written, position))
+        if seen[0] != written:
+            found += 1
+            if found <= 50:
+                problems.add(
+                    f'"{written}" is card "{seen[0]}" (row {seen[1] + 1}) in another case: '
+                    "write each card one way",
+                    row=position + 1,
+                    column="card_id",
+                )
+    return found > 0
 
 
 def _matches(values: pd.Series[str], pattern: str) -> npt.NDArray[np.bool_]:

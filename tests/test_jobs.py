@@ -899,3 +899,16 @@ class TestExampleJobs:
         cards = [r.card_id for r in job.rows]
         assert len(cards) - len(set(cards)) == 1
         assert len({r.reference for r in job.rows}) == len(job.rows)
+
+
+def test_one_card_in_two_spellings_is_refused(tmp_path: Path) -> None:
+    """A UUID written in two cases is one card to the provider: the job is refused, naming both."""
+    card = "3f9c2d4e-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
+    path = tmp_path / "job.csv"
+    path.write_text(f"card_id,amount\n{card},10.00\n{card.upper()},20.00\n", encoding="utf-8")
+    with pytest.raises(JobInvalid) as caught:
+        load_job(path)
+    (problem,) = caught.value.problems
+    assert problem.row == 2
+    assert problem.column == "card_id"
+    assert card in problem.message
