@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from runner.errors import LedgerError
 from runner.jobs import JobRow
 from runner.ledger import Ledger, RunSpec
 from runner.ledger_pg import PostgresLedger
@@ -110,3 +111,26 @@ def test_a_postgresql_ledger_of_the_first_schema_gains_settle_by(pg_url: str) ->
             )
         }
     assert "settle_by" in columns
+
+
+@pytest.mark.postgres
+def test_a_postgresql_connection_lost_while_streaming_records_is_a_ledger_error(
+    pg_url: str,
+) -> None:
+    """records() is a generator: the error comes while iterating, and is a LedgerError."""
+    ledger = PostgresLedger.open(pg_url)
+    try:
+        spec = RunSpec("big", "uncash", "u", "big.csv", "d", (), 12000)
+        rows = [JobRow(n, f"card-{n}", Decimal("10.00")) for n in range(1, 12001)]
+        ledger.create_run(spec, rows)
+        records = ledger.records("big")
+        next(records)  # the first of several fetches of 5000
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(LedgerError, match="read failed"):
+            list(records)
+    finally:
+        ledger.close()
