@@ -25,6 +25,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import sqlite3
 import stat
 import struct
@@ -417,13 +418,10 @@ def _create(real: Path) -> None:
         except FileExistsError:
             return  # another process created it first: that one is opened
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise
-            # A file system without hard links: rename, having looked first. The one gap,
-            # a file appearing between the two, needs two processes creating it at once.
-            if os.path.lexists(real):
+            if not _copy_into_new(temp, real):
                 return
-            os.rename(temp, real)
         dir_fd = os.open(real.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # the new name itself survives a power cut
@@ -433,6 +431,22 @@ def _create(real: Path) -> None:
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp + suffix)
+
+
+def _copy_into_new(built: str, real: Path) -> bool:
+    """For a file system without hard links (FAT, some network shares): claim the name with
+    O_EXCL and copy the built ledger in; False if a file is there already. A crash or a
+    concurrent opener mid-copy finds a partial file, which open refuses: a person decides.
+    (rename would be atomic, but replaces a ledger created meanwhile, silently.)"""
+    try:
+        out = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(out, "wb") as target, open(built, "rb") as source:
+        shutil.copyfileobj(source, target)
+        target.flush()
+        os.fsync(target.fileno())
+    return True
 
 
 def _remove_build_links(real: Path, info: os.stat_result) -> None:
@@ -489,6 +503,21 @@ def _open_file(given: Path) -> tuple[Path, int]:
         os.close(fd)
         raise
     return real, fd
+
+
+def _check_writable(conn: sqlite3.Connection) -> None:
+    """A ledger that cannot take a write is found at open, before anything is sent: SQLite
+    opens a database it may not write read-only, silently, and says so at the first write.
+    Busy (another process is writing) means the database can be written: no waiting."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if not (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_BUSY"):
+            raise
+    else:
+        conn.execute("ROLLBACK")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
 def _os_reason(exc: OSError) -> str:
@@ -682,9 +711,7 @@ class Ledger:
             conn.execute("PRAGMA synchronous=FULL")
             if version < SCHEMA_VERSION:
                 _upgrade(conn, given)
-            # A ledger that cannot take a write is found now, before anything is sent.
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ROLLBACK")
+            _check_writable(conn)
             if os.fstat(fd)[1:3] != os.stat(real)[1:3]:  # (inode, device)
                 raise LedgerError(f"ledger {given}: was replaced while being opened: try again")
         except BaseException as exc:
@@ -733,21 +760,30 @@ class Ledger:
     def close(self) -> None:
         try:
             for lock in self._locks:
-                lock.release()
+                with contextlib.suppress(OSError):  # closing the descriptor releases it too
+                    lock.release()
             self._locks.clear()
             self._disk.stop()
-            for reader in list(self._readers):
-                reader.close()
-            self._conn.close()
         finally:
-            # Only once SQLite's connections are closed. POSIX drops every lock a process
-            # holds on a file when the process closes *any* descriptor of that file: closing
-            # ours first would silently take SQLite's own locks away from under its open
-            # connection (another process could then checkpoint or reset the WAL it reads).
-            # SQLite defers closing its own descriptors for this reason; ours must wait too.
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            try:
+                for reader in list(self._readers):
+                    reader.close()
+                self._conn.close()
+            finally:
+                self._close_file()
+
+    def _close_file(self) -> None:
+        """Close the descriptor the run locks are on: only once SQLite's connections are.
+
+        POSIX drops every lock a process holds on a file when the process closes *any*
+        descriptor of that file. Closing ours first would silently take SQLite's own locks
+        away from under its open connection (another process could then checkpoint or reset
+        the WAL it is reading). SQLite defers closing its own descriptors for this reason;
+        ours waits for its connections to end.
+        """
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def _error(self, doing: str, exc: sqlite3.Error) -> LedgerError:
         return LedgerError(f"ledger {self.name}: {doing}: {_reason(exc)}")

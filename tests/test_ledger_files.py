@@ -539,3 +539,43 @@ def stamps(path: Path) -> tuple[int, int]:
     finally:
         conn.close()
     return app, version
+
+
+def test_without_hard_links_a_new_ledger_is_copied_in_and_never_replaces_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without link(2), creation claims the name with O_EXCL instead: the
+    ledger is whole, and a file that appeared meanwhile is kept, not replaced."""
+
+    def no_links(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("runner.ledger.os.link", no_links)
+    path = tmp_path / "ledger.sqlite"
+    new_ledger(path)
+    assert stamps(path) == (APPLICATION_ID, SCHEMA_VERSION)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.sqlite"]
+
+    other = tmp_path / "other.sqlite"
+
+    def someone_else_first(*args: object) -> None:
+        other.write_bytes(b"theirs")  # appears just before our claim on the name
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("runner.ledger.os.link", someone_else_first)
+    with pytest.raises(LedgerError, match="not a SQLite database"):
+        Ledger.open(other)
+    assert other.read_bytes() == b"theirs"
+
+
+def test_a_ledger_another_process_is_writing_opens_without_waiting(tmp_path: Path) -> None:
+    """The write check at open takes another writer's lock as proof the file can be written,
+    rather than waiting for it (a large create_run) or failing."""
+    path = new_ledger(tmp_path / "ledger.sqlite")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        Ledger.open(path).close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
