@@ -579,3 +579,43 @@ def test_a_ledger_another_process_is_writing_opens_without_waiting(tmp_path: Pat
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_a_truly_full_file_system_is_a_ledger_error(tmp_path: Path) -> None:
+    """On a small tmpfs that fills up (ENOSPC, SQLite's "disk is full"), writes end in a
+    LedgerError that says so; every write that returned can be read back."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    body = f"""
+        import sqlite3
+        from decimal import Decimal
+        import anyio
+        from runner.jobs import JobRow
+        from runner.ledger import RunSpec, utcnow
+        path = {str(mount / "ledger.sqlite")!r}
+        ledger = Ledger.open(path)
+        ledger.create_run(RunSpec("k", "sandbox", "x", "j", "d", (), 20000),
+                          [JobRow(n, f"card-{{n}}", Decimal("10.00")) for n in range(1, 20001)])
+        written = []
+
+        async def fill():
+            for row in range(1, 20001):
+                await ledger.write(Ledger.intent("k", row, 1, f"card-{{row}}", Decimal("10.00"),
+                                                 None, utcnow()))
+                written.append(row)
+
+        try:
+            anyio.run(fill)
+        except LedgerError as exc:
+            conn = sqlite3.connect(path)
+            on_disk = {{row for (row,) in conn.execute("SELECT row FROM attempts")}}
+            report(raised="LedgerError", message=str(exc), written=len(written),
+                   lost=sorted(set(written) - on_disk))
+        else:
+            report(raised=None)
+    """
+    found = in_mount_namespace(f"mount -t tmpfs -o size=2m tmpfs {mount}", body, tmp_path)
+    assert found["raised"] == "LedgerError", found
+    assert "disk is full" in found["message"]
+    assert found["written"] > 0
+    assert found["lost"] == []
