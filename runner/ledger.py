@@ -3,26 +3,39 @@
 SQLite in WAL mode. An attempt's intent is committed before its request is sent; its
 outcome is queued and goes out with the next commit. Writers that arrive together share one
 transaction (group commit) on a worker thread, so the event loop never waits on the disk for
-long nor blocks on it at all. One process at a time may work on a run key: a byte-range lock in
-`<ledger>.lock` says who.
+long nor blocks on it at all. One process at a time may work on a run key: a lock on a byte
+of the database file itself says who (`Ledger.lock`), whatever name the file is reached by.
+
+A ledger file is opened only if it is one: stamped with topup-runner's `application_id`
+and a schema version this code knows (or an unstamped ledger of an earlier version, which is
+then stamped). Anything else, an empty file included, is refused rather than taken for a new
+ledger: a new one is only ever created where no file exists, atomically. Every SQLite error
+reaches callers as a one-line `LedgerError` naming the ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import queue
 import re
+import shutil
 import sqlite3
+import stat
+import struct
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,72 +52,6 @@ from runner.records import RowRecord, RowStatus
 R = TypeVar("R")
 # How long a statement waits for another process's write lock before failing.
 BUSY_TIMEOUT_MS = 10_000
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_key TEXT PRIMARY KEY,
-    provider TEXT NOT NULL,
-    base_url TEXT NOT NULL,
-    job_file TEXT NOT NULL,
-    job_digest TEXT NOT NULL,
-    extra_columns TEXT NOT NULL,
-    row_count INTEGER NOT NULL,
-    created_at TEXT NOT NULL,
-    finished_at TEXT
-);
-CREATE TABLE IF NOT EXISTS rows (
-    run_key TEXT NOT NULL,
-    row INTEGER NOT NULL,
-    card_id TEXT NOT NULL,
-    amount TEXT NOT NULL,
-    reference TEXT NOT NULL,
-    extra TEXT NOT NULL,
-    status TEXT NOT NULL,
-    fee TEXT,
-    total_charged TEXT,
-    card_balance_before TEXT,
-    card_balance_after TEXT,
-    wallet_balance_after TEXT,
-    transaction_id TEXT,
-    invoice_id TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    started_at TEXT,
-    finished_at TEXT,
-    provider_ref TEXT,
-    PRIMARY KEY (run_key, row)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS attempts (
-    run_key TEXT NOT NULL,
-    row INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    card_id TEXT NOT NULL,
-    amount TEXT NOT NULL,
-    before_status TEXT,
-    before_balance TEXT,
-    before_deposit TEXT,
-    sent_at TEXT NOT NULL,
-    outcome TEXT,
-    detail TEXT,
-    finished_at TEXT,
-    PRIMARY KEY (run_key, row, attempt)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS attempts_open ON attempts (run_key) WHERE outcome IS NULL;
-CREATE INDEX IF NOT EXISTS rows_pending ON rows (card_id, provider_ref) WHERE status = 'pending';
--- Verified provider events (Alix webhooks), kept even when no row matches yet: a webhook
--- may arrive before the run has recorded the topup as pending.
-CREATE TABLE IF NOT EXISTS provider_events (
-    provider TEXT NOT NULL,
-    card_id TEXT NOT NULL,
-    amount TEXT NOT NULL,
-    provider_ref TEXT NOT NULL,
-    status TEXT NOT NULL,
-    fee TEXT,
-    balance_after TEXT,
-    received_at TEXT NOT NULL,
-    PRIMARY KEY (provider, card_id, amount, provider_ref, status)
-) WITHOUT ROWID;
-"""
 
 _MONEY_FIELDS = (
     "fee",
@@ -186,6 +133,9 @@ class RunSpec:
     job_digest: str
     extra_columns: tuple[str, ...]
     row_count: int
+    # When the run was first recorded (filled by the ledger's reads; not part of what
+    # identifies the run, so a spec built from a job still equals the one read back).
+    created_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +148,9 @@ class OpenAttempt:
     amount: Decimal
     before: CardState | None
     sent_at: datetime
+    # Until when the provider may still apply it (None: not recorded, as before there was
+    # a way to say it).
+    settle_by: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +209,16 @@ class RunOverview:
     by_status: Mapping[str, int]
 
 
+# What `_run_spec` reads of a run.
+_RUN_COLUMNS = (
+    "run_key, provider, base_url, job_file, job_digest, extra_columns, row_count, created_at"
+)
+
+
+def _run_spec(r: Sequence[Any]) -> RunSpec:
+    return RunSpec(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), r[6], _from_iso(r[7]))
+
+
 # What `records` reads of a row, in the order `row_record` takes it.
 RECORD_COLUMNS = (
     "row, card_id, amount, reference, extra, status, fee, total_charged, card_balance_before, "
@@ -288,35 +251,326 @@ def row_record(r: Sequence[Any]) -> RowRecord:
     )
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a ledger written by an earlier version up to this schema."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(rows)")}
-    if columns and "provider_ref" not in columns:
-        conn.execute("ALTER TABLE rows ADD COLUMN provider_ref TEXT")
+# topup-runner's mark in a SQLite file's header (`PRAGMA application_id`): "TPUP".
+APPLICATION_ID = 0x54505550
+_SQLITE_HEADER = b"SQLite format 3\x00"
+# The name a new ledger is built under, beside its final place, before being linked there.
+_BUILDING = ".building"
+# What every ledger holds, however old: the tables and columns this code relies on. A file
+# without them is not a ledger (or a damaged one), whatever else it holds.
+_CORE_COLUMNS = {
+    "runs": {"run_key", "provider", "base_url", "job_file", "job_digest", "extra_columns"},
+    "rows": {"run_key", "row", "card_id", "amount", "reference", "extra", "status", "attempts"},
+    "attempts": {"run_key", "row", "attempt", "card_id", "amount", "sent_at", "outcome"},
+}
+
+
+@functools.cache
+def _migrations() -> tuple[tuple[int, str], ...]:
+    """The SQLite migrations, `(number, script)` in order: runner/migrations/sqlite/NNNN_*.sql."""
+    folder = resources.files("runner.migrations").joinpath("sqlite")
+    found = [
+        (int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8"))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".sql")
+    ]
+    return tuple(sorted(found))
+
+
+# The schema version of a ledger this code writes (`PRAGMA user_version`): its last migration.
+SCHEMA_VERSION = _migrations()[-1][0]
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration, one by one: `executescript` would commit the
+    transaction that makes a migration all or nothing."""
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            yield current
+            current = ""
+
+
+def _reason(exc: sqlite3.Error) -> str:
+    """SQLite's complaint on one line, with what it means for the ledger."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    code: str = getattr(exc, "sqlite_errorname", "") or ""
+    for prefix, meaning in _MEANINGS:
+        if code.startswith(prefix):
+            return f"{text} ({meaning})"
+    return text
+
+
+_MEANINGS = (
+    ("SQLITE_CORRUPT", "the file is damaged: restore the ledger from a backup"),
+    ("SQLITE_NOTADB", "the file is damaged or not a ledger: restore the ledger from a backup"),
+    ("SQLITE_FULL", "the disk is full: free space, then run again to resume"),
+    ("SQLITE_IOERR", "the disk failed to read or write: check it, then run again to resume"),
+    ("SQLITE_READONLY", "the ledger cannot be written here"),
+    (
+        "SQLITE_CANTOPEN",
+        "its folder must exist and be writable: SQLite keeps -wal and -shm files beside it",
+    ),
+    ("SQLITE_BUSY", "another process kept the ledger's write lock too long"),
+)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End a failed transaction; an error doing so changes nothing for the caller, who is
+    already raising the error that made it fail (SQLite rolls back at close anyway)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {name for (name,) in conn.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+
+
+def _stamp(conn: sqlite3.Connection, name: object) -> int:
+    """The schema version of the ledger open on `conn` (0: written before ledgers were
+    stamped), or LedgerError if the database is not a ledger this code can use."""
+    app = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if app not in (0, APPLICATION_ID) or (app == 0 and version != 0):
+        raise LedgerError(
+            f"ledger {name}: is the SQLite database of another program (application_id "
+            f"{app:#x}, user_version {version}), not a topup-runner ledger: give the ledger "
+            "a path of its own"
+        )
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"ledger {name}: was written by a newer topup-runner (ledger schema {version}; "
+            f"this one knows up to {SCHEMA_VERSION}): run it with that version or newer"
+        )
+    tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    lacking = [t for t, needed in _CORE_COLUMNS.items() if not needed <= _columns(conn, t)]
+    if lacking and app == APPLICATION_ID:
+        raise LedgerError(
+            f"ledger {name}: is marked as a topup-runner ledger but its {'/'.join(lacking)} "
+            "table is missing or incomplete: the file is damaged; restore it from a backup"
+        )
+    if lacking:
+        shown = ", ".join(repr(t) for t in sorted(tables)[:5]) or "none"
+        more = f" and {len(tables) - 5} more" if len(tables) > 5 else ""
+        raise LedgerError(
+            f"ledger {name}: is a SQLite database but not a topup-runner ledger (tables: "
+            f"{shown}{more}): restore the ledger from a backup if it was one, or give a path "
+            "where no file exists to start a new ledger"
+        )
+    return int(version)
+
+
+def _apply_migrations(conn: sqlite3.Connection, version: int) -> None:
+    """Bring the ledger from schema `version` to this one and stamp it; the caller holds a
+    write transaction, so the whole upgrade commits or none of it."""
+    if version == 0:
+        # The earliest ledgers lack the column migration 0001 indexes.
+        columns = _columns(conn, "rows")
+        if columns and "provider_ref" not in columns:
+            conn.execute("ALTER TABLE rows ADD COLUMN provider_ref TEXT")
+    for number, script in _migrations():
+        if number > version:
+            for statement in _statements(script):
+                conn.execute(statement)
+    # PRAGMA takes no parameters: both are integers of this module.
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID:d}")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+
+
+def _upgrade(conn: sqlite3.Connection, name: object) -> None:
+    """Migrate an older ledger, once, whoever else opens it at the same time."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _stamp(conn, name)  # again, now that no other process can be upgrading it
+        if version < SCHEMA_VERSION:
+            _apply_migrations(conn, version)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _create(real: Path) -> None:
+    """A new ledger at `real`, unless a file is there by now.
+
+    It is built whole under another name in the same folder, then hard-linked into place:
+    a crash leaves either no file at `real` or a complete ledger, never the empty file that
+    would later be refused as damaged; and link(2), unlike rename(2), never replaces a file
+    that another process put there meanwhile.
+    """
+    handle, temp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=_BUILDING)
+    os.close(handle)
+    try:
+        # In rollback-journal mode, so that COMMIT leaves everything in this one file (open
+        # turns on WAL); synchronous FULL: it is on the disk before being linked.
+        conn = sqlite3.connect(temp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            _apply_migrations(conn, 0)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        try:
+            os.link(temp, real)
+        except FileExistsError:
+            return  # another process created it first: that one is opened
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            if not _copy_into_new(temp, real):
+                return
+        dir_fd = os.open(real.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new name itself survives a power cut
+        finally:
+            os.close(dir_fd)
+    finally:
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp + suffix)
+
+
+def _copy_into_new(built: str, real: Path) -> bool:
+    """For a file system without hard links (FAT, some network shares): claim the name with
+    O_EXCL and copy the built ledger in; False if a file is there already. A crash or a
+    concurrent opener mid-copy finds a partial file, which open refuses: a person decides.
+    (rename would be atomic, but replaces a ledger created meanwhile, silently.)"""
+    try:
+        out = os.open(real, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(out, "wb") as target, open(built, "rb") as source:
+        shutil.copyfileobj(source, target)
+        target.flush()
+        os.fsync(target.fileno())
+    return True
+
+
+def _remove_build_links(real: Path, info: os.stat_result) -> None:
+    """Remove names of this file left by `_create` (a crash between link and unlink, or a
+    creator caught in between): they are the only second names a ledger may have had."""
+    prefix = f".{real.name}."
+    with os.scandir(real.parent) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(prefix) and entry.name.endswith(_BUILDING)):
+                continue
+            with contextlib.suppress(OSError):
+                found = entry.stat(follow_symlinks=False)
+                if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
+                    os.unlink(entry.path)
+
+
+def _open_file(given: Path) -> tuple[Path, int]:
+    """The ledger file's real path, and a descriptor of it open for writing (what the run
+    locks are taken on), checked to be a ledger file with a single name."""
+    # The one name SQLite may know the file by: its -wal and -shm files go by the name, and
+    # two names of one database would mean two write-ahead logs, which corrupts it.
+    real = Path(os.path.realpath(given))
+    real.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        _create(real)
+        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise LedgerError(f"ledger {given}: is not a regular file")
+        if info.st_nlink > 1:
+            _remove_build_links(real, info)
+            info = os.fstat(fd)
+        if info.st_nlink > 1:
+            raise LedgerError(
+                f"ledger {given}: the file has {info.st_nlink} names (hard links); SQLite "
+                "keeps its write-ahead log by name, and two logs of one file corrupt it: "
+                "delete the other links and always use one name"
+            )
+        if info.st_size == 0:
+            raise LedgerError(
+                f"ledger {given}: the file is empty (0 bytes), not a ledger: restore the "
+                "ledger from a backup if it was one, or delete the file to start a new ledger"
+            )
+        if os.pread(fd, len(_SQLITE_HEADER), 0) != _SQLITE_HEADER:
+            raise LedgerError(
+                f"ledger {given}: is not a SQLite database, so not a ledger: restore the "
+                "ledger from a backup if it was one, or give a path where no file exists to "
+                "start a new ledger"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return real, fd
+
+
+def _check_writable(conn: sqlite3.Connection) -> None:
+    """A ledger that cannot take a write is found at open, before anything is sent: SQLite
+    opens a database it may not write read-only, silently, and says so at the first write.
+    Busy (another process is writing) means the database can be written: no waiting."""
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if not (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_BUSY"):
+            raise
+    else:
+        conn.execute("ROLLBACK")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+
+def _os_reason(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{text} (the ledger must be writable: every attempt is recorded before it is sent)"
+    return text
+
+
+# The run keys' locks are one byte each of the database file, in [0, _LOCK_SPAN): far below
+# the bytes SQLite locks (from 0x40000000, its "pending byte"), so the two never meet.
+_LOCK_SPAN = 0x20000000
+# Open-file-description locks where the system has them (Linux): owned by our descriptor,
+# not by the process, so SQLite closing a descriptor of its own on the same file (a second
+# connection's, as `records` opens) cannot drop them, as it would drop a POSIX lock.
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+# (device, inode, byte) of every run lock this process holds: POSIX locks never conflict
+# within a process, and one process must not run a key twice either.
+_HELD: set[tuple[int, int, int]] = set()
+_HELD_LOCK = threading.Lock()
+
+
+def _lock_byte(fd: int, offset: int, kind: int) -> None:
+    """Lock (F_WRLCK) or unlock (F_UNLCK) one byte of the file, without waiting."""
+    if _OFD_SETLK is not None:
+        # struct flock: l_type, l_whence, l_start, l_len, l_pid (0, as OFD locks require),
+        # padded past the kernel's size.
+        fcntl.fcntl(
+            fd, _OFD_SETLK, struct.pack("hhqqi", kind, os.SEEK_SET, offset, 1, 0) + bytes(8)
+        )
+    else:
+        fcntl.lockf(
+            fd, fcntl.LOCK_UN if kind == fcntl.F_UNLCK else fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset
+        )
 
 
 class RunLock:
-    """Held while a process works on a run key; released on close or process death."""
+    """Held while a process works on a run key; released by `release`, by the ledger's
+    close, or by the process's death (the kernel's doing, even after SIGKILL)."""
 
-    def __init__(self, lock_path: Path, run_key: str) -> None:
-        self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        # One byte per run key in one lock file: no lock-file litter, and the kernel drops
-        # the lock when the process dies, even by SIGKILL.
-        self._offset = int.from_bytes(hashlib.sha256(run_key.encode()).digest()[:4]) & 0x7FFFFFFF
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._offset)
-        except OSError:
-            os.close(self._fd)
-            raise LedgerLocked(
-                f"another process is running run key {run_key!r} on ledger "
-                f"{lock_path.with_suffix('')}: nothing was sent"
-            ) from None
+    def __init__(self, fd: int, held: tuple[int, int, int]) -> None:
+        self._fd = fd
+        self._held: tuple[int, int, int] | None = held
 
     def release(self) -> None:
-        if self._fd >= 0:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._offset)
-            os.close(self._fd)
-            self._fd = -1
+        held, self._held = self._held, None
+        if held is None:
+            return
+        try:
+            _lock_byte(self._fd, held[2], fcntl.F_UNLCK)
+        finally:
+            with _HELD_LOCK:
+                _HELD.discard(held)
 
 
 URL_SCHEMES = ("postgresql://", "postgres://")
@@ -419,10 +673,13 @@ class Ledger:
     # Whether several processes work on one run together (the PostgreSQL ledger).
     shared = False
 
-    def __init__(self, path: Path, conn: Any) -> None:
-        self.path = path
-        self.name = str(path)  # what messages call the ledger
+    def __init__(self, path: Path, conn: Any, *, fd: int = -1, name: str | None = None) -> None:
+        self.path = path  # the database's real path: the only name it is opened by
+        self.name = str(path) if name is None else name  # what messages call the ledger
         self._conn = conn
+        # The database file, open for writing: run keys are locked on it (`lock`).
+        self._fd = fd
+        self._readers: set[sqlite3.Connection] = set()  # the connections `records` opened
         self._pending: list[tuple[str, Sequence[Any]]] = []
         self._queued = 0  # statements ever queued
         self._written = 0  # statements ever committed (always a prefix of the queued ones)
@@ -438,33 +695,98 @@ class Ledger:
 
     @classmethod
     def open(cls, path: str | Path) -> Ledger:
-        path = Path(path).expanduser()
+        """The ledger at `path`, created if no file is there; LedgerError if the file is
+        not a ledger, is damaged, is from a newer version, or cannot be written."""
+        given = Path(path).expanduser()
+        fd = -1
+        conn: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            real, fd = _open_file(given)
+            conn = sqlite3.connect(real, check_same_thread=False, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            # Looked at before anything is written: another program's database stays as is.
+            version = _stamp(conn, given)
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed intent survives power loss, not only a killed process.
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            _migrate(conn)
-            conn.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise LedgerError(f"ledger {path}: cannot be opened as SQLite: {exc}") from None
-        except OSError as exc:
-            raise LedgerError(f"ledger {path}: {exc.strerror or exc}") from None
-        return cls(path, conn)
+            if version < SCHEMA_VERSION:
+                _upgrade(conn, given)
+            _check_writable(conn)
+            if os.fstat(fd)[1:3] != os.stat(real)[1:3]:  # (inode, device)
+                raise LedgerError(f"ledger {given}: was replaced while being opened: try again")
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if fd >= 0:
+                os.close(fd)  # after SQLite's connection: see `close`
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerError(f"ledger {given}: cannot be opened: {_reason(exc)}") from None
+            if isinstance(exc, OSError):
+                raise LedgerError(f"ledger {given}: {_os_reason(exc)}") from None
+            raise
+        return cls(real, conn, fd=fd, name=str(given))
 
     def lock(self, run_key: str) -> RunLock:
-        lock = RunLock(self.path.with_name(self.path.name + ".lock"), run_key)
+        """Hold `run_key` for this process until `close` (LedgerLocked if another holds it).
+
+        The lock is a byte of the database file itself, so it is the file's whatever name
+        reached it: a symlink, a `..` path, a bind mount (and the file has no other name:
+        `open` refuses hard links). The byte is chosen by the key's hash; two keys that
+        share one (one chance in half a billion) merely cannot run at the same time.
+        """
+        info = os.fstat(self._fd)
+        offset = int.from_bytes(hashlib.sha256(run_key.encode()).digest()[:4]) % _LOCK_SPAN
+        held = (info.st_dev, info.st_ino, offset)
+        busy = LedgerLocked(
+            f"another process is running run key {run_key!r} on ledger {self.name}: "
+            "nothing was sent"
+        )
+        with _HELD_LOCK:
+            if held in _HELD:
+                raise busy
+            try:
+                _lock_byte(self._fd, offset, fcntl.F_WRLCK)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    raise busy from None
+                raise LedgerError(
+                    f"ledger {self.name}: cannot lock run key {run_key!r}: {_os_reason(exc)}"
+                ) from None
+            _HELD.add(held)
+        lock = RunLock(self._fd, held)
         self._locks.append(lock)
         return lock
 
     def close(self) -> None:
-        for lock in self._locks:
-            lock.release()
-        self._locks.clear()
-        self._disk.stop()
-        self._conn.close()
+        try:
+            for lock in self._locks:
+                with contextlib.suppress(OSError):  # closing the descriptor releases it too
+                    lock.release()
+            self._locks.clear()
+            self._disk.stop()
+        finally:
+            try:
+                for reader in list(self._readers):
+                    reader.close()
+                self._conn.close()
+            finally:
+                self._close_file()
+
+    def _close_file(self) -> None:
+        """Close the descriptor the run locks are on: only once SQLite's connections are.
+
+        POSIX drops every lock a process holds on a file when the process closes *any*
+        descriptor of that file. Closing ours first would silently take SQLite's own locks
+        away from under its open connection (another process could then checkpoint or reset
+        the WAL it is reading). SQLite defers closing its own descriptors for this reason;
+        ours waits for its connections to end.
+        """
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _error(self, doing: str, exc: sqlite3.Error) -> LedgerError:
+        return LedgerError(f"ledger {self.name}: {doing}: {_reason(exc)}")
 
     async def call(self, func: Callable[..., R], *args: Any) -> R:
         """Run a blocking ledger method off the event loop, one at a time with the writes,
@@ -568,9 +890,8 @@ class Ledger:
                 conn.execute(sql, params)
             await self._disk.run(conn.execute, "COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise LedgerError(f"ledger {self.path}: write failed: {exc}") from None
+            _rollback(conn)
+            raise self._error("write failed", exc) from None
 
     def _begin_at_once(self) -> bool:
         """BEGIN IMMEDIATE if no other process holds the write lock; False if one does."""
@@ -589,24 +910,35 @@ class Ledger:
     # -- runs ----------------------------------------------------------------------------
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> Iterable[tuple[Any, ...]]:
-        """The rows a query of the ledger's reads gives (`?` placeholders, portable SQL)."""
-        cursor: Iterable[tuple[Any, ...]] = self._conn.execute(sql, params)
-        return cursor
+        """The rows a query of the ledger's reads gives (`?` placeholders, portable SQL);
+        an error, even one met while iterating (a damaged page), is a LedgerError."""
+        try:
+            cursor = self._conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise self._error("read failed", exc) from None
+        return self._rows(cursor)
+
+    def _rows(self, cursor: sqlite3.Cursor) -> Iterator[tuple[Any, ...]]:
+        try:
+            yield from cursor
+        except sqlite3.Error as exc:
+            raise self._error("read failed", exc) from None
 
     def find_run(self, run_key: str) -> RunSpec | None:
-        row = next(
-            iter(
-                self._select(
-                    "SELECT run_key, provider, base_url, job_file, job_digest, extra_columns, "
-                    "row_count FROM runs WHERE run_key = ?",
-                    (run_key,),
-                )
-            ),
-            None,
-        )
-        if row is None:
-            return None
-        return RunSpec(row[0], row[1], row[2], row[3], row[4], tuple(json.loads(row[5])), row[6])
+        found = list(self._select(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_key = ?", (run_key,)))
+        return _run_spec(found[0]) if found else None
+
+    def runs_with_digest(self, job_digest: str) -> list[RunSpec]:
+        """Every run recorded with this job content digest, newest first (`created_at`
+        filled in)."""
+        return [
+            _run_spec(row)
+            for row in self._select(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE job_digest = ? "
+                "ORDER BY created_at DESC, run_key DESC",
+                (job_digest,),
+            )
+        ]
 
     def create_run(self, spec: RunSpec, rows: Sequence[JobRow]) -> None:
         """Record a new run and all its rows as not attempted, in one transaction."""
@@ -644,9 +976,8 @@ class Ledger:
             )
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise LedgerError(f"ledger {self.path}: cannot record the run: {exc}") from None
+            _rollback(self._conn)
+            raise self._error("cannot record the run", exc) from None
 
     def progress(self, run_key: str) -> dict[int, RowProgress]:
         """Status and attempts so far of every row that is not final."""
@@ -665,11 +996,21 @@ class Ledger:
     def _open_attempts(self, where: str, params: Sequence[Any]) -> list[OpenAttempt]:
         cursor = self._select(
             "SELECT row, attempt, card_id, amount, before_status, before_balance, "
-            f"before_deposit, sent_at FROM attempts {where}",
+            f"before_deposit, sent_at, settle_by FROM attempts {where}",
             params,
         )
         found = []
-        for row, attempt, card_id, amount, b_status, b_balance, b_deposit, sent_at in cursor:
+        for (
+            row,
+            attempt,
+            card_id,
+            amount,
+            b_status,
+            b_balance,
+            b_deposit,
+            sent_at,
+            settle,
+        ) in cursor:
             before = None
             if b_balance is not None:
                 before = CardState(
@@ -679,7 +1020,9 @@ class Ledger:
                     deposit=_dec(b_deposit),
                 )
             sent = _from_iso(sent_at) or utcnow()
-            found.append(OpenAttempt(row, attempt, card_id, Decimal(amount), before, sent))
+            found.append(
+                OpenAttempt(row, attempt, card_id, Decimal(amount), before, sent, _from_iso(settle))
+            )
         return found
 
     def last_attempts(self, run_key: str) -> dict[str, datetime]:
@@ -778,9 +1121,8 @@ class Ledger:
             ).rowcount
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise LedgerError(f"ledger {self.path}: cannot record the event: {exc}") from None
+            _rollback(self._conn)
+            raise self._error("cannot record the event", exc) from None
         return settled, seen
 
     def settle_from_events(self, run_key: str, provider: str) -> int:
@@ -803,9 +1145,12 @@ class Ledger:
         return settled
 
     def finish_run(self, run_key: str) -> None:
-        self._conn.execute(
-            "UPDATE runs SET finished_at = ? WHERE run_key = ?", (_iso(utcnow()), run_key)
-        )
+        try:
+            self._conn.execute(
+                "UPDATE runs SET finished_at = ? WHERE run_key = ?", (_iso(utcnow()), run_key)
+            )
+        except sqlite3.Error as exc:
+            raise self._error("write failed", exc) from None
 
     def run_facts(self, run_key: str) -> RunFacts:
         ((created, finished, first, last),) = self._select(
@@ -862,7 +1207,11 @@ class Ledger:
     def records(self, run_key: str, status: RowStatus | None = None) -> Iterator[RowRecord]:
         """Every row of the run (or only those with `status`) in job order, streamed (opens
         its own connection)."""
-        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._error("read failed", exc) from None
+        self._readers.add(conn)  # closed by `close` before the file's descriptor
         try:
             cursor = conn.execute(
                 f"SELECT {RECORD_COLUMNS} FROM rows WHERE run_key = ? "
@@ -874,8 +1223,19 @@ class Ledger:
                 ),
             )
             for r in cursor:
-                yield row_record(r)
+                try:
+                    record = row_record(r)
+                except (ValueError, ArithmeticError) as exc:  # Decimal's, JSON's, statuses'
+                    raise LedgerError(
+                        f"ledger {self.name}: row {r[0]!r} of run {run_key!r} holds what a "
+                        f"ledger never writes ({exc}): the file is damaged; restore it from "
+                        "a backup"
+                    ) from None
+                yield record
+        except sqlite3.Error as exc:
+            raise self._error("read failed", exc) from None
         finally:
+            self._readers.discard(conn)
             conn.close()
 
     # -- statements the engine commits through write() ------------------------------------
@@ -889,15 +1249,19 @@ class Ledger:
         amount: Decimal,
         before: CardState | None,
         sent_at: datetime,
+        *,
+        settle_by: datetime | None = None,
     ) -> list[tuple[str, Sequence[Any]]]:
         """The statements that record an attempt about to be sent (with the card's balance
-        before it, when the provider lets cards be read)."""
+        before it, when the provider lets cards be read, and the time until which the
+        provider may still apply it, when known)."""
         sent = _iso(sent_at)
         balance = None if before is None else _money(before.balance)
         return [
             (
                 "INSERT INTO attempts (run_key, row, attempt, card_id, amount, before_status, "
-                "before_balance, before_deposit, sent_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "before_balance, before_deposit, sent_at, settle_by) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run_key,
                     row,
@@ -908,6 +1272,7 @@ class Ledger:
                     balance,
                     None if before is None else _money(before.deposit),
                     sent,
+                    _iso(settle_by),
                 ),
             ),
             (

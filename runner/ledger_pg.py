@@ -315,6 +315,8 @@ class PostgresLedger(Ledger):
                 )
                 for r in cursor:
                     yield row_record(r)
+        except psycopg.Error as exc:  # met while streaming, as the connection breaks
+            raise LedgerError(f"ledger {self.name}: read failed: {_first_line(exc)}") from None
         finally:
             conn.close()
 
