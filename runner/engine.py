@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,14 +31,17 @@ import anyio.to_thread
 import numpy as np
 import structlog
 
-from runner.config import Settings
+from runner.config import Settings, normalize_target
+from runner.config import target_of as config_target_of
 from runner.errors import (
     AuthenticationFailed,
     ConfigError,
     JobInvalid,
     LedgerError,
     Problem,
+    ProviderError,
     RunnerError,
+    RunStopped,
 )
 from runner.jobs import Job, JobRow
 from runner.ledger import (
@@ -66,6 +69,7 @@ from runner.progress import NoProgress
 from runner.providers.base import (
     Applied,
     CardState,
+    CardStatus,
     NotApplied,
     Refused,
     RetryKind,
@@ -100,17 +104,51 @@ def default_ledger_path(env: Mapping[str, str]) -> Path:
 
 
 def target_of(settings: Settings) -> str:
-    """What a run key is bound to besides the job: the platform and the account's API root."""
-    if settings.is_sandbox:
-        return "sandbox:in-process"
-    return f"{settings.provider}:{settings.base_url or 'default'}"
+    """What a run is bound to besides the job: the platform and its API root, normalised so
+    that every spelling of one target is one target (`runner.config.target_of`)."""
+    return config_target_of(settings.provider, settings.base_url)
 
 
 def derive_run_key(job: Job, settings: Settings) -> str:
-    """Same file, same target: same key, so rerunning resumes instead of paying twice."""
+    """The key of a job run without one: from the rows and the target alone. The file's name
+    is left out on purpose: a copy of the file under another name is the same payroll, and
+    two processes starting it at once must meet on one key (and one lock)."""
     digest = hashlib.sha256(f"{target_of(settings)}\n{job.content_digest}".encode()).hexdigest()
-    stem = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in job.path.stem)[:80]
-    return f"{stem or 'job'}-{digest[:12]}"
+    return f"job-{digest[:12]}"
+
+
+def same_job_runs(ledger: Ledger, job: Job, settings: Settings) -> list[RunSpec]:
+    """Runs in the ledger of this exact job (its content digest) on this target, whatever
+    their key, the file's name or the spelling of the base URL they were started with."""
+    target = target_of(settings)
+    return [
+        spec
+        for spec in ledger.runs_with_digest(job.content_digest)
+        if normalize_target(spec.base_url) == target
+    ]
+
+
+def choose_run_key(ledger: Ledger, job: Job, settings: Settings) -> str:
+    """The run key a run of `job` takes: the operator's, else the one run of this job already
+    in the ledger (resumed, so nothing is paid twice), else a new key derived from content.
+
+    Several runs of this job on this target (each started under an explicit key) leave no
+    safe choice: refused, naming them.
+    """
+    if settings.run_key:
+        return settings.run_key
+    found = same_job_runs(ledger, job, settings)
+    if not found:
+        return derive_run_key(job, settings)
+    if len(found) == 1:
+        return found[0].run_key
+    keys = ", ".join(repr(spec.run_key) for spec in found[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    raise ConfigError(
+        f"ledger {ledger.name} holds {len(found)} runs of this exact job on "
+        f"{target_of(settings)} ({keys}{more}): pass --run-key to resume one of them, or a new "
+        "key to pay the job again on purpose; nothing was sent"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +191,9 @@ class _Work:
     spent: int = 0  # of the retry budget (transient failures, proven non-applications)
     waits: int = 0  # cooldown and rate-limit refusals (cost no budget)
     unresolved: OpenAttempt | None = None  # an attempt whose outcome is not known yet
+    # When (this process's clock) a reading first showed the unresolved attempt not applied
+    # after the provider could no longer apply it: a second such reading proves it.
+    not_applied_at: float | None = None
 
 
 class JobRunner:
@@ -181,6 +222,11 @@ class JobRunner:
         self.handle_signals = handle_signals
         self.stop_grace = settings.timeout + 5.0 if stop_grace is None else stop_grace
         self.reconcile_grace = reconcile_grace
+        # How long after it is sent a request may still be applied by the provider: its
+        # timeout plus the grace the operator allows for a provider still processing it.
+        self._apply_window = settings.timeout + settings.apply_grace
+        # The gap between the two readings that must agree before "not applied" is believed.
+        self._confirm_gap = min(1.0, max(0.05, settings.apply_grace / 10))
         self.settle_poll = settle_poll
         self.backoff_base = backoff_base
         self.progress: RunProgress = progress or NoProgress()
@@ -239,10 +285,24 @@ class JobRunner:
                     "sandbox lives inside one process (start `topup-runner sandbox` and use "
                     "--provider uncash --base-url)"
                 )
+            self.run_key = choose_run_key(ledger, self.job, settings)
+            if self.run_key != (settings.run_key or derive_run_key(self.job, settings)):
+                log.warning(
+                    "run.same_job_found",
+                    run_key=self.run_key,
+                    message="this job already ran on this target under this key: resuming it, "
+                    "so nothing is paid twice (pass a new --run-key to pay it again on purpose)",
+                )
             ledger.lock(self.run_key)
             self.ledger = ledger
             structlog.contextvars.bind_contextvars(run_key=self.run_key)
-            return await self._run_locked(ledger)
+            try:
+                return await self._run_locked(ledger)
+            except RunnerError as exc:
+                if self.sent and not isinstance(exc, RunStopped):
+                    # Exit 2 and 3 say nothing was sent: not true any more.
+                    raise RunStopped(exc, sent=self.sent, run_key=self.run_key) from exc
+                raise
         raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
 
     def _ledger_where(self, stack: ExitStack) -> str | Path:
@@ -370,9 +430,14 @@ class JobRunner:
                     await self._settle_pending()
                 if self._first_applied is not None:
                     makespan = self._last_applied - self._first_applied
-        await self._mark_in_doubt()
+        try:
+            await self._mark_in_doubt()
+        except LedgerError as exc:
+            # A ledger that stopped taking writes (a full disk) keeps the attempts open: the
+            # next run reconciles them all the same. The report is still worth writing.
+            self._fatal = self._fatal or exc
         counts = await ledger.call(ledger.status_counts, self.run_key)
-        if not self._stopping and counts[RowStatus.NOT_ATTEMPTED] == 0:
+        if not self._stopping and self._fatal is None and counts[RowStatus.NOT_ATTEMPTED] == 0:
             await ledger.call(ledger.finish_run, self.run_key)
         output = settings.output or Path(f"{self.run_key}.xlsx")
         if ledger.shared:
@@ -458,9 +523,10 @@ class JobRunner:
         self, ledger: Ledger, found: RunSpec | None, spec: RunSpec, advice: str
     ) -> None:
         """A run key may only go on with the job and target it was recorded with."""
-        if found is not None and (found.job_digest, found.base_url) == (
-            spec.job_digest,
-            spec.base_url,
+        if (
+            found is not None
+            and found.job_digest == spec.job_digest
+            and normalize_target(found.base_url) == spec.base_url
         ):
             return
         raise LedgerError(
@@ -590,6 +656,23 @@ class JobRunner:
         async with limiter:
             final = await self.provider.settle(row.card_id, row.amount, row.provider_ref)
         if final is None:
+            return
+        if isinstance(final, Applied) and final.discrepancy is not None:
+            # Settled, but not as it was sent: money moved, so never failed, never resent.
+            why = f"the provider's record disagrees: {final.discrepancy}"
+            log.warning("settle.discrepancy", row=row.row, card_id=row.card_id, error=why)
+            await self.ledger.write(
+                [
+                    Ledger.row_update(
+                        self.run_key,
+                        row.row,
+                        status=RowStatus.NEEDS_REVIEW,
+                        finished_at=utcnow(),
+                        error=why,
+                    )
+                ]
+            )
+            self._row_final(RowStatus.NEEDS_REVIEW)
             return
         status = RowStatus.SUCCEEDED if isinstance(final, Applied) else RowStatus.FAILED
         event = ProviderEvent(
@@ -832,8 +915,10 @@ class JobRunner:
         """Take the row one step further; returns when its card may go next and whether
         the row goes back in the queue."""
         row = work.job_row
-        if work.unresolved is not None and not await self._reconcile(card, work):
-            return self.clock(), False
+        if work.unresolved is not None:
+            verdict = await self._reconcile(card, work)
+            if verdict is not None:
+                return verdict
         before: CardState | None = None
         if self.provider.rules.reads_cards:
             # The snapshot preflight or the last answer left, without a coroutine to get it.
@@ -845,16 +930,31 @@ class JobRunner:
                     work, RowStatus.FAILED, error="card_not_found: the card is no longer visible"
                 )
                 return self.clock(), False
+            if before.status in (CardStatus.FROZEN, CardStatus.CLOSED):
+                # Read again since preflight (after a lost answer, say) and no longer active:
+                # a topup would be refused, and sending one only to learn that costs a wait.
+                self._finish(
+                    work,
+                    RowStatus.FAILED,
+                    error=f"card_inactive: the card is {before.status.value}: not sent",
+                )
+                return self.clock(), False
 
         if self._shared is not None:
             self._shared.check()  # never send on a card another worker may hold by now
         attempt = work.sent + 1
         sent_at = utcnow()
-        intent = Ledger.intent(self.run_key, row.row, attempt, card, row.amount, before, sent_at)
+        settle_by = sent_at + timedelta(seconds=self._apply_window)
+        intent = Ledger.intent(
+            self.run_key, row.row, attempt, card, row.amount, before, sent_at, settle_by=settle_by
+        )
         await self.ledger.write(intent)
         # From here until the outcome is recorded, the attempt is open in the ledger.
         work.sent = attempt
-        work.unresolved = OpenAttempt(row.row, attempt, card, row.amount, before, sent_at)
+        work.not_applied_at = None
+        work.unresolved = OpenAttempt(
+            row.row, attempt, card, row.amount, before, sent_at, settle_by=settle_by
+        )
         self.sent += 1
         sent_mono = self.clock()
         try:
@@ -874,6 +974,36 @@ class JobRunner:
         # The card's next request waits a full cooldown after this answer: the provider saw
         # this request no later than now, so the gap it measures can only be longer.
         cool = received + self.settings.cooldown
+
+        if type(outcome) is Applied and (
+            outcome.discrepancy is not None
+            or (
+                before is not None
+                and outcome.card_balance_after is not None
+                and outcome.card_balance_after != before.balance + row.amount
+            )
+        ):
+            why = outcome.discrepancy
+            if why is None:
+                assert before is not None
+                why = await self._balance_doubt(card, before, row.amount, outcome)
+            if why:
+                # The provider says it applied a topup, but not the one that was sent, or
+                # not as the card's books show: believed neither way, never sent again.
+                work.unresolved = None
+                self._stale.add(card)
+                log.warning(
+                    "topup.discrepancy", row=row.row, card_id=card, attempt=attempt, error=why
+                )
+                fields = {**_applied_fields(outcome), "error": f"the answer disagrees: {why}"}
+                self._finish(
+                    work,
+                    RowStatus.NEEDS_REVIEW,
+                    attempt=attempt,
+                    outcome="applied (discrepancy)",
+                    **fields,
+                )
+                return cool, False
 
         if type(outcome) is Applied:
             work.unresolved = None
@@ -980,8 +1110,16 @@ class JobRunner:
         )
         return max(cool, received + delay), True
 
-    async def _reconcile(self, card: str, work: _Work) -> bool:
-        """Settle an attempt whose answer was lost. True: the row may be sent again now."""
+    async def _reconcile(self, card: str, work: _Work) -> tuple[float, bool] | None:
+        """Settle an attempt whose answer was lost. None: proven not applied, send it again
+        now; else when the card may go next and whether the row goes back in the queue.
+
+        "Not applied" is a verdict about the future too: the provider may still be working on
+        a request its client gave up on. So it is only believed once the provider can no
+        longer apply the attempt (its `settle_by`: sent + timeout + --apply-grace, recorded
+        with the intent, so a later process keeps to it) and a second reading, taken after
+        that, agrees. Until then the row waits, and its card with it.
+        """
         pending = work.unresolved
         assert pending is not None
         row = work.job_row
@@ -994,6 +1132,18 @@ class JobRunner:
             work.unresolved = None
             self._note_applied(self.clock())
             log.info("reconcile.applied", row=row.row, card_id=card, attempt=pending.attempt)
+            if settled.discrepancy is not None:
+                self._finish(
+                    work,
+                    RowStatus.NEEDS_REVIEW,
+                    attempt=pending.attempt,
+                    outcome="applied (discrepancy)",
+                    **{
+                        **_applied_fields(settled),
+                        "error": f"the provider's record disagrees: {settled.discrepancy}",
+                    },
+                )
+                return self.clock(), False
             self._finish(
                 work,
                 RowStatus.PENDING if settled.pending else RowStatus.SUCCEEDED,
@@ -1001,9 +1151,25 @@ class JobRunner:
                 outcome="applied (reconciled)",
                 **_applied_fields(settled),
             )
-            return False
+            return self.clock(), False
         if isinstance(settled, NotApplied):
+            left = (self._settle_by(pending) - utcnow()).total_seconds()
+            if left > 0:
+                # Not yet: the provider may still apply it. Read again once it cannot.
+                work.not_applied_at = None
+                log.info(
+                    "reconcile.waiting",
+                    row=row.row,
+                    card_id=card,
+                    attempt=pending.attempt,
+                    wait_s=round(left, 3),
+                )
+                return self.clock() + left, True
+            if work.not_applied_at is None:
+                work.not_applied_at = self.clock()
+                return self.clock() + self._confirm_gap, True
             work.unresolved = None
+            work.not_applied_at = None
             work.spent += 1
             log.info("reconcile.not_applied", row=row.row, card_id=card, attempt=pending.attempt)
             self.ledger.post(
@@ -1024,8 +1190,8 @@ class JobRunner:
                     RowStatus.FAILED,
                     error=f"gave up after {work.spent} attempts: {settled.message}",
                 )
-                return False
-            return True
+                return self.clock(), False
+            return None
         work.unresolved = None
         log.warning(
             "reconcile.unknown",
@@ -1041,7 +1207,46 @@ class JobRunner:
             outcome="unknown",
             error=f"outcome could not be established: {settled.message}",
         )
-        return False
+        return self.clock(), False
+
+    def _settle_by(self, attempt: OpenAttempt) -> datetime:
+        """When the provider can no longer apply `attempt`: what its intent recorded, and
+        never sooner than this process's own timeout and grace allow (a rerun may be given a
+        longer --timeout than the process that sent it)."""
+        own = attempt.sent_at + timedelta(seconds=self._apply_window)
+        recorded = attempt.settle_by
+        return own if recorded is None else max(own, recorded)
+
+    async def _balance_doubt(
+        self, card: str, before: CardState, amount: Decimal, outcome: Applied
+    ) -> str:
+        """Why an applied answer whose balance did not move by the amount is in doubt, or ""
+        when the card's deposit (which spending does not lower) shows exactly this topup:
+        the card was spent from meanwhile, which is no discrepancy."""
+        said = outcome.card_balance_after
+        assert said is not None
+        try:
+            now = await self.provider.get_card(card)
+        except AuthenticationFailed:
+            raise
+        except ProviderError:
+            now = None
+        if now is not None:
+            self._cards[card] = now
+            self._stale.discard(card)
+            if before.deposit is not None and now.deposit is not None:
+                deposit_moved = now.deposit - before.deposit
+                if deposit_moved == amount:
+                    return ""
+                return (
+                    f"the card's balance went from {format_amount(before.balance)} to "
+                    f"{format_amount(said)} and its deposit moved by "
+                    f"{format_amount(deposit_moved)}, for a topup of {format_amount(amount)}"
+                )
+        return (
+            f"the card's balance went from {format_amount(before.balance)} to "
+            f"{format_amount(said)}, not by the topup's {format_amount(amount)}"
+        )
 
     async def _snapshot(self, card: str) -> CardState | None:
         if card in self._cards and card not in self._stale:
@@ -1225,10 +1430,13 @@ async def check_job(
         where = Path(where).expanduser()  # noqa: ASYNC240  (no I/O: the home folder's name)
     if where is None and not settings.is_sandbox:
         where = default_ledger_path(os.environ if env is None else env)
+    run_key = settings.run_key or derive_run_key(job, settings)
     if where is not None and (not isinstance(where, Path) or where.exists()):
         ledger = open_ledger(where)
         try:
             samples = await ledger.call(ledger.fee_samples, settings.provider)
+            # The key `run` would take: an earlier run of this job is resumed, not repaid.
+            run_key = await ledger.call(choose_run_key, ledger, job, settings)
         finally:
             ledger.close()
     fees = fee_model(settings, samples)
@@ -1264,7 +1472,7 @@ async def check_job(
         ),
         f"estimated minimum duration: {lb:.1f} s "
         f"(rate {settings.rate_limit or 'unlimited'}/s, cooldown {settings.cooldown:g} s)",
-        f"run key: {settings.run_key or derive_run_key(job, settings)}",
+        f"run key: {run_key}",
     ]
     if report.set_aside:
         lines.append(f"set aside by preflight: {len(report.set_aside)} rows")

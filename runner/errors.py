@@ -6,8 +6,12 @@
     ├── PreflightRefused (exit 3)    the provider cannot take the job as it stands
     ├── LedgerLocked (exit 75)       another process holds this run key
     ├── LedgerError (exit 2)         the ledger file cannot be used
-    └── ProviderError (exit 1)       the provider cannot be used at all (not one row's outcome)
-        └── AuthenticationFailed (exit 2)
+    ├── ProviderError (exit 1)       the provider cannot be used at all (not one row's outcome)
+    │   └── AuthenticationFailed (exit 2)
+    └── RunStopped (exit 1)          any of the above after topups were sent: never exit 2 then
+
+Exit 2 and 3 promise that nothing was sent. Once a run has sent a topup, whatever stops it is
+raised as `RunStopped` (exit 1), which carries the error that stopped it as `cause`.
 
 A single row's refusal, retry or unknown outcome is *not* an exception: it is a value of
 `runner.providers.base.Outcome`. Exceptions here stop a command; the CLI catches only
@@ -96,3 +100,20 @@ class AuthenticationFailed(ProviderError):
     """The provider refused our credentials; nothing can be sent with them."""
 
     exit_code = 2
+
+
+class RunStopped(RunnerError):
+    """A run stopped on an error after it had sent topups: the contract's exit 1, not the
+    "nothing was sent" of the error's own code. `cause` is the error, `sent` the topups this
+    process sent, `run_key` the run to resume."""
+
+    exit_code = 1
+
+    def __init__(self, cause: RunnerError, *, sent: int, run_key: str) -> None:
+        self.cause = cause
+        self.sent = sent
+        self.run_key = run_key
+        super().__init__(
+            f"{cause} (the run stopped after {sent} topup(s) were sent: rerun the same "
+            f"command, or --run-key {run_key}, to resume it; nothing is paid twice)"
+        )

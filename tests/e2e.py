@@ -35,6 +35,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The environment of a user who set nothing but what the test names."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOPUP_", "UNCASH_", "ALIX_"))}
     env["PYTHONPATH"] = str(ROOT)
+    # The sandbox applies a topup before it answers unless a test makes it late, so the wait
+    # before a lost answer may be judged "not applied" is scaled down like its cooldowns;
+    # tests of late application give their own --apply-grace (the command line wins).
+    env["TOPUP_APPLY_GRACE"] = "0.2"
     env.update(extra)
     return env
 
