@@ -1,7 +1,7 @@
 """Incoming Alix webhooks: a TopupCard body in, a verified `TopupEvent` out, or `WebhookRejected`.
 
 Only the verification lives here (no server): the signed text is rebuilt from the body exactly
-as the ASSUMPTION "TopupCard webhook" of ../shared/providers.md describes it.
+as the ASSUMPTION "TopupCard webhook" of docs/providers.md describes it.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ _QUOTE_CONCURRENCY = 4
 _TOKEN_SENDS = 3  # a request sent with at most this many tokens before credentials are blamed
 _LIST_TIME = "%Y-%m-%d %H:%M:%S"
 
-# -- ASSUMPTIONS: what the Alix docs leave unsaid, each named once (../shared/providers.md) ------
+# -- ASSUMPTIONS: what the Alix docs leave unsaid, each named once (docs/providers.md) ------
 
 # ASSUMPTION (amount rules): Alix publishes no minimum, maximum or cooldown for a topup.
 # Documented: no idempotency key, and no wallet, card or card-list read.

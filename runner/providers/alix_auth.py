@@ -34,7 +34,7 @@ from runner.providers.http import (
 
 log = structlog.get_logger("runner.providers.alix")
 
-# -- ASSUMPTIONS (../shared/providers.md, "Alix: the assumptions ..."): change them here only ----
+# -- ASSUMPTIONS (docs/providers.md, "Alix: the assumptions ..."): change them here only ----
 
 # ASSUMPTION "Access token": the endpoint's page is not public. Its path is guessed after the
 # documented refresh call; its body and answer are in `access_token_body()` and `parse_grant()`.

@@ -72,7 +72,7 @@ RULES = ProviderRules(
 )
 
 _COOLDOWN = re.compile(r"please wait\s+(\d+(?:\.\d+)?)\s+seconds?", re.IGNORECASE)
-# The refusals Uncash documents (its topup page and ../shared/providers.md), each matched by
+# The refusals Uncash documents (its topup page and docs/providers.md), each matched by
 # the opening words of the envelope's `message`: only these are final. The docs call a topup
 # atomic and these are its checks before anything moves (validation, card, limit, wallet).
 # Any other refusal, in words or by status, is Unknown: money may have moved, so it is

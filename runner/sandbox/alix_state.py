@@ -6,7 +6,7 @@ logic on the injected clock, over the cards and wallet of `SandboxState`; alix.p
 Every assumption the sandbox makes about Alix lives in this docstring (and, where it is a value
 or a format, in this module), so that one edit changes it when the real specification is known.
 
-The project's assumptions (shared/providers.md, "Alix: the assumptions this project makes"):
+The project's assumptions (docs/providers.md, "Alix: the assumptions this project makes"):
 
 - Access token: `POST /api/v2/auth/access-token` with `{"partnerCode", "userEmail", "signature"}`,
   the signature being base64 of RSA PKCS#1 v1.5 SHA-256 over `partnerCode|secretKey` made with
