@@ -20,11 +20,11 @@ import anyio
 import click
 
 from runner.config import Settings, resolve_settings
+from runner.domain import RowStatus
 from runner.errors import JobInvalid, RunnerError
 from runner.jobs import Job, load_job
 from runner.logs import configure_logging
 from runner.progress import LazyStderr, NoProgress, RichProgress
-from runner.records import RowStatus
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A run's event loop: uvloop's costs a fast run about a sixth less CPU per topup than

@@ -33,6 +33,7 @@ import structlog
 
 from runner.config import Settings, normalize_target
 from runner.config import target_of as config_target_of
+from runner.domain import JobRow, RowStatus, RunInfo
 from runner.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -43,7 +44,7 @@ from runner.errors import (
     RunnerError,
     RunStopped,
 )
-from runner.jobs import Job, JobRow
+from runner.jobs import Job
 from runner.ledger import (
     Ledger,
     OpenAttempt,
@@ -77,7 +78,6 @@ from runner.providers.base import (
     Unknown,
 )
 from runner.providers.factory import open_provider, rules_for
-from runner.records import RowStatus, RunInfo
 from runner.report import failed_rows_path_for, write_failed_rows, write_report
 from runner.sandbox.config import SandboxConfig
 from runner.scheduler import Dispatcher, Pacer, backoff_delay, lower_bound

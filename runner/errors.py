@@ -6,8 +6,12 @@
     ├── PreflightRefused (exit 3)    the provider cannot take the job as it stands
     ├── LedgerLocked (exit 75)       another process holds this run key
     ├── LedgerError (exit 2)         the ledger file cannot be used
+    │   └── LeaseLost                a worker of a shared run can no longer prove its cards
     ├── ProviderError (exit 1)       the provider cannot be used at all (not one row's outcome)
-    │   └── AuthenticationFailed (exit 2)
+    │   ├── AuthenticationFailed (exit 2)
+    │   │   └── AccessTokenRejected  Alix answered 401: refused at the door, nothing applied
+    │   └── NotDocumented            the provider documents no endpoint for an operation
+    ├── WebhookRejected (exit 1)     a webhook that must change nothing (forged, malformed)
     └── RunStopped (exit 1)          any of the above after topups were sent: never exit 2 then
 
 Exit 2 and 3 promise that nothing was sent. Once a run has sent a topup, whatever stops it is
@@ -100,6 +104,31 @@ class AuthenticationFailed(ProviderError):
     """The provider refused our credentials; nothing can be sent with them."""
 
     exit_code = 2
+
+
+class LeaseLost(LedgerError):
+    """This worker can no longer prove it holds its cards: it must not send."""
+
+
+class AccessTokenRejected(AuthenticationFailed):
+    """Alix answered 401: the request was refused at the door, nothing was applied."""
+
+
+class NotDocumented(ProviderError):
+    """The provider documents no endpoint for this operation; the caller must do without it."""
+
+    def __init__(self, operation: str, provider: str = "Alix") -> None:
+        self.operation = operation
+        self.provider = provider
+        super().__init__(f"{provider} documents no {operation} endpoint")
+
+
+class WebhookRejected(RunnerError):
+    """A webhook that must change nothing: forged, malformed or not a TopupCard event."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"webhook rejected: {reason}")
 
 
 class RunStopped(RunnerError):

@@ -29,6 +29,7 @@ import numpy.typing as npt
 import pandas as pd
 import yaml
 
+from runner.domain import JobRow
 from runner.errors import JobInvalid, Problem
 from runner.money import CENTS, parse_amount
 
@@ -79,17 +80,6 @@ MAX_YAML_DEPTH = 50
 # "billion laughs" of a few lines expands past this at its seventh level of ten.
 _ALIAS_FACTOR = 10
 _ALIAS_ALLOWANCE = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class JobRow:
-    """One topup to make; `row` is its 1-based position among the job's data rows."""
-
-    row: int
-    card_id: str
-    amount: Decimal
-    reference: str = ""
-    extra: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

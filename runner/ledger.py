@@ -42,12 +42,11 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
+from runner.domain import JobRow, RowRecord, RowStatus
 from runner.errors import LedgerError, LedgerLocked
-from runner.jobs import JobRow
 from runner.metrics import StatusTotals
 from runner.money import format_amount
 from runner.providers.base import CardState, CardStatus
-from runner.records import RowRecord, RowStatus
 
 R = TypeVar("R")
 # How long a statement waits for another process's write lock before failing.

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
+from runner.domain import JobRow, RowRecord, RowStatus
 from runner.errors import LedgerError
-from runner.jobs import JobRow
 from runner.ledger import (
     RECORD_COLUMNS,
     Ledger,
@@ -40,7 +40,6 @@ from runner.ledger import (
     row_record,
 )
 from runner.money import format_amount
-from runner.records import RowRecord, RowStatus
 
 try:  # an optional dependency: `pip install 'topup-runner[postgres]'`
     import psycopg

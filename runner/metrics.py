@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
-from runner.records import RowStatus
+from runner.domain import RowStatus
 
 _LAST_SUCCESS = re.compile(r"^topup_runner_last_success_timestamp_seconds(?:\{[^}]*\})? (\S+)$")
 

@@ -13,8 +13,8 @@ from decimal import ROUND_CEILING, Decimal
 
 import anyio
 
+from runner.domain import JobRow
 from runner.errors import PreflightRefused
-from runner.jobs import JobRow
 from runner.money import format_amount
 from runner.providers.base import CardState, CardStatus, Provider
 

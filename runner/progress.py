@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from runner.records import RowStatus
+from runner.domain import RowStatus
 
 
 class LazyStderr:

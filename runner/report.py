@@ -32,9 +32,9 @@ from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.page import PageMargins
 from openpyxl.worksheet.properties import PageSetupProperties
 
+from runner.domain import RowRecord, RowStatus, RunInfo
 from runner.errors import ConfigError, RunnerError
 from runner.money import format_amount
-from runner.records import RowRecord, RowStatus, RunInfo
 
 RESULT_COLUMNS: Final[tuple[str, ...]] = (
     "row",

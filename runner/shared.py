@@ -20,7 +20,7 @@ from collections.abc import Callable
 import anyio
 import structlog
 
-from runner.errors import LedgerError
+from runner.errors import LeaseLost, LedgerError
 from runner.ledger_pg import CardsLeft, CardWork, PostgresLedger
 from runner.scheduler import Pacer, _prepaid
 
@@ -38,10 +38,6 @@ CALIBRATION_TRIPS = 5
 def worker_name() -> str:
     """Who holds a lease: host, process and a random tag (a pid is reused after a crash)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-class LeaseLost(LedgerError):
-    """This worker can no longer prove it holds its cards: it must not send."""
 
 
 class SharedPacer(Pacer):

@@ -17,10 +17,11 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from runner.domain import RowStatus
+from runner.errors import WebhookRejected
 from runner.ledger import Ledger, ProviderEvent, open_ledger
 from runner.providers.alix import TopupStatus, topup_status
-from runner.records import RowStatus
-from runner.webhooks import MAX_BODY_BYTES, WebhookRejected, verify_topup_webhook
+from runner.webhooks import MAX_BODY_BYTES, verify_topup_webhook
 
 log = structlog.get_logger("runner.webhook")
 PATH = "/webhooks/alix"

@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from runner.errors import RunnerError
+from runner.errors import WebhookRejected
 from runner.money import format_amount, parse_provider_decimal, quantize_cents
 from runner.providers.alix import unix_seconds
 from runner.providers.alix_auth import load_public_key, verify_signature
@@ -25,14 +25,6 @@ from runner.providers.alix_auth import load_public_key, verify_signature
 TOPUP_WEBHOOK_TYPE = "TopupCard"
 # A TopupCard event is a few hundred bytes; anything far larger is not one.
 MAX_BODY_BYTES = 64 * 1024
-
-
-class WebhookRejected(RunnerError):
-    """A webhook that must change nothing: forged, malformed or not a TopupCard event."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(f"webhook rejected: {reason}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,14 +23,19 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from runner.errors import AuthenticationFailed, ConfigError, ProviderError
+from runner.errors import (
+    AccessTokenRejected,
+    AuthenticationFailed,
+    ConfigError,
+    NotDocumented,
+    ProviderError,
+    WebhookRejected,
+)
 from runner.logs import scrub_secrets
 from runner.providers.alix import (
     LIST_WINDOW_MARGIN,
     RULES,
-    AccessTokenRejected,
     AlixProvider,
-    NotDocumented,
     classify_topup,
 )
 from runner.providers.alix_auth import AlixCredentials, sign
@@ -45,7 +50,7 @@ from runner.providers.base import (
     Unknown,
 )
 from runner.providers.http import HttpAnswer
-from runner.webhooks import TopupEvent, WebhookRejected, verify_topup_webhook
+from runner.webhooks import TopupEvent, verify_topup_webhook
 from tests.alix import pem_pair
 
 PARTNER = "PARTNER-7"

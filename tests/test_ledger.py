@@ -10,10 +10,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from runner.domain import JobRow, RowStatus
 from runner.errors import LedgerError
-from runner.jobs import JobRow
 from runner.ledger import Ledger, RunSpec, utcnow
-from runner.records import RowStatus
 
 KEY = "ledger-test"
 

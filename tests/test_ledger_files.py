@@ -22,8 +22,8 @@ from typing import Any
 import anyio
 import pytest
 
+from runner.domain import JobRow
 from runner.errors import LedgerError, LedgerLocked
-from runner.jobs import JobRow
 from runner.ledger import APPLICATION_ID, SCHEMA_VERSION, Ledger, RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def test_processes_creating_one_ledger_at_once_share_it(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     body = f"""
         from decimal import Decimal
-        from runner.jobs import JobRow
+        from runner.domain import JobRow
         from runner.ledger import RunSpec
         key = sys.argv[1]
         ledger = Ledger.open({str(path)!r})
@@ -590,7 +590,7 @@ def test_a_truly_full_file_system_is_a_ledger_error(tmp_path: Path) -> None:
         import sqlite3
         from decimal import Decimal
         import anyio
-        from runner.jobs import JobRow
+        from runner.domain import JobRow
         from runner.ledger import RunSpec, utcnow
         path = {str(mount / "ledger.sqlite")!r}
         ledger = Ledger.open(path)

@@ -12,8 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from runner.domain import JobRow
 from runner.errors import LedgerError
-from runner.jobs import JobRow
 from runner.ledger import Ledger, RunSpec
 from runner.ledger_pg import PostgresLedger
 

@@ -18,11 +18,10 @@ import pytest
 
 from runner.cli import guarded
 from runner.config import expand_run_key, resolve_settings
+from runner.domain import JobRow, RowStatus
 from runner.errors import AuthenticationFailed, ConfigError, PreflightRefused, ProviderError
-from runner.jobs import JobRow
 from runner.metrics import RunMetrics, StatusTotals, render_metrics, write_metrics
 from runner.preflight import duplicate_rows, fit_fee_model
-from runner.records import RowStatus
 from runner.sandbox.config import SandboxConfig
 from runner.sandbox.server import serve_sandbox
 from tests.e2e import TOKEN, clean_env, read_csv_report, run_cli, write_job

@@ -20,8 +20,8 @@ import structlog
 from openpyxl.utils import get_column_letter
 
 from runner import report
+from runner.domain import RowRecord, RowStatus, RunInfo
 from runner.errors import ConfigError
-from runner.records import RowRecord, RowStatus, RunInfo
 from runner.report import (
     MONEY_FORMAT,
     RESULT_COLUMNS,
@@ -951,7 +951,7 @@ import sys
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from runner.records import RowRecord, RowStatus, RunInfo
+from runner.domain import RowRecord, RowStatus, RunInfo
 from runner.report import write_report
 
 def rows():

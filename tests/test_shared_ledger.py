@@ -20,16 +20,15 @@ import anyio
 import anyio.abc
 import pytest
 
-from runner.errors import LedgerError
-from runner.jobs import JobRow
+from runner.domain import JobRow, RowStatus
+from runner.errors import LeaseLost, LedgerError
 from runner.ledger import Ledger, ProviderEvent, RunSpec, open_ledger, redact, utcnow
 from runner.ledger_pg import PostgresLedger
-from runner.records import RowStatus
 from runner.sandbox.config import SandboxCard, SandboxConfig
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.sandbox.state import Refusal
-from runner.shared import LeaseLost, SharedRun
+from runner.shared import SharedRun
 from tests.e2e import (
     TOKEN,
     clean_env,

@@ -23,7 +23,13 @@ import aiohttp
 import anyio
 import structlog
 
-from runner.errors import AuthenticationFailed, ConfigError, ProviderError
+from runner.errors import (
+    AccessTokenRejected,
+    AuthenticationFailed,
+    ConfigError,
+    NotDocumented,
+    ProviderError,
+)
 from runner.money import format_amount, parse_provider_decimal, quantize_cents
 from runner.providers.alix_auth import (
     AccessToken,
@@ -203,18 +209,6 @@ FINAL_REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
 # An answer that says otherwise is still Applied (the provider took it), with a discrepancy.
 
 # -- end of assumptions -----------------------------------------------------------------------
-
-
-class AccessTokenRejected(AuthenticationFailed):
-    """Alix answered 401: the request was refused at the door, nothing was applied."""
-
-
-class NotDocumented(ProviderError):
-    """Alix documents no endpoint for this operation; the caller must do without it."""
-
-    def __init__(self, operation: str) -> None:
-        self.operation = operation
-        super().__init__(f"Alix documents no {operation} endpoint")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,7 @@
-"""What the ledger keeps and the report shows about each job row: its status and its record."""
+"""The values every layer shares: a job row to pay, its status, its record, the run it is in.
+
+Plain frozen dataclasses and enums, importing nothing of the runner: the ledger, the report and
+the engine read them without loading pandas, aiohttp or a provider."""
 
 from __future__ import annotations
 
@@ -6,6 +9,17 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One topup to make; `row` is its 1-based position among the job's data rows."""
+
+    row: int
+    card_id: str
+    amount: Decimal
+    reference: str = ""
+    extra: tuple[tuple[str, str], ...] = ()
 
 
 class RowStatus(enum.StrEnum):
