@@ -119,17 +119,23 @@ async def bench(args: argparse.Namespace) -> int:
                         runner_command(ways[n % len(ways)], folder, args),
                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                     )  # fmt: skip
-                    if n == 0:
-                        # A second start of the same job at once, spelled otherwise: it must
-                        # find the run locked (exit 75), never pay beside the first.
-                        rival = await anyio.run_process(
-                            runner_command(ways[1], folder, args),
-                            env=env, check=False, stdin=subprocess.DEVNULL,
-                        )  # fmt: skip
-                        rivals.append(rival.returncode)
                 # The sandbox has no event to wait on: poll its record.
+                while len(sb.state.applied) <= seen and process.returncode is None:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                if n == 0:
+                    # A second start of the same job while the first pays, spelled otherwise:
+                    # it must find the run locked (exit 75), never pay beside the first.
+                    rival = await anyio.run_process(
+                        runner_command(ways[1], folder, args),
+                        env=env, check=False, stdin=subprocess.DEVNULL,
+                    )  # fmt: skip
+                    rivals.append(rival.returncode)
                 while len(sb.state.applied) < target and process.returncode is None:  # noqa: ASYNC110
                     await anyio.sleep(0.01)
+                if process.returncode is not None:
+                    tail = log.read_text(errors="replace").splitlines()[-5:]
+                    print(f"start {n} ended by itself with {process.returncode}:", *tail, sep="\n")
+                    return 1
                 process.send_signal(signal.SIGKILL)
                 await process.wait()
                 kills.append(len(sb.state.applied))
