@@ -255,7 +255,7 @@ def main() -> None:
 @guarded
 def run(job_file: str, **opts: Any) -> None:
     """Execute a job: topups, retries, report."""
-    from runner.engine import JobRunner
+    from runner.run import run_job
 
     job = load_job(job_file)
     settings = _settings(job, opts)
@@ -263,7 +263,7 @@ def run(job_file: str, **opts: Any) -> None:
     configure_logging(provider=settings.provider, fmt=settings.log_format, stream=LazyStderr())
     label = "sandbox" if settings.is_sandbox else settings.provider
     with RichProgress(label) if show_progress else NoProgress() as progress:
-        result = anyio.run(JobRunner(job, settings, progress=progress).run, backend_options=LOOP)
+        result = anyio.run(run_job, job, settings, progress, backend_options=LOOP)
     counts = ", ".join(f"{n} {s.value}" for s, n in result.counts.items())
     label = "SANDBOX run (no real money moved)" if settings.is_sandbox else f"{result.provider} run"
     say(
@@ -288,7 +288,7 @@ def run(job_file: str, **opts: Any) -> None:
 @guarded
 def check(job_file: str, **opts: Any) -> None:
     """Validate the job and preflight it against the provider; sends no topup."""
-    from runner.engine import check_job
+    from runner.run import check_job
 
     job = load_job(job_file)
     settings = _settings(job, opts)
@@ -332,7 +332,7 @@ def status(ledger: str | None) -> None:
 @guarded
 def report(ledger: str | None, run_key: str, output: Path) -> None:
     """Rewrite a run's spreadsheet from the ledger."""
-    from runner.engine import rewrite_report
+    from runner.run import rewrite_report
 
     written = rewrite_report(_ledger_where(ledger), run_key, output)
     click.echo(f"report {written}")
@@ -371,8 +371,8 @@ def webhook(host: str, port: int, ledger: str | None, log_format: str | None) ->
 
 def _ledger_where(ledger: str | None) -> Path | str:
     """--ledger, else TOPUP_LEDGER, else the per-user default: a path, or a database URL."""
-    from runner.engine import default_ledger_path
     from runner.ledger import is_postgres_url
+    from runner.run import default_ledger_path
 
     given = ledger or os.environ.get("TOPUP_LEDGER", "").strip()
     if given and is_postgres_url(given):

@@ -36,6 +36,21 @@ class RowStatus(enum.StrEnum):
         return self in (RowStatus.SUCCEEDED, RowStatus.FAILED, RowStatus.NEEDS_REVIEW)
 
 
+class AttemptOutcome(enum.StrEnum):
+    """How one attempt ended, as the ledger stores it (`attempts.outcome`); no value: still open."""
+
+    APPLIED = "applied"  # the answer said applied
+    APPLIED_RECONCILED = "applied (reconciled)"  # the answer was lost; provider state shows it
+    APPLIED_DISCREPANCY = "applied (discrepancy)"  # applied, but not as sent: needs review
+    REFUSED = "refused"  # a final refusal: nothing applied
+    UNAUTHORIZED = "unauthorized"  # refused at the door: nothing applied, the run stops
+    NOT_APPLIED = "not_applied"  # the answer was lost; provider state proves nothing applied
+    UNKNOWN = "unknown"  # the answer was lost and provider state could not tell
+    COOLDOWN = "cooldown"  # refused for the card's cooldown: nothing applied (RetryKind)
+    RATE_LIMITED = "rate_limited"  # refused for the rate limit: nothing applied (RetryKind)
+    TRANSIENT = "transient"  # failed before applying (503, connection refused): (RetryKind)
+
+
 @dataclass(frozen=True, slots=True)
 class RowRecord:
     """One job row with everything known about its outcome; the report's `Results` line."""

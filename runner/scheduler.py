@@ -1,4 +1,4 @@
-"""Who goes next: per-card cooldowns, the global request rate, and retry timing.
+"""Who goes next: per-card cooldowns and the global request rate (retry timing: run/policy.py).
 
 `Dispatcher` is pure bookkeeping with time passed in, so that its policy can be tested and
 simulated without an event loop: among cards whose cooldown has passed and that have no
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import random
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -236,22 +235,6 @@ def tight_lower_bound(rows_per_card: Iterable[int], rate: float | None, cooldown
     slot = 1.0 / rate if rate else 0.0
     by_cards = max(((k - 1) * cooldown + i * slot for i, k in enumerate(counts)), default=0.0)
     return max(lower_bound(sum(counts), counts[0] if counts else 0, rate, cooldown), by_cards)
-
-
-def backoff_delay(
-    attempt: int,
-    *,
-    base: float = 0.5,
-    cap: float = 30.0,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Exponential backoff with jitter for the `attempt`-th failure (1-based).
-
-    "Equal jitter": half the exponential step is kept, half is random, so retries of many
-    rows that failed together spread out without ever retrying immediately.
-    """
-    step: float = min(cap, base * 2.0 ** max(0, attempt - 1))
-    return step / 2 + rand() * step / 2
 
 
 Clock = Callable[[], float]

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.scheduler import Dispatcher, Pacer, backoff_delay, lower_bound, tight_lower_bound
+from runner.run.policy import backoff_delay
+from runner.scheduler import Dispatcher, Pacer, lower_bound, tight_lower_bound
 
 
 class FakeClock:

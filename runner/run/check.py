@@ -1,0 +1,147 @@
+"""A job looked over before anything is sent: the provider's amount rules, the fee estimate, the
+shape of the job (cards, busiest card, rows pasted twice) and the lines `check` prints."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from decimal import Decimal
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from runner.config import Settings
+from runner.domain import JobRow
+from runner.errors import JobInvalid, Problem
+from runner.jobs import Job
+from runner.ledger import is_postgres_url
+from runner.money import format_amount
+from runner.preflight import FeeModel, check_amount_rules, duplicate_rows, fit_fee_model, preflight
+from runner.providers.factory import open_provider, rules_for
+from runner.run.record import default_ledger_path, fee_samples, open_for
+from runner.run.resume import choose_run_key, derive_run_key
+from runner.scheduler import Pacer, lower_bound
+
+
+def check_amounts(job: Job, provider: str) -> None:
+    """Refuse the job (exit 2) if an amount breaks the provider's documented rules."""
+    rules = rules_for(provider)
+    bad = check_amount_rules(job.rows, rules.min_amount, rules.max_amount)
+    if bad:
+        raise JobInvalid(
+            [Problem(str(job.path), why, row.row, "amount") for row, why in bad[:50]],
+            truncated=max(0, len(bad) - 50),
+        )
+
+
+def fee_model(settings: Settings, samples: list[tuple[Decimal, Decimal]]) -> FeeModel | None:
+    """The fee estimate preflight uses: the configured rate, else one learned from the ledger."""
+    if settings.fee_rate is not None:
+        return FeeModel(Decimal(0), settings.fee_rate, f"--fee-rate {settings.fee_rate}")
+    return fit_fee_model(samples)
+
+
+def duplicates(rows: Sequence[JobRow]) -> list[list[int]]:
+    """`duplicate_rows`, for a million rows too: only rows whose (card, amount, reference)
+    hash occurs twice are grouped, so a job without duplicates costs one array of hashes
+    rather than a dict of a million keys and a list each (over 200 MB)."""
+    hashes = np.fromiter(
+        (hash((r.card_id, r.amount, r.reference)) for r in rows), dtype=np.int64, count=len(rows)
+    )
+    hashes.sort()
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    if not len(repeated):
+        return []
+    again = set(repeated.tolist())
+    return duplicate_rows(r for r in rows if hash((r.card_id, r.amount, r.reference)) in again)
+
+
+def _rows_per_card(rows: Sequence[JobRow]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.card_id] = counts.get(r.card_id, 0) + 1
+    return counts
+
+
+def busiest(rows: Sequence[JobRow]) -> int:
+    """The number of rows of the card with the most."""
+    return max(_rows_per_card(rows).values(), default=0)
+
+
+def _job_stats(rows: Sequence[JobRow]) -> tuple[int, int, list[list[int]]]:
+    """The busiest card's rows, how many cards, and the groups of rows pasted twice."""
+    counts = _rows_per_card(rows)
+    return max(counts.values(), default=0), len(counts), duplicates(rows)
+
+
+def fmt(value: Decimal | None) -> str | None:
+    return None if value is None else format_amount(value)
+
+
+async def check_job(
+    job: Job, settings: Settings, *, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """Validate and preflight a job without sending a topup; the lines `check` prints."""
+    check_amounts(job, settings.provider)
+    samples: list[tuple[Decimal, Decimal]] = []
+    where: Path | str | None = settings.ledger
+    if where is not None and not is_postgres_url(str(where)):
+        where = Path(where).expanduser()  # noqa: ASYNC240  (no I/O: the home folder's name)
+    if where is None and not settings.is_sandbox:
+        where = default_ledger_path(os.environ if env is None else env)
+    run_key = settings.run_key or derive_run_key(job, settings)
+    if where is not None and (not isinstance(where, Path) or where.exists()):
+        with ExitStack() as stack:
+            ledger = open_for(where, stack)
+            samples = await fee_samples(ledger, settings.provider)
+            # The key `run` would take: an earlier run of this job is resumed, not repaid.
+            run_key = await choose_run_key(ledger, job, settings)
+    fees = fee_model(settings, samples)
+    stats: list[tuple[int, int, list[list[int]]]] = []
+
+    async def describe() -> None:
+        # What needs no provider is worked out on a thread while the provider answers
+        # preflight: for a million rows, a second of the wait for its card listing.
+        stats.append(await anyio.to_thread.run_sync(_job_stats, job.rows))
+
+    pacer = Pacer(settings.rate_limit)
+    async with (
+        open_provider(settings, (r.card_id for r in job.rows), pacer, env=env) as (
+            provider,
+            base_url,
+        ),
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(describe)
+        report = await preflight(
+            provider, job.rows, allow_partial=settings.allow_partial, fees=fees
+        )
+    most, cards, groups = stats[0]
+    lb = lower_bound(len(job.rows), most, settings.rate_limit, settings.cooldown)
+    label = "SANDBOX (no real money moves)" if settings.is_sandbox else settings.provider
+    lines = [
+        f"provider: {label} at {base_url}",
+        f"job: {job.path}: {len(job.rows)} rows, {cards} cards, "
+        f"busiest card {most} rows, total {format_amount(report.total_amount)}",
+        f"wallet: {fmt(report.wallet_balance) or 'not readable from ' + provider.name}; "
+        + (
+            f"estimated fees {format_amount(report.estimated_fees)} ({report.fee_source})"
+            if report.estimated_fees is not None
+            else "fees unknown in advance: they come on top of the amounts (see --fee-rate)"
+        ),
+        f"estimated minimum duration: {lb:.1f} s "
+        f"(rate {settings.rate_limit or 'unlimited'}/s, cooldown {settings.cooldown:g} s)",
+        f"run key: {run_key}",
+    ]
+    if report.set_aside:
+        lines.append(f"set aside by preflight: {len(report.set_aside)} rows")
+    for group in groups:
+        lines.append(
+            f"warning: {job.path}: rows {', '.join(map(str, group))} have the same card, "
+            "amount and reference: pasted twice?"
+        )
+    lines.append("check passed: nothing was sent")
+    return lines

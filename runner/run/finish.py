@@ -1,0 +1,299 @@
+"""How a run ends: pending rows settled, rows in doubt marked, then the report, the failed-rows
+job and the metrics written from the ledger, and the result the command exits with."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from runner.config import Settings
+from runner.domain import RowStatus, RunInfo
+from runner.errors import LedgerError
+from runner.jobs import Job
+from runner.ledger import PendingRow, ProviderEvent, RunFacts, RunSpec, open_ledger, utcnow
+from runner.metrics import RunMetrics, write_metrics
+from runner.providers.base import Applied, Provider
+from runner.report import failed_rows_path_for, write_failed_rows, write_report
+from runner.run.check import busiest
+from runner.run.record import RunRecord, read_run
+from runner.scheduler import lower_bound
+
+log = structlog.get_logger("runner.run")
+
+# How often rows the provider accepted as pending are polled while --wait-settle lasts (s).
+SETTLE_POLL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What a run ended with; `exit_code` follows the contract."""
+
+    run_key: str
+    provider: str
+    report: Path
+    counts: Mapping[RowStatus, int]
+    sent: int
+    makespan: float | None
+    lower_bound: float
+    stopped: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        unfinished = (
+            self.counts.get(RowStatus.FAILED, 0)
+            + self.counts.get(RowStatus.NEEDS_REVIEW, 0)
+            + self.counts.get(RowStatus.NOT_ATTEMPTED, 0)
+        )
+        return 0 if unfinished == 0 else 1
+
+
+class RunProgress(Protocol):
+    """Who watches a run: told the size once, then each row that reaches a final status."""
+
+    def start(self, total: int, done: int) -> None: ...
+
+    def row_final(self, status: RowStatus) -> None: ...
+
+
+class Tally:
+    """What this process did: topups sent, rows brought to a final status, and when the first
+    and the latest applied topup were seen (the run's makespan)."""
+
+    __slots__ = ("final", "first_applied", "last_applied", "progress", "sent")
+
+    def __init__(self, progress: RunProgress) -> None:
+        self.progress = progress
+        self.sent = 0
+        self.final: Counter[RowStatus] = Counter()
+        self.first_applied: float | None = None
+        self.last_applied = 0.0
+
+    def row_final(self, status: RowStatus) -> None:
+        self.final[status] += 1
+        self.progress.row_final(status)
+
+    def applied_at(self, at: float) -> None:
+        if self.first_applied is None:
+            self.first_applied = at
+        if at > self.last_applied:
+            self.last_applied = at
+
+    @property
+    def makespan(self) -> float | None:
+        return None if self.first_applied is None else self.last_applied - self.first_applied
+
+
+async def settle_pending(
+    record: RunRecord,
+    provider: Provider,
+    settings: Settings,
+    tally: Tally,
+    clock: Callable[[], float],
+    stopping: Callable[[], bool],
+) -> None:
+    """Settle rows the provider accepted as pending: from webhook events already in the
+    ledger, then, for up to --wait-settle seconds, by polling the provider."""
+    deadline = clock() + settings.wait_settle
+    while True:
+        await record.settle_from_events(settings.provider)
+        pending = await record.pending()
+        if not pending or stopping():
+            break
+        if clock() >= deadline:
+            log.info("settle.waiting_ended", pending=len(pending))
+            break
+        limiter = anyio.CapacityLimiter(settings.concurrency)
+        async with anyio.create_task_group() as tg:
+            for row in pending:
+                tg.start_soon(_poll_settlement, record, provider, settings, tally, row, limiter)
+        left = deadline - clock()
+        still = await record.pending()
+        if left > 0 and still:
+            await anyio.sleep(min(SETTLE_POLL, left))
+
+
+async def _poll_settlement(
+    record: RunRecord,
+    provider: Provider,
+    settings: Settings,
+    tally: Tally,
+    row: PendingRow,
+    limiter: anyio.CapacityLimiter,
+) -> None:
+    async with limiter:
+        final = await provider.settle(row.card_id, row.amount, row.provider_ref)
+    if final is None:  # StillPending
+        return
+    if isinstance(final, Applied) and final.discrepancy is not None:
+        # Settled, but not as it was sent: money moved, so never failed, never resent.
+        why = f"the provider's record disagrees: {final.discrepancy}"
+        log.warning("settle.discrepancy", row=row.row, card_id=row.card_id, error=why)
+        await record.write_row(row.row, RowStatus.NEEDS_REVIEW, why)
+        tally.row_final(RowStatus.NEEDS_REVIEW)
+        return
+    applied = final if isinstance(final, Applied) else None
+    status = RowStatus.FAILED if applied is None else RowStatus.SUCCEEDED
+    event = ProviderEvent(
+        settings.provider,
+        row.card_id,
+        row.amount,
+        row.provider_ref,
+        status,
+        None if applied is None else applied.fee,
+        None if applied is None else applied.card_balance_after,
+    )
+    if await record.apply_event(event):
+        log.info("settle.polled", row=row.row, card_id=row.card_id, status=status.value)
+        tally.row_final(status)
+
+
+async def mark_in_doubt(record: RunRecord, rows: Iterable[int]) -> None:
+    """Rows whose last answer was lost when the run stopped: the resume will settle them."""
+    why = "outcome unknown when the run stopped: rerun the same run key to settle it"
+    await record.close_untouched(((row, why) for row in rows), RowStatus.NEEDS_REVIEW, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How the run ended, for its report and its last log line."""
+
+    started: datetime
+    lower_bound: float
+    stopped: str | None
+    complete: bool  # no error and no stop: the run may be marked finished
+
+
+async def write_outputs(
+    record: RunRecord,
+    job: Job,
+    settings: Settings,
+    tally: Tally,
+    ending: Ending,
+    clock: Callable[[], float],
+) -> RunResult:
+    """Close the run in the ledger if nothing is left, then write its report, the job of its
+    failed rows and its metrics; log `run.finished`."""
+    counts = await record.status_counts()
+    if ending.complete and counts[RowStatus.NOT_ATTEMPTED] == 0:
+        await record.finish_run()
+    output = settings.output or Path(f"{record.run_key}.xlsx")
+    lb = ending.lower_bound
+    makespan = tally.makespan
+    if record.shared:
+        # Every worker writes the same Summary: the run as all of them did it.
+        whole = lower_bound(
+            len(job.rows), busiest(job.rows), settings.rate_limit, settings.cooldown
+        )
+        spec = RunSpec(
+            record.run_key, settings.provider, "", str(job.path), "", job.extra_columns, 0
+        )
+        facts = await record.facts()
+        info = info_from_facts(spec, facts, (("estimated minimum duration (s)", f"{whole:.1f}"),))
+    else:
+        info = RunInfo(
+            run_key=record.run_key,
+            provider=settings.provider,
+            job_file=str(job.path),
+            started_at=ending.started,
+            finished_at=utcnow(),
+            extra_columns=job.extra_columns,
+            notes=_notes(tally.sent, makespan, lb, ending.stopped),
+        )
+    # A million-row report takes a while (see the README's performance section): say so.
+    log.info("report.writing", report=str(output), rows=len(job.rows))
+    writing = clock()
+    await anyio.to_thread.run_sync(write_report, output, record.records(), info)
+    log.info("report.written", report=str(output), seconds=round(clock() - writing, 1))
+    failed_file = failed_rows_path_for(output)
+    failed = await anyio.to_thread.run_sync(
+        write_failed_rows, failed_file, record.records(RowStatus.FAILED), job.extra_columns
+    )
+    result = RunResult(
+        run_key=record.run_key,
+        provider=settings.provider,
+        report=output,
+        counts=counts,
+        sent=tally.sent,
+        makespan=makespan,
+        lower_bound=lb,
+        stopped=ending.stopped,
+    )
+    log.info(
+        "run.finished",
+        report=str(output),
+        sent=tally.sent,
+        makespan_s=None if makespan is None else round(makespan, 3),
+        lower_bound_s=round(lb, 3),
+        makespan_ratio=None if makespan is None or lb <= 0 else round(makespan / lb, 4),
+        stopped=ending.stopped,
+        failed_rows_job=str(failed_file) if failed else None,
+        **{f"rows_{s.value}": n for s, n in counts.items()},
+    )
+    if settings.metrics_file is not None:
+        metrics = RunMetrics(
+            job=job.path.stem,
+            provider=settings.provider,
+            run_key=record.run_key,
+            totals=await record.totals(),
+            duration=(utcnow() - ending.started).total_seconds(),
+            exit_code=result.exit_code,
+            finished=utcnow(),
+        )
+        await anyio.to_thread.run_sync(write_metrics, settings.metrics_file, metrics)
+    return result
+
+
+def _notes(
+    sent: int, makespan: float | None, lb: float, stopped: str | None
+) -> tuple[tuple[str, str], ...]:
+    notes = [
+        ("topups sent by this process", str(sent)),
+        ("estimated minimum duration (s)", f"{lb:.1f}"),
+    ]
+    if makespan is not None:
+        notes.append(("first to last applied topup (s)", f"{makespan:.1f}"))
+    if stopped:
+        notes.append(("stopped", stopped))
+    return tuple(notes)
+
+
+def rewrite_report(ledger_where: Path | str, run_key: str, output: Path) -> Path:
+    """Write a run's spreadsheet again from the ledger alone."""
+    if isinstance(ledger_where, Path) and not ledger_where.exists():
+        raise LedgerError(f"ledger {ledger_where}: no such file")
+    ledger = open_ledger(ledger_where)
+    try:
+        spec, facts = read_run(ledger, run_key)
+        if spec is None or facts is None:
+            raise LedgerError(f"ledger {ledger.name}: no run with key {run_key!r}")
+        info = info_from_facts(spec, facts)
+        return write_report(output, RunRecord(ledger, run_key).records(), info)
+    finally:
+        ledger.close()
+
+
+def info_from_facts(
+    spec: RunSpec, facts: RunFacts, notes: tuple[tuple[str, str], ...] = ()
+) -> RunInfo:
+    """A Summary from the ledger alone: the same whichever process writes it."""
+    lines = [("topups sent (all processes)", str(facts.sent)), *notes]
+    if facts.first_applied_at is not None and facts.last_applied_at is not None:
+        span = (facts.last_applied_at - facts.first_applied_at).total_seconds()
+        lines.append(("first to last applied topup (s)", f"{span:.1f}"))
+    return RunInfo(
+        run_key=spec.run_key,
+        provider=spec.provider,
+        job_file=spec.job_file,
+        started_at=facts.created_at,
+        finished_at=facts.last_finished_at,
+        extra_columns=spec.extra_columns,
+        notes=tuple(lines),
+    )

@@ -1,0 +1,219 @@
+"""One run of one job from start to end: the ledger and the run key, what is left to do, preflight,
+the workers, then the end of the run (`runner.run.finish`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+
+import structlog
+
+from runner.config import Settings
+from runner.domain import RowStatus
+from runner.errors import ConfigError, LedgerError, RunnerError, RunStopped
+from runner.jobs import Job
+from runner.ledger import RunSpec, utcnow
+from runner.money import format_amount
+from runner.preflight import preflight
+from runner.progress import NoProgress
+from runner.providers.base import Provider
+from runner.providers.factory import open_provider
+from runner.run.attempt import Attempts
+from runner.run.cards import Cards, open_cards
+from runner.run.check import busiest, check_amounts, duplicates, fee_model, fmt
+from runner.run.finish import (
+    Ending,
+    RunProgress,
+    RunResult,
+    Tally,
+    mark_in_doubt,
+    settle_pending,
+    write_outputs,
+)
+from runner.run.policy import RECONCILE_GRACE, Policy
+from runner.run.record import RunRecord, ledger_where, open_for
+from runner.run.resume import (
+    WorkLeft,
+    choose_run_key,
+    derive_run_key,
+    run_spec,
+    same_run_or_refuse,
+    work_left,
+)
+from runner.run.workers import Workers
+from runner.scheduler import lower_bound
+
+log = structlog.get_logger("runner.run")
+
+
+async def run_job(
+    job: Job,
+    settings: Settings,
+    progress: RunProgress | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> RunResult:
+    """Run `job` as `settings` say: every row topped up at most once, the report written.
+
+    `env` holds the secrets (default: the process's environment); `clock` is the run's
+    monotonic clock in seconds (default: the event loop's), the one its cooldowns, rate and
+    waits are measured on.
+    """
+    run = JobRun(job, settings, progress or NoProgress(), os.environ if env is None else env)
+    return await run.run(clock or asyncio.get_running_loop().time)
+
+
+class JobRun:
+    """One run of one job against one provider; `await run()` once."""
+
+    def __init__(
+        self, job: Job, settings: Settings, progress: RunProgress, env: Mapping[str, str]
+    ) -> None:
+        self.job = job
+        self.settings = settings
+        self.env = env
+        self.progress = progress
+        self.tally = Tally(progress)
+        self.run_key = settings.run_key or derive_run_key(job, settings)
+        self.workers: Workers | None = None
+        self.fatal: RunnerError | None = None
+
+    async def run(self, clock: Callable[[], float]) -> RunResult:
+        settings, job = self.settings, self.job
+        check_amounts(job, settings.provider)
+        with ExitStack() as stack:
+            ledger = open_for(ledger_where(settings, self.env, stack), stack)
+            record = RunRecord(ledger, self.run_key)
+            if record.shared and settings.is_sandbox:
+                raise ConfigError(
+                    "ledger: a shared ledger needs a provider every worker reaches; the built-in "
+                    "sandbox lives inside one process (start `topup-runner sandbox` and use "
+                    "--provider uncash --base-url)"
+                )
+            record.run_key = self.run_key = await choose_run_key(ledger, job, settings)
+            if self.run_key != (settings.run_key or derive_run_key(job, settings)):
+                log.warning(
+                    "run.same_job_found",
+                    run_key=self.run_key,
+                    message="this job already ran on this target under this key: resuming it, "
+                    "so nothing is paid twice (pass a new --run-key to pay it again on purpose)",
+                )
+            record.lock()
+            structlog.contextvars.bind_contextvars(run_key=self.run_key)
+            try:
+                return await self._run_locked(record, clock)
+            except RunnerError as exc:
+                if self.tally.sent and not isinstance(exc, RunStopped):
+                    # Exit 2 and 3 say nothing was sent: not true any more.
+                    raise RunStopped(exc, sent=self.tally.sent, run_key=self.run_key) from exc
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
+
+    async def _run_locked(self, record: RunRecord, clock: Callable[[], float]) -> RunResult:
+        settings, job = self.settings, self.job
+        spec = run_spec(job, settings, self.run_key)
+        existing = await record.find_run()
+        if existing is not None:
+            same_run_or_refuse(record, existing, spec, "choose a new run key")
+        left = await work_left(record, job, existing is not None)
+        hold = max(settings.cooldown, RECONCILE_GRACE)
+        cards = open_cards(record, settings, job.rows, hold, clock)
+        started = utcnow()
+        lb = lower_bound(len(left.rows), busiest(left.rows), settings.rate_limit, settings.cooldown)
+        if left.rows:
+            async with open_provider(
+                settings, (r.card_id for r in left.rows), cards.pacer, env=self.env
+            ) as (provider, base_url):
+                log.info(
+                    "run.started",
+                    rows=len(job.rows),
+                    rows_to_do=len(left.rows),
+                    base_url=base_url,
+                    rate_limit=settings.rate_limit,
+                    cooldown=settings.cooldown,
+                    concurrency=settings.concurrency,
+                    lower_bound_s=round(lb, 3),
+                )
+                await self._send(record, provider, cards, left, spec, existing is None, clock)
+        workers = self.workers
+        try:
+            await mark_in_doubt(record, () if workers is None else workers.in_doubt)
+        except LedgerError as exc:
+            # A ledger that stopped taking writes (a full disk) keeps the attempts open: the
+            # next run reconciles them all the same. The report is still worth writing.
+            self.fatal = self.fatal or exc
+        stopped = None if workers is None else workers.stopping
+        ending = Ending(started, lb, stopped, complete=not stopped and self.fatal is None)
+        result = await write_outputs(record, job, settings, self.tally, ending, clock)
+        if self.fatal is not None:
+            raise self.fatal
+        return result
+
+    async def _send(
+        self,
+        record: RunRecord,
+        provider: Provider,
+        cards: Cards,
+        left: WorkLeft,
+        spec: RunSpec,
+        new: bool,
+        clock: Callable[[], float],
+    ) -> None:
+        """Preflight what is left, record the run if it is new, then send until done."""
+        settings, job = self.settings, self.job
+        fresh = left.fresh_rows
+        twice = duplicates(fresh)
+        if twice:
+            log.warning("job.duplicates", rows=twice[:20], groups=len(twice))
+        fees = fee_model(settings, await record.fee_samples(settings.provider))
+        report = await preflight(provider, fresh, allow_partial=settings.allow_partial, fees=fees)
+        # Preflight's own dict when it is one (it is not used again): no second copy of a
+        # snapshot per card.
+        snapshots = report.cards if isinstance(report.cards, dict) else dict(report.cards)
+        log.info(
+            "preflight.ok",
+            wallet_balance=fmt(report.wallet_balance),
+            total_amount=format_amount(report.total_amount),
+            estimated_fees=fmt(report.estimated_fees),
+            fee_source=report.fee_source,
+            cards=len(report.cards),
+            set_aside=len(report.set_aside),
+        )
+        if new:
+            await record.create_run(spec, job.rows)
+            # Another worker may have recorded the run first: it must be this job, this target.
+            advice = "every worker of a run needs the same job file and provider"
+            same_run_or_refuse(record, await record.find_run(), spec, advice)
+        self.progress.start(len(job.rows), len(job.rows) - len(left.rows))
+        await record.close_untouched(report.set_aside.items(), RowStatus.FAILED, utcnow())
+        for _ in report.set_aside:
+            self.tally.row_final(RowStatus.FAILED)
+        policy = Policy.of(
+            max_attempts=settings.max_attempts,
+            cooldown=settings.cooldown,
+            timeout=settings.timeout,
+            apply_grace=settings.apply_grace,
+        )
+        attempts = Attempts(
+            provider, record, policy, self.tally, snapshots, clock=clock, check=cards.check
+        )
+        self.workers = workers = Workers(
+            cards,
+            attempts,
+            self.tally,
+            cooldown=settings.cooldown,
+            concurrency=settings.concurrency,
+            rows=len(job.rows),
+            stop_grace=settings.timeout + 5.0,
+            clock=clock,
+        )
+        cards.begin(workers, left, report.set_aside)
+        await workers.run()
+        self.fatal = workers.fatal
+        if not workers.stopping and workers.fatal is None:
+            await settle_pending(
+                record, provider, settings, self.tally, clock, lambda: bool(workers.stopping)
+            )
