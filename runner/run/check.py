@@ -4,7 +4,7 @@ shape of the job (cards, busiest card, rows pasted twice) and the lines `check` 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from decimal import Decimal
 from pathlib import Path
@@ -81,9 +81,7 @@ def fmt(value: Decimal | None) -> str | None:
     return None if value is None else format_amount(value)
 
 
-async def check_job(
-    job: Job, settings: Settings, *, env: Mapping[str, str] | None = None
-) -> list[str]:
+async def check_job(job: Job, settings: Settings) -> list[str]:
     """Validate and preflight a job without sending a topup; the lines `check` prints."""
     check_amounts(job, settings.provider)
     samples: list[tuple[Decimal, Decimal]] = []
@@ -91,7 +89,7 @@ async def check_job(
     if where is not None and not is_postgres_url(str(where)):
         where = Path(where).expanduser()  # noqa: ASYNC240  (no I/O: the home folder's name)
     if where is None and not settings.is_sandbox:
-        where = default_ledger_path(os.environ if env is None else env)
+        where = default_ledger_path(os.environ)
     run_key = settings.run_key or derive_run_key(job, settings)
     if where is not None and (not isinstance(where, Path) or where.exists()):
         with ExitStack() as stack:
@@ -109,7 +107,7 @@ async def check_job(
 
     pacer = Pacer(settings.rate_limit)
     async with (
-        open_provider(settings, (r.card_id for r in job.rows), pacer, env=env) as (
+        open_provider(settings, (r.card_id for r in job.rows), pacer) as (
             provider,
             base_url,
         ),

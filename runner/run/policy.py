@@ -140,9 +140,6 @@ class Policy:
     apply_window: float
     # The gap between the two readings that must agree before "not applied" is believed.
     confirm_gap: float
-    reconcile_grace: float = RECONCILE_GRACE
-    backoff_base: float = BACKOFF_BASE
-    rand: Callable[[], float] = random.random
 
     @classmethod
     def of(
@@ -205,7 +202,7 @@ class Policy:
                 # Money may have moved. Reconciled, not resent, when the card's turn comes,
                 # and no sooner than the grace a provider still processing it needs.
                 return Reconcile(
-                    max(cool, sent + self.reconcile_grace),
+                    max(cool, sent + RECONCILE_GRACE),
                     Note("topup.unknown", {"attempt": attempt, "error": outcome.message}, True),
                 )
             case _:
@@ -234,7 +231,7 @@ class Policy:
                 if state.spent >= self.max_attempts:
                     why = f"gave up after {state.spent} attempts: {outcome.message}"
                     return Finish(RowStatus.FAILED, cool, error=why, close=close)
-                delay = backoff_delay(state.spent, base=self.backoff_base, rand=self.rand)
+                delay = backoff_delay(state.spent)
                 fields = {
                     "attempt": state.sent,
                     "delay_s": round(delay, 3),
