@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,12 +19,12 @@ from runner.config import Settings
 from runner.domain import RowStatus, RunInfo
 from runner.errors import LedgerError
 from runner.jobs import Job
-from runner.ledger import PendingRow, ProviderEvent, RunFacts, RunSpec, open_ledger, utcnow
+from runner.ledger import PendingRow, ProviderEvent, RunFacts, RunSpec, utcnow
 from runner.metrics import RunMetrics, write_metrics
 from runner.providers.base import Applied, Provider
 from runner.report import failed_rows_path_for, write_failed_rows, write_report
 from runner.run.check import busiest
-from runner.run.record import RunRecord, read_run
+from runner.run.record import RunRecord, open_for, read_run
 from runner.scheduler import lower_bound
 
 log = structlog.get_logger("runner.run")
@@ -269,15 +270,13 @@ def rewrite_report(ledger_where: Path | str, run_key: str, output: Path) -> Path
     """Write a run's spreadsheet again from the ledger alone."""
     if isinstance(ledger_where, Path) and not ledger_where.exists():
         raise LedgerError(f"ledger {ledger_where}: no such file")
-    ledger = open_ledger(ledger_where)
-    try:
-        spec, facts = read_run(ledger, run_key)
+    with ExitStack() as stack:
+        record = RunRecord(open_for(ledger_where, stack), run_key)
+        spec, facts = read_run(record.ledger, run_key)
         if spec is None or facts is None:
-            raise LedgerError(f"ledger {ledger.name}: no run with key {run_key!r}")
-        info = info_from_facts(spec, facts)
-        return write_report(output, RunRecord(ledger, run_key).records(), info)
-    finally:
-        ledger.close()
+            raise LedgerError(f"ledger {record.name}: no run with key {run_key!r}")
+        return write_report(output, record.records(), info_from_facts(spec, facts))
+    raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
 
 
 def info_from_facts(
