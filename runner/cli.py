@@ -306,10 +306,8 @@ def status(ledger: str | None) -> None:
     from runner.ledger import open_ledger, redact
 
     where = _ledger_where(ledger)
-    if isinstance(where, Path) and not where.exists():
-        click.echo(f"no ledger at {where}")
-        return
-    book = open_ledger(where)
+    # Read-only: an auditor's copy or a read-only mount will do; a missing file is an error.
+    book = open_ledger(where, readonly=True)
     try:
         runs = book.overview()
     finally:

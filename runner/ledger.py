@@ -11,6 +11,10 @@ and a schema version this code knows (or an unstamped ledger of an earlier versi
 then stamped). Anything else, an empty file included, is refused rather than taken for a new
 ledger: a new one is only ever created where no file exists, atomically. Every SQLite error
 reaches callers as a one-line `LedgerError` naming the ledger.
+
+`Ledger.open(path, readonly=True)` is for commands that only read (status, report, check): it
+refuses what a writable open refuses, but never creates, stamps, migrates or locks, and works
+where nothing may be written, a read-only mount included (`_connect_readonly` says how).
 """
 
 from __future__ import annotations
@@ -448,40 +452,64 @@ def _copy_into_new(built: str, real: Path) -> bool:
     return True
 
 
-def _remove_build_links(real: Path, info: os.stat_result) -> None:
-    """Remove names of this file left by `_create` (a crash between link and unlink, or a
-    creator caught in between): they are the only second names a ledger may have had."""
+def _build_links(real: Path, info: os.stat_result) -> list[str]:
+    """Names of this file left by `_create` (a crash between link and unlink, or a creator
+    caught in between): the only second names a ledger may have had. SQLite never opens a
+    ledger by them."""
     prefix = f".{real.name}."
-    with os.scandir(real.parent) as entries:
+    found: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(real.parent) as entries:
         for entry in entries:
             if not (entry.name.startswith(prefix) and entry.name.endswith(_BUILDING)):
                 continue
             with contextlib.suppress(OSError):
-                found = entry.stat(follow_symlinks=False)
-                if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
-                    os.unlink(entry.path)
+                seen = entry.stat(follow_symlinks=False)
+                if (seen.st_dev, seen.st_ino) == (info.st_dev, info.st_ino):
+                    found.append(entry.path)
+    return found
 
 
-def _open_file(given: Path) -> tuple[Path, int]:
-    """The ledger file's real path, and a descriptor of it open for writing (what the run
-    locks are taken on), checked to be a ledger file with a single name."""
+def _remove_build_links(real: Path, info: os.stat_result) -> None:
+    for name in _build_links(real, info):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def _open_file(given: Path, *, readonly: bool = False) -> tuple[Path, int]:
+    """The ledger file's real path, and a descriptor of it (what the run locks are taken on:
+    open for writing unless `readonly`), checked to be a ledger file with a single name.
+
+    Read-only, a missing file is a LedgerError (never created, nor its folder) and names
+    left by an interrupted creation are counted out rather than removed."""
     # The one name SQLite may know the file by: its -wal and -shm files go by the name, and
     # two names of one database would mean two write-ahead logs, which corrupts it.
     real = Path(os.path.realpath(given))
-    real.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        _create(real)
-        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
+    if readonly:
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise LedgerError(
+                f"ledger {given}: no such file: no run was ever recorded there (is --ledger "
+                "or TOPUP_LEDGER the ledger's path?)"
+            ) from None
+    else:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            _create(real)
+            fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise LedgerError(f"ledger {given}: is not a regular file")
-        if info.st_nlink > 1:
+        leftovers = 0
+        if info.st_nlink > 1 and readonly:
+            leftovers = len(_build_links(real, info))
+        elif info.st_nlink > 1:
             _remove_build_links(real, info)
             info = os.fstat(fd)
-        if info.st_nlink > 1:
+        if info.st_nlink - leftovers > 1:
             raise LedgerError(
                 f"ledger {given}: the file has {info.st_nlink} names (hard links); SQLite "
                 "keeps its write-ahead log by name, and two logs of one file corrupt it: "
@@ -519,9 +547,60 @@ def _check_writable(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
-def _os_reason(exc: OSError) -> str:
+def _readonly_uri(real: Path, immutable: bool) -> str:
+    # as_uri() percent-encodes what URI syntax would take from the name (?, #, %).
+    return f"{real.as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
+def _reader(uri: str) -> sqlite3.Connection:
+    """A connection by `uri`, the file (and a WAL ledger's -wal) opened and readable."""
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect_readonly(real: Path, given: Path) -> tuple[sqlite3.Connection, str]:
+    """A connection that cannot write the ledger at `real`, and the URI it was opened by
+    (`records` opens another by it).
+
+    `mode=ro` first: it reads a WAL ledger as any reader does, the -wal included, in step
+    with a run that may be writing it at that moment (through the -shm file). For that
+    SQLite needs the -wal and -shm files beside the ledger, and makes them where they are
+    missing (leaving them behind, empty: harmless to the next run). In a read-only folder it
+    cannot make them, and says CANTOPEN. Then, if there is no -wal (nor rollback journal)
+    with anything in it (the last writer closed cleanly: every record is in the file
+    itself), the file is opened `immutable=1`, which needs neither file and writes nothing.
+    `immutable` ignores a -wal, so a -wal with records in it that SQLite cannot read there is
+    refused, never silently left out. (`immutable` also takes no locks: only a writer through
+    another, writable mount of the same folder could change the file meanwhile.)
+    """
+    try:
+        uri = _readonly_uri(real, immutable=False)
+        return _reader(uri), uri
+    except sqlite3.OperationalError as exc:
+        if not (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_CANTOPEN"):
+            raise
+    for suffix in ("-wal", "-journal"):
+        beside = f"{real}{suffix}"
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(beside).st_size > 0:
+                raise LedgerError(
+                    f"ledger {given}: its latest records are in {beside}, which SQLite can "
+                    "read only in a writable folder (or with the -shm file that went with it): "
+                    "copy the ledger with its -wal into a writable folder and read the copy"
+                )
+    uri = _readonly_uri(real, immutable=True)
+    return _reader(uri), uri
+
+
+def _os_reason(exc: OSError, *, readonly: bool = False) -> str:
     text = exc.strerror or str(exc)
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not readonly:
         return f"{text} (the ledger must be writable: every attempt is recorded before it is sent)"
     return text
 
@@ -584,14 +663,15 @@ def redact(url: str) -> str:
     return re.sub(r"^(\w+://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
-def open_ledger(where: str | Path) -> Ledger:
-    """The ledger at `where`: a `postgresql://` URL (shared by workers) or a SQLite path.
-    The PostgreSQL ledger (and its driver) is imported only when asked for."""
+def open_ledger(where: str | Path, *, readonly: bool = False) -> Ledger:
+    """The ledger at `where`: a `postgresql://` URL (shared by workers) or a SQLite path;
+    `readonly` for commands that only read it (see `Ledger.open`). The PostgreSQL ledger
+    (and its driver) is imported only when asked for."""
     from runner.ledger_pg import PostgresLedger
 
     if is_postgres_url(str(where)):
-        return PostgresLedger.open(str(where))
-    return Ledger.open(where)
+        return PostgresLedger.open(str(where), readonly=readonly)
+    return Ledger.open(where, readonly=readonly)
 
 
 class _DiskThread:
@@ -672,9 +752,21 @@ class Ledger:
     # Whether several processes work on one run together (the PostgreSQL ledger).
     shared = False
 
-    def __init__(self, path: Path, conn: Any, *, fd: int = -1, name: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        conn: Any,
+        *,
+        fd: int = -1,
+        name: str | None = None,
+        readonly: bool = False,
+        uri: str | None = None,
+    ) -> None:
         self.path = path  # the database's real path: the only name it is opened by
         self.name = str(path) if name is None else name  # what messages call the ledger
+        # Opened only to read: no run may take it (`lock`), nothing is written (`post`).
+        self.readonly = readonly
+        self._uri = uri  # what other connections open the database by, if not its path
         self._conn = conn
         # The database file, open for writing: run keys are locked on it (`lock`).
         self._fd = fd
@@ -693,24 +785,35 @@ class Ledger:
         self._disk = _DiskThread()
 
     @classmethod
-    def open(cls, path: str | Path) -> Ledger:
+    def open(cls, path: str | Path, *, readonly: bool = False) -> Ledger:
         """The ledger at `path`, created if no file is there; LedgerError if the file is
-        not a ledger, is damaged, is from a newer version, or cannot be written."""
+        not a ledger, is damaged, is from a newer version, or cannot be written.
+
+        `readonly`: for reading only, where the ledger may not be writable (a read-only
+        mount, an auditor's copy). The file is refused as above, but a missing one is a
+        LedgerError, never created; an older ledger is read as it is, neither stamped nor
+        migrated; no run lock can be taken and nothing written.
+        """
         given = Path(path).expanduser()
         fd = -1
         conn: sqlite3.Connection | None = None
+        uri: str | None = None
         try:
-            real, fd = _open_file(given)
-            conn = sqlite3.connect(real, check_same_thread=False, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            # Looked at before anything is written: another program's database stays as is.
-            version = _stamp(conn, given)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed intent survives power loss, not only a killed process.
-            conn.execute("PRAGMA synchronous=FULL")
-            if version < SCHEMA_VERSION:
-                _upgrade(conn, given)
-            _check_writable(conn)
+            real, fd = _open_file(given, readonly=readonly)
+            if readonly:
+                conn, uri = _connect_readonly(real, given)
+                _stamp(conn, given)  # refused as a writable open refuses; older: read as is
+            else:
+                conn = sqlite3.connect(real, check_same_thread=False, isolation_level=None)
+                conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                # Looked at before anything is written: another program's database stays as is.
+                version = _stamp(conn, given)
+                conn.execute("PRAGMA journal_mode=WAL")
+                # FULL: a committed intent survives power loss, not only a killed process.
+                conn.execute("PRAGMA synchronous=FULL")
+                if version < SCHEMA_VERSION:
+                    _upgrade(conn, given)
+                _check_writable(conn)
             if os.fstat(fd)[1:3] != os.stat(real)[1:3]:  # (inode, device)
                 raise LedgerError(f"ledger {given}: was replaced while being opened: try again")
         except BaseException as exc:
@@ -721,9 +824,9 @@ class Ledger:
             if isinstance(exc, sqlite3.Error):
                 raise LedgerError(f"ledger {given}: cannot be opened: {_reason(exc)}") from None
             if isinstance(exc, OSError):
-                raise LedgerError(f"ledger {given}: {_os_reason(exc)}") from None
+                raise LedgerError(f"ledger {given}: {_os_reason(exc, readonly=readonly)}") from None
             raise
-        return cls(real, conn, fd=fd, name=str(given))
+        return cls(real, conn, fd=fd, name=str(given), readonly=readonly, uri=uri)
 
     def lock(self, run_key: str) -> RunLock:
         """Hold `run_key` for this process until `close` (LedgerLocked if another holds it).
@@ -733,6 +836,11 @@ class Ledger:
         `open` refuses hard links). The byte is chosen by the key's hash; two keys that
         share one (one chance in half a billion) merely cannot run at the same time.
         """
+        if self.readonly:
+            raise LedgerError(
+                f"ledger {self.name}: opened read-only, so no run may use it: nothing may be "
+                "sent on a ledger that cannot record it"
+            )
         info = os.fstat(self._fd)
         offset = int.from_bytes(hashlib.sha256(run_key.encode()).digest()[:4]) % _LOCK_SPAN
         held = (info.st_dev, info.st_ino, offset)
@@ -812,6 +920,8 @@ class Ledger:
         """
         if self._broken is not None:
             raise self._broken
+        if self.readonly:
+            raise LedgerError(f"ledger {self.name}: opened read-only: nothing can be written")
         self._pending.extend(statements)
         self._queued += len(statements)
 
@@ -1207,7 +1317,10 @@ class Ledger:
         """Every row of the run (or only those with `status`) in job order, streamed (opens
         its own connection)."""
         try:
-            conn = sqlite3.connect(self.path, check_same_thread=False)
+            if self._uri is None:
+                conn = sqlite3.connect(self.path, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
         except sqlite3.Error as exc:
             raise self._error("read failed", exc) from None
         self._readers.add(conn)  # closed by `close` before the file's descriptor

@@ -87,15 +87,20 @@ class PostgresLedger(Ledger):
 
     shared = True
 
-    def __init__(self, url: str, conn: Any) -> None:
-        super().__init__(Path("postgresql"), conn)
+    def __init__(self, url: str, conn: Any, *, readonly: bool = False) -> None:
+        super().__init__(Path("postgresql"), conn, readonly=readonly)
         self.url = url
         self.name = redact(url)
         self._coord: Any = None
         self._coord_lock = anyio.Lock()
 
     @classmethod
-    def open(cls, path: str | Path) -> PostgresLedger:
+    def open(cls, path: str | Path, *, readonly: bool = False) -> PostgresLedger:
+        """The ledger in the database at `path` (a URL), migrated to this version.
+
+        `readonly`: no migration, and every transaction of the session read-only (the
+        server refuses any write); a database without a ledger's tables is refused.
+        """
         url = str(path)
         if psycopg is None:  # pragma: no cover
             raise LedgerError(
@@ -105,13 +110,32 @@ class PostgresLedger(Ledger):
             conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             raise LedgerError(f"ledger {redact(url)}: cannot connect: {_first_line(exc)}") from None
-        ledger = cls(url, conn)
+        ledger = cls(url, conn, readonly=readonly)
         try:
-            ledger._migrate()
+            if readonly:
+                ledger._read_only_session()
+            else:
+                ledger._migrate()
         except psycopg.Error as exc:
             conn.close()
-            raise LedgerError(f"ledger {redact(url)}: cannot migrate: {_first_line(exc)}") from None
+            doing = "cannot be read" if readonly else "cannot migrate"
+            raise LedgerError(f"ledger {redact(url)}: {doing}: {_first_line(exc)}") from None
+        except LedgerError:
+            conn.close()
+            raise
         return ledger
+
+    def _read_only_session(self) -> None:
+        """Every transaction of the session read-only (autocommit statements included),
+        on a database that holds a ledger."""
+        conn = self._conn
+        conn.execute("SET default_transaction_read_only = on")
+        found = conn.execute("SELECT to_regclass('topup_migrations') IS NOT NULL").fetchone()
+        if not found or not found[0]:
+            raise LedgerError(
+                f"ledger {self.name}: holds no topup-runner ledger (no topup_migrations "
+                "table): is the URL the ledger's database?"
+            )
 
     def _migrate(self) -> None:
         """Apply the package's migrations not applied yet, one worker at a time."""
@@ -132,6 +156,8 @@ class PostgresLedger(Ledger):
 
     def lock(self, run_key: str) -> Any:
         """No exclusive lock: the workers of a run share it through card leases."""
+        if self.readonly:
+            return super().lock(run_key)  # refused: no run on a read-only ledger
         return None
 
     def close(self) -> None:
@@ -300,6 +326,7 @@ class PostgresLedger(Ledger):
             conn = psycopg.connect(self.url, connect_timeout=10)
         except psycopg.Error as exc:
             raise LedgerError(f"ledger {self.name}: cannot connect: {_first_line(exc)}") from None
+        conn.read_only = self.readonly  # BEGIN READ ONLY: the cursor's transaction
         try:
             with conn.cursor(name="records") as cursor:
                 cursor.itersize = 5000
