@@ -306,7 +306,10 @@ def status(ledger: str | None) -> None:
     from runner.ledger import open_ledger, redact
 
     where = _ledger_where(ledger)
-    # Read-only: an auditor's copy or a read-only mount will do; a missing file is an error.
+    if isinstance(where, Path) and not where.exists():
+        click.echo(f"no ledger at {where}")  # no ledger yet: no runs, not an error
+        return
+    # Read-only: an auditor's copy or a read-only mount will do.
     book = open_ledger(where, readonly=True)
     try:
         runs = book.overview()
