@@ -32,12 +32,8 @@ from runner.errors import (
     WebhookRejected,
 )
 from runner.logs import scrub_secrets
-from runner.providers.alix import (
-    LIST_WINDOW_MARGIN,
-    RULES,
-    AlixProvider,
-    classify_topup,
-)
+from runner.providers.alix import AlixProvider
+from runner.providers.alix_answers import LIST_WINDOW_MARGIN, RULES, classify_topup
 from runner.providers.alix_auth import AlixCredentials, sign
 from runner.providers.base import (
     Applied,
@@ -47,10 +43,11 @@ from runner.providers.base import (
     Refused,
     RetryKind,
     RetryLater,
+    StillPending,
     Unknown,
 )
 from runner.providers.http import HttpAnswer
-from runner.webhooks import TopupEvent, verify_topup_webhook
+from runner.webhooks.verify import TopupEvent, verify_topup_webhook
 from tests.alix import pem_pair
 
 PARTNER = "PARTNER-7"
@@ -1542,7 +1539,6 @@ async def test_settle_success(keys: Keys) -> None:
         card_balance_before=Decimal("5.00"),
         card_balance_after=Decimal("105.00"),
         transaction_id=f"tx-{T0}",
-        source="reconciled",
         provider_ref=str(T0),
     )
 
@@ -1586,21 +1582,21 @@ async def test_settle_failed(keys: Keys) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("listed", [[item(T0)], [], [item(T0 + 1)], [item(T0, amount="99.00")]])
-async def test_settle_pending_or_not_listed_is_none(keys: Keys, listed: list[Any]) -> None:
+async def test_settle_pending_or_not_listed_is_still_pending(keys: Keys, listed: list[Any]) -> None:
     """Still Pending, or no item with that (card, amount, createdAt): not settled yet."""
     async with alix(keys) as (fake, provider, _):
         fake.transactions[CARD] = listed
-        assert await provider.settle(CARD, HUNDRED, str(T0)) is None
+        assert isinstance(await provider.settle(CARD, HUNDRED, str(T0)), StillPending)
 
 
 @pytest.mark.anyio
-async def test_settle_unknown_status_is_none_and_logged(
+async def test_settle_unknown_status_is_still_pending_and_logged(
     keys: Keys, logs: list[dict[str, Any]]
 ) -> None:
     """An undocumented status settles nothing and is logged with its value."""
     async with alix(keys) as (fake, provider, _):
         fake.transactions[CARD] = [item(T0, status="Reversed")]
-        assert await provider.settle(CARD, HUNDRED, str(T0)) is None
+        assert isinstance(await provider.settle(CARD, HUNDRED, str(T0)), StillPending)
     [event] = events(logs, "alix.status.unknown")
     assert event["status"] == "Reversed"
 
@@ -1613,7 +1609,6 @@ async def test_reconcile_finds_the_lost_pending_topup(keys: Keys) -> None:
         settled = await provider.reconcile(CARD, HUNDRED, None, sent_at=at(T0))
     assert isinstance(settled, Applied)
     assert settled.pending
-    assert settled.source == "reconciled"
     assert settled.provider_ref == str(T0 - 3)
     assert settled.transaction_id == f"tx-{T0 - 3}"
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from runner.errors import WebhookRejected
 from runner.money import format_amount, parse_provider_decimal, quantize_cents
-from runner.providers.alix import unix_seconds
+from runner.providers.alix_answers import unix_seconds
 from runner.providers.alix_auth import load_public_key, verify_signature
 
 TOPUP_WEBHOOK_TYPE = "TopupCard"
