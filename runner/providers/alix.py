@@ -1,7 +1,7 @@
 """The Alix Pay adapter: string amounts, expiring tokens, topups that answer `Pending`.
 
 What an answer means is decided in `alix_answers.py` (`classify_topup()`, and the ASSUMPTIONS
-the docs leave open), what a request that got no answer means in `_map_transport_error()`, and
+the docs leave open), what a request that got no answer means in `map_transport_error()`, and
 what the transactions list says of one topup in `alix_settle.py`. This module only sends.
 """
 
@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal, TypeVar, overload
+from typing import TypeVar
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -22,9 +21,7 @@ import anyio
 import structlog
 
 from runner.errors import (
-    AccessTokenRejected,
     AuthenticationFailed,
-    ConfigError,
     NotDocumented,
     ProviderError,
 )
@@ -45,10 +42,8 @@ from runner.providers.alix_answers import (
 from runner.providers.alix_auth import (
     AccessToken,
     AlixCredentials,
-    TokenManager,
-    envelope_message,
-    token_rejected,
 )
+from runner.providers.alix_session import AlixSession, map_transport_error
 from runner.providers.alix_settle import reconcile_from, settle_from
 from runner.providers.base import (
     Applied,
@@ -62,19 +57,10 @@ from runner.providers.base import (
     StillPending,
     Throttle,
     Unknown,
-    UnlimitedThrottle,
 )
 from runner.providers.checks import same_card_id
 from runner.providers.http import (
-    MAX_ANSWER_BYTES,
     AnswerTooLarge,
-    HttpAnswer,
-    check_base_url,
-    loads_exact,
-    parse_retry_after,
-    read_bounded,
-    snippet,
-    transport_message,
 )
 
 log = structlog.get_logger("runner.providers.alix")
@@ -84,65 +70,11 @@ T = TypeVar("T")
 TOPUP_PATH = "/cards/topup"
 TOPUP_CHECK_PATH = "/cards/topup-check"
 _MAX_PAGES = 100  # 5,000 topups since the window opened: beyond that, something is wrong
-_READ_ATTEMPTS = 4
 _QUOTE_CONCURRENCY = 4
-_TOKEN_SENDS = 3  # a request sent with at most this many tokens before credentials are blamed
 _LIST_TIME = "%Y-%m-%d %H:%M:%S"
-# Transport failures the helper below can be given.
-TransportFailure = aiohttp.ClientError | TimeoutError | ValueError | AnswerTooLarge
 
 
-@dataclass(frozen=True, slots=True)
-class _TryAgain:
-    """A read that failed in a way worth repeating (reads move no money)."""
-
-    message: str
-
-
-@overload
-def _map_transport_error(
-    exc: TransportFailure, *, topup: Literal[True], what: str = "", provider: str = "alix"
-) -> RetryLater | Unknown: ...
-
-
-@overload
-def _map_transport_error(
-    exc: TransportFailure, *, topup: Literal[False], what: str = "", provider: str = "alix"
-) -> ProviderError | _TryAgain: ...
-
-
-def _map_transport_error(
-    exc: TransportFailure, *, topup: bool, what: str = "", provider: str = "alix"
-) -> RetryLater | Unknown | ProviderError | _TryAgain:
-    """What a request that got no usable answer means; the only place that decides it.
-
-    For a topup (`topup=True`): RetryLater when the request cannot have been seen, else
-    Unknown (money may have moved). For a read (`what` names it, e.g. "GET /cards/x"): a
-    ProviderError to raise when trying again would fail the same way, else `_TryAgain`.
-    (The token calls, which must keep secrets out of messages, map theirs in alix_auth.)
-    """
-    if isinstance(exc, AnswerTooLarge):
-        if topup:
-            return Unknown(str(exc))
-        return ProviderError(f"Alix {what}: {exc}", provider=provider)
-    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
-        # Refused before any connection was made (check_base_url keeps this from happening).
-        if topup:
-            return RetryLater(RetryKind.TRANSIENT, f"not sent: {transport_message(exc)}")
-        return ProviderError(f"Alix {what}: {transport_message(exc)}", provider=provider)
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError) and topup:
-        # The TCP connection was never made: the request cannot have been seen.
-        return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {transport_message(exc)}")
-    if isinstance(exc, aiohttp.ClientError | TimeoutError):
-        return Unknown(transport_message(exc)) if topup else _TryAgain(transport_message(exc))
-    # A plain ValueError: aiohttp refuses some requests (a header it will not send); without
-    # knowing where it stopped, a topup may have been sent, and a read would fail again.
-    if topup:
-        return Unknown(f"{type(exc).__name__}: {snippet(exc)}")
-    return ProviderError(f"Alix {what}: {snippet(exc)}", provider=provider)
-
-
-class AlixProvider:
+class AlixProvider(AlixSession):
     """Alix Pay over aiohttp; one instance per run, closed with `aclose()`."""
 
     name = "alix"
@@ -161,77 +93,17 @@ class AlixProvider:
         card_type: str = TOPUP_CHECK_CARD_TYPE,
         name: str = "alix",
     ) -> None:
-        if not base_url.strip():
-            raise ConfigError("Alix publishes no API URL: give --base-url (ending in /api/v2)")
-        self.name = name
-        self._base = check_base_url(base_url, "Alix")
-        self._throttle: Throttle = throttle or UnlimitedThrottle()
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._connector_limit = max(1, concurrency) + 4
-        self._retry_delay = retry_delay
+        super().__init__(
+            credentials,
+            base_url=base_url,
+            timeout=timeout,
+            concurrency=concurrency,
+            throttle=throttle,
+            clock=clock,
+            retry_delay=retry_delay,
+            name=name,
+        )
         self._card_type = card_type
-        self._session: aiohttp.ClientSession | None = None
-        self.tokens = TokenManager(
-            credentials, self._post_unauthenticated, clock=clock, retry_delay=retry_delay
-        )
-
-    def __repr__(self) -> str:  # never show credentials or tokens
-        return f"AlixProvider(base_url={self._base!r})"
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
-                timeout=self._timeout,
-                connector=aiohttp.TCPConnector(limit=self._connector_limit),
-                raise_for_status=False,
-                # The API sets no cookies: no jar to store them in or filter at every request.
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    async def _send(
-        self, method: str, path: str, body: str | None, token: AccessToken | None
-    ) -> HttpAnswer:
-        """One request; raises aiohttp's errors, TimeoutError, AnswerTooLarge past
-        MAX_ANSWER_BYTES (every Alix answer is one object or one page), or ValueError for a
-        request aiohttp will not send. The callers give each its meaning."""
-        await self._throttle.acquire()
-        headers = {} if token is None else {"access-token": token.value}
-        async with self._client().request(
-            method, self._base + path, data=body, headers=headers, allow_redirects=False
-        ) as response:
-            # JSON is UTF-8; anything else only ends up in a message.
-            text = (await read_bounded(response, MAX_ANSWER_BYTES)).decode("utf-8", "replace")
-            return HttpAnswer(response.status, text, response.headers.get("Retry-After"))
-
-    async def _post_unauthenticated(self, path: str, body: str) -> HttpAnswer:
-        return await self._send("POST", path, body, None)
-
-    async def _with_token(self, send: Callable[[AccessToken], Awaitable[T]]) -> T:
-        """Run `send` with the current token; on 401, once more with a renewed one.
-
-        A 401 is a refusal at the door, so sending again cannot apply anything twice. A second
-        401 blames the credentials, unless another caller renewed the token meanwhile.
-        """
-        token = await self.tokens.current()
-        renewed = False
-        for _ in range(_TOKEN_SENDS):
-            try:
-                return await send(token)
-            except AccessTokenRejected:
-                if renewed and self.tokens.is_current(token):
-                    break
-                token = await self.tokens.after_rejection(token)
-                renewed = True
-        raise AuthenticationFailed(
-            "Alix refused a freshly renewed access token (HTTP 401): check the Alix credentials"
-        )
 
     # -- topups -----------------------------------------------------------------------------
 
@@ -255,7 +127,7 @@ class AlixProvider:
             # topup was never sent.
             return RetryLater(RetryKind.TRANSIENT, f"no access token: {exc}")
         except (AnswerTooLarge, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            return _map_transport_error(exc, topup=True, provider=self.name)
+            return map_transport_error(exc, topup=True, provider=self.name)
         if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
             self._throttle.slow_down(outcome.after)
         return outcome
@@ -265,64 +137,21 @@ class AlixProvider:
         body = json.dumps({"cardType": card_type, "amount": format_amount(amount)})
         data = await self._read("POST", TOPUP_CHECK_PATH, body)
         if not isinstance(data, Mapping):
-            raise ProviderError(f"Alix POST {TOPUP_CHECK_PATH}: no data in the answer")
+            raise ProviderError(
+                f"Alix POST {TOPUP_CHECK_PATH}: no data in the answer", provider=self.name
+            )
         try:
             return parse_provider_decimal(data.get("netAmount")), parse_provider_decimal(
                 data.get("fee")
             )
         except ValueError as exc:
-            raise ProviderError(f"Alix POST {TOPUP_CHECK_PATH}: {exc}") from None
+            raise ProviderError(
+                f"Alix POST {TOPUP_CHECK_PATH}: {exc}", provider=self.name
+            ) from None
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def _read(self, method: str, path: str, body: str | None = None) -> Any:
-        """The `data` of a call that moves no money, retried while the failure is transient."""
-
-        async def send(token: AccessToken) -> HttpAnswer:
-            answer = await self._send(method, path, body, token)
-            if token_rejected(answer.status):
-                raise AccessTokenRejected("Alix refused the access token (HTTP 401)")
-            return answer
-
-        delay = self._retry_delay
-        last = ""
-        for attempt in range(1, _READ_ATTEMPTS + 1):
-            wait = delay * 2 ** (attempt - 1)
-            try:
-                answer = await self._with_token(send)
-            except (AnswerTooLarge, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                failure = _map_transport_error(
-                    exc, topup=False, what=f"{method} {path}", provider=self.name
-                )
-                if isinstance(failure, ProviderError):
-                    raise failure from None
-                last = failure.message
-            else:
-                try:
-                    payload = loads_exact(answer.body)
-                except ValueError:
-                    payload = None
-                said = f"HTTP {answer.status}"
-                if message := envelope_message(payload):
-                    said = f"{said}: {message}"
-                if answer.status == 429:
-                    after = parse_retry_after(answer.retry_after)
-                    self._throttle.slow_down(after)
-                    wait = wait if after is None else after
-                    last = said
-                elif answer.status == 408 or answer.status >= 500:
-                    last = said
-                elif not 200 <= answer.status < 300:
-                    raise ProviderError(f"Alix {method} {path}: {said}")
-                elif not isinstance(payload, Mapping):
-                    last = f"HTTP {answer.status} with a body that is not a JSON envelope"
-                elif payload.get("success") is True:
-                    return payload.get("data")
-                else:
-                    raise ProviderError(f"Alix {method} {path}: {said}")
-            if attempt < _READ_ATTEMPTS:
-                await anyio.sleep(wait)
-        raise ProviderError(f"Alix {method} {path} failed {_READ_ATTEMPTS} times: {last}")
+    # -- reads ------------------------------------------------------------------------------
 
     async def transactions(
         self, card_id: str, *, since: datetime | None = None, status: str | None = None
@@ -344,12 +173,20 @@ class AlixProvider:
         try:
             base_path = f"/cards/{quote(card_id, safe='')}/transactions"
         except UnicodeEncodeError:
-            raise ProviderError("Alix GET transactions: the card id is not valid text") from None
+            raise ProviderError(
+                "Alix GET transactions: the card id is not valid text",
+                provider=self.name,
+                card_id=card_id,
+            ) from None
         records: dict[str, AlixTopupRecord] = {}
         page, total = 1, 1
         while page <= total:
             if page > _MAX_PAGES:
-                raise ProviderError(f"Alix GET {base_path}: more than {_MAX_PAGES} pages")
+                raise ProviderError(
+                    f"Alix GET {base_path}: more than {_MAX_PAGES} pages",
+                    provider=self.name,
+                    card_id=card_id,
+                )
             query = urlencode(
                 {**params, "page": str(page), "pageSize": str(PAGE_SIZE)}, quote_via=quote
             )
@@ -359,7 +196,9 @@ class AlixProvider:
                 try:
                     record = parse_transaction(item)
                 except ValueError as exc:
-                    raise ProviderError(f"Alix GET {base_path}: {exc}") from None
+                    raise ProviderError(
+                        f"Alix GET {base_path}: {exc}", provider=self.name, card_id=card_id
+                    ) from None
                 if record is None:
                     continue
                 if record.card_id is not None and not same_card_id(record.card_id, card_id):

@@ -227,7 +227,9 @@ def classify_topup(answer: HttpAnswer, card_id: str, amount: Decimal) -> Outcome
     unreadable 200 may follow an applied topup: Unknown.
     """
     if token_rejected(answer.status):
-        raise AccessTokenRejected("Alix refused the access token (HTTP 401)")
+        raise AccessTokenRejected(
+            "Alix refused the access token (HTTP 401)", provider="alix", card_id=card_id, status=401
+        )
     try:
         payload = loads_exact(answer.body)
     except ValueError:
@@ -253,6 +255,47 @@ def classify_topup(answer: HttpAnswer, card_id: str, amount: Decimal) -> Outcome
     if 400 <= status < 500:
         return _refusal(status, payload, message or snippet(answer.body))
     return Unknown(f"HTTP {status}: {message or snippet(answer.body)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadData:
+    """A read answered: the envelope's `data`."""
+
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAgain:
+    """A read worth asking again (408, 429, 5xx, a body that is not an envelope): reads move
+    no money. `after` is a 429's Retry-After, which `rate_limited` says to honour."""
+
+    message: str
+    rate_limited: bool = False
+    after: float | None = None
+
+
+def classify_read(answer: HttpAnswer, what: str, *, provider: str = "alix") -> ReadData | ReadAgain:
+    """Give the answer to a call that moves no money (`what`: "GET /path") its meaning; raises
+    ProviderError for a refusal that asking again would not change."""
+    try:
+        payload = loads_exact(answer.body)
+    except ValueError:
+        payload = None
+    status = answer.status
+    said = f"HTTP {status}"
+    if message := envelope_message(payload):
+        said = f"{said}: {message}"
+    if status == 429:
+        return ReadAgain(said, rate_limited=True, after=parse_retry_after(answer.retry_after))
+    if status == 408 or status >= 500:
+        return ReadAgain(said)
+    if not 200 <= status < 300:
+        raise ProviderError(f"Alix {what}: {said}", provider=provider, status=status)
+    if not isinstance(payload, Mapping):
+        return ReadAgain(f"HTTP {status} with a body that is not a JSON envelope")
+    if payload.get("success") is True:
+        return ReadData(payload.get("data"))
+    raise ProviderError(f"Alix {what}: {said}", provider=provider, status=status)
 
 
 def _accepted(data: object, card_id: str, amount: Decimal) -> Outcome:
@@ -311,11 +354,11 @@ def applied_from_record(record: AlixTopupRecord, amount: Decimal, *, pending: bo
 def page_items(data: Any, path: str, page: int) -> tuple[list[Any], int]:
     """A page's items and the page count it states; ProviderError if either is unreadable."""
     if not isinstance(data, Mapping) or not isinstance(data.get("items"), list):
-        raise ProviderError(f"Alix GET {path}: page {page} has no items list")
+        raise ProviderError(f"Alix GET {path}: page {page} has no items list", provider="alix")
     items: list[Any] = data["items"]
     total = data.get("totalPage")
     if isinstance(total, int) and not isinstance(total, bool) and total >= 0:
         return items, total
     if total is None and len(items) < PAGE_SIZE:
         return items, page  # a short page is the last one, count or no count
-    raise ProviderError(f"Alix GET {path}: page {page} has no readable totalPage")
+    raise ProviderError(f"Alix GET {path}: page {page} has no readable totalPage", provider="alix")
