@@ -33,7 +33,7 @@ class TopupEvent:
 
     The signature covers `card_id`, `amount_text`, `status` and `created_at` only: `fee` and
     the balances are unsigned, so a replayed signature could carry altered ones. Prefer the
-    fee of the topup's own answer; `status` is as sent (see `alix.topup_status`).
+    fee of the topup's own answer; `status` is as sent (see `alix_answers.topup_status`).
     """
 
     card_id: str
