@@ -352,7 +352,7 @@ def webhook(host: str, port: int, ledger: str | None, log_format: str | None) ->
     """
     from runner.errors import ConfigError
     from runner.providers.alix_auth import load_public_key
-    from runner.webhook import run_receiver
+    from runner.webhooks.receive import run_receiver
 
     key_file = os.environ.get("ALIX_WEBHOOK_PUBLIC_KEY_FILE", "").strip()
     if not key_file:
