@@ -75,6 +75,7 @@ from runner.providers.base import (
     Refused,
     RetryKind,
     RetryLater,
+    StillPending,
     Unknown,
 )
 from runner.providers.factory import open_provider, rules_for
@@ -655,7 +656,7 @@ class JobRunner:
     async def _poll_settlement(self, row: PendingRow, limiter: anyio.CapacityLimiter) -> None:
         async with limiter:
             final = await self.provider.settle(row.card_id, row.amount, row.provider_ref)
-        if final is None:
+        if isinstance(final, StillPending):
             return
         if isinstance(final, Applied) and final.discrepancy is not None:
             # Settled, but not as it was sent: money moved, so never failed, never resent.
