@@ -155,8 +155,9 @@ _OUTCOME = (
 def attempt_outcome(
     run_key: str, row: int, attempt: int, outcome: str, detail: str, at: datetime
 ) -> Statement:
-    """How an attempt ended (`outcome`: an `AttemptOutcome`, stored as its string)."""
-    return (_OUTCOME, (str(outcome), detail, iso(at), run_key, row, attempt))
+    """How an attempt ended (`outcome`: an `AttemptOutcome`, a StrEnum: both drivers store
+    it as its string, as tests/test_ledger_api.py checks)."""
+    return (_OUTCOME, (outcome, detail, iso(at), run_key, row, attempt))
 
 
 # A finished row's update: status, time and error, then, for an applied topup, what the
