@@ -125,37 +125,45 @@ class Ledger(Protocol):
     async def write(self, statements: Sequence[Statement]) -> None: ...
     def post(self, statements: Sequence[Statement]) -> None: ...
 
-    @staticmethod
-    def intent(
-        run_key: str,
-        row: int,
-        attempt: int,
-        card_id: str,
-        amount: Decimal,
-        before: CardState | None,
-        sent_at: datetime,
-        *,
-        settle_by: datetime | None = None,
-    ) -> list[Statement]:
-        return _build.intent(
-            run_key, row, attempt, card_id, amount, before, sent_at, settle_by=settle_by
-        )
+    if TYPE_CHECKING:  # their signatures; at run time, the builders themselves (no extra call)
 
-    @staticmethod
-    def attempt_outcome(
-        run_key: str, row: int, attempt: int, outcome: str, detail: str, at: datetime
-    ) -> Statement:
-        return _build.attempt_outcome(run_key, row, attempt, outcome, detail, at)
+        @staticmethod
+        def intent(
+            run_key: str,
+            row: int,
+            attempt: int,
+            card_id: str,
+            amount: Decimal,
+            before: CardState | None,
+            sent_at: datetime,
+            *,
+            settle_by: datetime | None = None,
+        ) -> list[Statement]:
+            return _build.intent(
+                run_key, row, attempt, card_id, amount, before, sent_at, settle_by=settle_by
+            )
 
-    @staticmethod
-    def row_update(run_key: str, row: int, **values: Any) -> Statement:
-        return _build.row_update(run_key, row, **values)
+        @staticmethod
+        def attempt_outcome(
+            run_key: str, row: int, attempt: int, outcome: str, detail: str, at: datetime
+        ) -> Statement:
+            return _build.attempt_outcome(run_key, row, attempt, outcome, detail, at)
 
-    @staticmethod
-    def close_untouched_row(
-        run_key: str, row: int, status: RowStatus, error: str, at: datetime | None
-    ) -> Statement:
-        return _build.close_untouched_row(run_key, row, status, error, at)
+        @staticmethod
+        def row_update(run_key: str, row: int, **values: Any) -> Statement:
+            return _build.row_update(run_key, row, **values)
+
+        @staticmethod
+        def close_untouched_row(
+            run_key: str, row: int, status: RowStatus, error: str, at: datetime | None
+        ) -> Statement:
+            return _build.close_untouched_row(run_key, row, status, error, at)
+
+    else:
+        intent = staticmethod(_build.intent)
+        attempt_outcome = staticmethod(_build.attempt_outcome)
+        row_update = staticmethod(_build.row_update)
+        close_untouched_row = staticmethod(_build.close_untouched_row)
 
 
 class SharedLedger(Ledger, Protocol):
