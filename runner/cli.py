@@ -307,9 +307,10 @@ def status(ledger: str | None) -> None:
 
     where = _ledger_where(ledger)
     if isinstance(where, Path) and not where.exists():
-        click.echo(f"no ledger at {where}")
+        click.echo(f"no ledger at {where}")  # no ledger yet: no runs, not an error
         return
-    book = open_ledger(where)
+    # Read-only: an auditor's copy or a read-only mount will do.
+    book = open_ledger(where, readonly=True)
     try:
         runs = book.overview()
     finally:

@@ -1432,7 +1432,7 @@ async def check_job(
         where = default_ledger_path(os.environ if env is None else env)
     run_key = settings.run_key or derive_run_key(job, settings)
     if where is not None and (not isinstance(where, Path) or where.exists()):
-        ledger = open_ledger(where)
+        ledger = open_ledger(where, readonly=True)
         try:
             samples = await ledger.call(ledger.fee_samples, settings.provider)
             # The key `run` would take: an earlier run of this job is resumed, not repaid.
@@ -1489,7 +1489,7 @@ def rewrite_report(ledger_where: Path | str, run_key: str, output: Path) -> Path
     """Write a run's spreadsheet again from the ledger alone."""
     if isinstance(ledger_where, Path) and not ledger_where.exists():
         raise LedgerError(f"ledger {ledger_where}: no such file")
-    ledger = open_ledger(ledger_where)
+    ledger = open_ledger(ledger_where, readonly=True)
     try:
         spec = ledger.find_run(run_key)
         if spec is None:

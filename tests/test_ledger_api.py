@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from runner.domain import JobRow, RowRecord, RowStatus
-from runner.ledger import Ledger, OpenAttempt, RunSpec, SqliteLedger
+from runner.errors import LedgerError
+from runner.ledger import Ledger, OpenAttempt, RunSpec, SqliteLedger, open_ledger
 from runner.ledger.postgres import PostgresLedger
 from runner.providers.base import Applied, CardState, CardStatus
 
@@ -167,6 +168,28 @@ async def test_post_close_closes_only_rows_still_untouched(ledger: Ledger) -> No
         (RowStatus.FAILED, "set aside", None),
         (RowStatus.NOT_ATTEMPTED, None, None),
     ]
+
+
+async def test_a_read_only_ledger_refuses_every_typed_write(ledger: Ledger) -> None:
+    """Opened read-only, record_intent and every post_* are refused at once: nothing is
+    queued for a commit, nothing reaches the ledger."""
+    assert isinstance(ledger, SqliteLedger | PostgresLedger)
+    where = ledger.path if isinstance(ledger, SqliteLedger) else ledger.url
+    reader = open_ledger(where, readonly=True)
+    try:
+        with pytest.raises(LedgerError, match="opened read-only"):
+            await reader.record_intent(KEY, attempt(1))
+        with pytest.raises(LedgerError, match="opened read-only"):
+            reader.post_outcome(KEY, 1, 1, Outcome.APPLIED, "", DONE)
+        with pytest.raises(LedgerError, match="opened read-only"):
+            reader.post_row(KEY, 2, RowStatus.FAILED, DONE, error="x")
+        with pytest.raises(LedgerError, match="opened read-only"):
+            reader.post_close(KEY, 3, RowStatus.FAILED, "x", DONE)
+        await reader.flush()  # nothing queued: no commit to refuse
+    finally:
+        reader.close()
+    assert outcomes(ledger) == {}
+    assert {r.status for r in ledger.records(KEY)} == {RowStatus.NOT_ATTEMPTED}
 
 
 @pytest.mark.postgres

@@ -6,6 +6,11 @@
 write through one group commit (`commit.py`) the statements of `statements.py`, and share
 their reads (`reads.py`). The values they take and give are in `values.py`.
 
+`open_ledger(where, readonly=True)` is for commands that only read (status, report, check):
+it refuses what a writable open refuses, but never creates, stamps, migrates or locks, and
+works where nothing may be written, a read-only mount included (`files.connect_readonly`
+says how; PostgreSQL: a read-only session).
+
 Importing this package loads no database driver, no pandas, no aiohttp, no provider code.
 """
 
@@ -61,11 +66,12 @@ __all__ = [
 ]
 
 
-def open_ledger(where: str | Path) -> Ledger:
-    """The ledger at `where`: a `postgresql://` URL (shared by workers) or a SQLite path.
-    The PostgreSQL ledger (and its driver) is imported only when asked for."""
+def open_ledger(where: str | Path, *, readonly: bool = False) -> Ledger:
+    """The ledger at `where`: a `postgresql://` URL (shared by workers) or a SQLite path;
+    `readonly` for commands that only read it (see `SqliteLedger.open`). The PostgreSQL
+    ledger (and its driver) is imported only when asked for."""
     if is_postgres_url(str(where)):
         from runner.ledger.postgres import PostgresLedger
 
-        return PostgresLedger.open(str(where))
-    return SqliteLedger.open(where)
+        return PostgresLedger.open(str(where), readonly=readonly)
+    return SqliteLedger.open(where, readonly=readonly)

@@ -41,6 +41,7 @@ class Ledger(Protocol):
 
     name: str  # what messages call the ledger (a URL without its password)
     shared: bool  # whether several processes work on one run together
+    readonly: bool  # opened only to read (status, report, check): no run, no write
 
     def lock(self, run_key: str) -> RunLock | None:
         """Hold `run_key` for this process (LedgerLocked if another holds it); None where

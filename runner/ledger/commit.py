@@ -117,8 +117,10 @@ class GroupCommitLedger(LedgerReads, Ledger):
     # Whether several processes work on one run together (the PostgreSQL ledger).
     shared = False
 
-    def __init__(self, name: str, conn: Any) -> None:
+    def __init__(self, name: str, conn: Any, *, readonly: bool = False) -> None:
         self.name = name  # what messages call the ledger
+        # Opened only to read: no run may take it (`lock`), nothing is written (`post`).
+        self.readonly = readonly
         self._conn = conn
         self._pending: list[Statement] = []
         self._queued = 0  # statements ever queued
@@ -135,6 +137,20 @@ class GroupCommitLedger(LedgerReads, Ledger):
     async def _commit(self, batch: Sequence[Statement]) -> None:
         """`batch` in one transaction, durably; LedgerError if it cannot be."""
         raise NotImplementedError
+
+    def _no_run(self) -> LedgerError:
+        """What `lock` raises on a ledger opened read-only."""
+        return LedgerError(
+            f"ledger {self.name}: opened read-only, so no run may use it: nothing may be "
+            "sent on a ledger that cannot record it"
+        )
+
+    def _check_postable(self) -> None:
+        """Refuse to queue anything on a broken ledger, or on one opened read-only."""
+        if self._broken is not None:
+            raise self._broken
+        if self.readonly:
+            raise LedgerError(f"ledger {self.name}: opened read-only: nothing can be written")
 
     # -- the typed writes ------------------------------------------------------------------
 
@@ -158,8 +174,7 @@ class GroupCommitLedger(LedgerReads, Ledger):
         self, run_key: str, row: int, attempt: int, outcome: str, detail: str, at: datetime
     ) -> None:
         """Queue how an attempt ended (`outcome`: an AttemptOutcome, stored as its string)."""
-        if self._broken is not None:
-            raise self._broken
+        self._check_postable()
         self._pending.append(attempt_outcome(run_key, row, attempt, outcome, detail, at))
         self._queued += 1
 
@@ -175,8 +190,7 @@ class GroupCommitLedger(LedgerReads, Ledger):
     ) -> None:
         """Queue a row's status, finish time and error (None clears an earlier one), with the
         provider's figures of an `applied` topup."""
-        if self._broken is not None:
-            raise self._broken
+        self._check_postable()
         self._pending.append(row_finish(run_key, row, status, at, error, applied))
         self._queued += 1
 
@@ -185,8 +199,7 @@ class GroupCommitLedger(LedgerReads, Ledger):
     ) -> None:
         """Queue giving a row `status` and `error` unless it has left `not_attempted` (on a
         shared ledger, another worker may have finished it meanwhile)."""
-        if self._broken is not None:
-            raise self._broken
+        self._check_postable()
         self._pending.append(close_untouched_row(run_key, row, status, error, at))
         self._queued += 1
 
@@ -213,8 +226,7 @@ class GroupCommitLedger(LedgerReads, Ledger):
         for an intent. Statements commit in the order they were queued, so a later intent of
         the same row or card is never durable without the outcomes posted before it.
         """
-        if self._broken is not None:
-            raise self._broken
+        self._check_postable()
         self._pending.extend(statements)
         self._queued += len(statements)
 

@@ -1,6 +1,7 @@
 """A SQLite ledger's file: found by its one real name, created atomically where none exists,
-checked to be a SQLite database with a single name before SQLite opens it, and the run
-locks (`RunLock`), one byte each of the file itself, that say which process runs a key.
+checked to be a SQLite database with a single name before SQLite opens it, connected to
+read-only where nothing may be written (`connect_readonly`), and the run locks (`RunLock`),
+one byte each of the file itself, that say which process runs a key.
 """
 
 from __future__ import annotations
@@ -83,40 +84,64 @@ def _copy_into_new(built: str, real: Path) -> bool:
     return True
 
 
-def _remove_build_links(real: Path, info: os.stat_result) -> None:
-    """Remove names of this file left by `_create` (a crash between link and unlink, or a
-    creator caught in between): they are the only second names a ledger may have had."""
+def _build_links(real: Path, info: os.stat_result) -> list[str]:
+    """Names of this file left by `_create` (a crash between link and unlink, or a creator
+    caught in between): the only second names a ledger may have had. SQLite never opens a
+    ledger by them."""
     prefix = f".{real.name}."
-    with os.scandir(real.parent) as entries:
+    found: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(real.parent) as entries:
         for entry in entries:
             if not (entry.name.startswith(prefix) and entry.name.endswith(_BUILDING)):
                 continue
             with contextlib.suppress(OSError):
-                found = entry.stat(follow_symlinks=False)
-                if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
-                    os.unlink(entry.path)
+                seen = entry.stat(follow_symlinks=False)
+                if (seen.st_dev, seen.st_ino) == (info.st_dev, info.st_ino):
+                    found.append(entry.path)
+    return found
 
 
-def open_file(given: Path) -> tuple[Path, int]:
-    """The ledger file's real path, and a descriptor of it open for writing (what the run
-    locks are taken on), checked to be a ledger file with a single name."""
+def _remove_build_links(real: Path, info: os.stat_result) -> None:
+    for name in _build_links(real, info):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def open_file(given: Path, *, readonly: bool = False) -> tuple[Path, int]:
+    """The ledger file's real path, and a descriptor of it (what the run locks are taken on:
+    open for writing unless `readonly`), checked to be a ledger file with a single name.
+
+    Read-only, a missing file is a LedgerError (never created, nor its folder) and names
+    left by an interrupted creation are counted out rather than removed."""
     # The one name SQLite may know the file by: its -wal and -shm files go by the name, and
     # two names of one database would mean two write-ahead logs, which corrupts it.
     real = Path(os.path.realpath(given))
-    real.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        _create(real)
-        fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
+    if readonly:
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise LedgerError(
+                f"ledger {given}: no such file: no run was ever recorded there (is --ledger "
+                "or TOPUP_LEDGER the ledger's path?)"
+            ) from None
+    else:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            _create(real)
+            fd = os.open(real, os.O_RDWR | os.O_NOFOLLOW)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise LedgerError(f"ledger {given}: is not a regular file")
-        if info.st_nlink > 1:
+        leftovers = 0
+        if info.st_nlink > 1 and readonly:
+            leftovers = len(_build_links(real, info))
+        elif info.st_nlink > 1:
             _remove_build_links(real, info)
             info = os.fstat(fd)
-        if info.st_nlink > 1:
+        if info.st_nlink - leftovers > 1:
             raise LedgerError(
                 f"ledger {given}: the file has {info.st_nlink} names (hard links); SQLite "
                 "keeps its write-ahead log by name, and two logs of one file corrupt it: "
@@ -154,9 +179,60 @@ def check_writable(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
 
-def os_reason(exc: OSError) -> str:
+def _readonly_uri(real: Path, immutable: bool) -> str:
+    # as_uri() percent-encodes what URI syntax would take from the name (?, #, %).
+    return f"{real.as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
+def _reader(uri: str) -> sqlite3.Connection:
+    """A connection by `uri`, the file (and a WAL ledger's -wal) opened and readable."""
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_readonly(real: Path, given: Path) -> tuple[sqlite3.Connection, str]:
+    """A connection that cannot write the ledger at `real`, and the URI it was opened by
+    (`records` opens another by it).
+
+    `mode=ro` first: it reads a WAL ledger as any reader does, the -wal included, in step
+    with a run that may be writing it at that moment (through the -shm file). For that
+    SQLite needs the -wal and -shm files beside the ledger, and makes them where they are
+    missing (leaving them behind, empty: harmless to the next run). In a read-only folder it
+    cannot make them, and says CANTOPEN. Then, if there is no -wal (nor rollback journal)
+    with anything in it (the last writer closed cleanly: every record is in the file
+    itself), the file is opened `immutable=1`, which needs neither file and writes nothing.
+    `immutable` ignores a -wal, so a -wal with records in it that SQLite cannot read there is
+    refused, never silently left out. (`immutable` also takes no locks: only a writer through
+    another, writable mount of the same folder could change the file meanwhile.)
+    """
+    try:
+        uri = _readonly_uri(real, immutable=False)
+        return _reader(uri), uri
+    except sqlite3.OperationalError as exc:
+        if not (getattr(exc, "sqlite_errorname", "") or "").startswith("SQLITE_CANTOPEN"):
+            raise
+    for suffix in ("-wal", "-journal"):
+        beside = f"{real}{suffix}"
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(beside).st_size > 0:
+                raise LedgerError(
+                    f"ledger {given}: its latest records are in {beside}, which SQLite can "
+                    "read only in a writable folder (or with the -shm file that went with it): "
+                    "copy the ledger with its -wal into a writable folder and read the copy"
+                )
+    uri = _readonly_uri(real, immutable=True)
+    return _reader(uri), uri
+
+
+def os_reason(exc: OSError, *, readonly: bool = False) -> str:
     text = exc.strerror or str(exc)
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not readonly:
         return f"{text} (the ledger must be writable: every attempt is recorded before it is sent)"
     return text
 

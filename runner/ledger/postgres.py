@@ -64,14 +64,19 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
 
     shared = True
 
-    def __init__(self, url: str, conn: Any) -> None:
-        super().__init__(redact(url), conn)
+    def __init__(self, url: str, conn: Any, *, readonly: bool = False) -> None:
+        super().__init__(redact(url), conn, readonly=readonly)
         self.url = url
         self._coord: Any = None
         self._coord_lock = anyio.Lock()
 
     @classmethod
-    def open(cls, url: str) -> PostgresLedger:
+    def open(cls, url: str, *, readonly: bool = False) -> PostgresLedger:
+        """The ledger in the database at `url`, migrated to this version.
+
+        `readonly`: no migration, and every transaction of the session read-only (the
+        server refuses any write); a database without a ledger's tables is refused.
+        """
         if psycopg is None:  # pragma: no cover
             raise LedgerError(
                 "a PostgreSQL ledger needs psycopg: pip install 'topup-runner[postgres]'"
@@ -80,13 +85,32 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
             conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             raise LedgerError(f"ledger {redact(url)}: cannot connect: {_first_line(exc)}") from None
-        ledger = cls(url, conn)
+        ledger = cls(url, conn, readonly=readonly)
         try:
-            ledger._migrate()
+            if readonly:
+                ledger._read_only_session()
+            else:
+                ledger._migrate()
         except psycopg.Error as exc:
             conn.close()
-            raise LedgerError(f"ledger {redact(url)}: cannot migrate: {_first_line(exc)}") from None
+            doing = "cannot be read" if readonly else "cannot migrate"
+            raise LedgerError(f"ledger {redact(url)}: {doing}: {_first_line(exc)}") from None
+        except LedgerError:
+            conn.close()
+            raise
         return ledger
+
+    def _read_only_session(self) -> None:
+        """Every transaction of the session read-only (autocommit statements included),
+        on a database that holds a ledger."""
+        conn = self._conn
+        conn.execute("SET default_transaction_read_only = on")
+        found = conn.execute("SELECT to_regclass('topup_migrations') IS NOT NULL").fetchone()
+        if not found or not found[0]:
+            raise LedgerError(
+                f"ledger {self.name}: holds no topup-runner ledger (no topup_migrations "
+                "table): is the URL the ledger's database?"
+            )
 
     def _migrate(self) -> None:
         """Apply the package's migrations not applied yet, one worker at a time."""
@@ -107,6 +131,8 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
 
     def lock(self, run_key: str) -> None:
         """No exclusive lock: the workers of a run share it through card leases."""
+        if self.readonly:
+            raise self._no_run()
         return None
 
     def close(self) -> None:
@@ -275,6 +301,7 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
             conn = psycopg.connect(self.url, connect_timeout=10)
         except psycopg.Error as exc:
             raise LedgerError(f"ledger {self.name}: cannot connect: {_first_line(exc)}") from None
+        conn.read_only = self.readonly  # BEGIN READ ONLY: the cursor's transaction
         try:
             with conn.cursor(name="records") as cursor:
                 cursor.itersize = 5000

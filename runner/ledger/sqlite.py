@@ -21,7 +21,14 @@ from typing import Any
 from runner.domain import JobRow, RowRecord, RowStatus
 from runner.errors import LedgerError
 from runner.ledger.commit import GroupCommitLedger
-from runner.ledger.files import RunLock, check_writable, lock_run, open_file, os_reason
+from runner.ledger.files import (
+    RunLock,
+    check_writable,
+    connect_readonly,
+    lock_run,
+    open_file,
+    os_reason,
+)
 from runner.ledger.reads import RECORD_COLUMNS, row_record
 from runner.ledger.schema import BUSY_TIMEOUT_MS, SCHEMA_VERSION, reason, rollback, stamp, upgrade
 from runner.ledger.statements import Statement, iso, money
@@ -32,33 +39,45 @@ from runner.money import format_amount
 class SqliteLedger(GroupCommitLedger):
     """SQLite ledger; use `SqliteLedger.open(path)` and `close()`; writes are async, reads sync."""
 
-    def __init__(self, path: Path, conn: Any, *, fd: int = -1, name: str | None = None) -> None:
-        super().__init__(str(path) if name is None else name, conn)
+    def __init__(
+        self,
+        path: Path,
+        conn: Any,
+        *,
+        fd: int = -1,
+        name: str | None = None,
+        readonly: bool = False,
+        uri: str | None = None,
+    ) -> None:
+        super().__init__(str(path) if name is None else name, conn, readonly=readonly)
         self.path = path  # the database's real path: the only name it is opened by
+        self._uri = uri  # what other connections open the database by, if not its path
         # The database file, open for writing: run keys are locked on it (`lock`).
         self._fd = fd
         self._readers: set[sqlite3.Connection] = set()  # the connections `records` opened
         self._locks: list[RunLock] = []
 
     @classmethod
-    def open(cls, path: str | Path) -> SqliteLedger:
+    def open(cls, path: str | Path, *, readonly: bool = False) -> SqliteLedger:
         """The ledger at `path`, created if no file is there; LedgerError if the file is
-        not a ledger, is damaged, is from a newer version, or cannot be written."""
+        not a ledger, is damaged, is from a newer version, or cannot be written.
+
+        `readonly`: for reading only, where the ledger may not be writable (a read-only
+        mount, an auditor's copy). The file is refused as above, but a missing one is a
+        LedgerError, never created; an older ledger is read as it is, neither stamped nor
+        migrated; no run lock can be taken and nothing written.
+        """
         given = Path(path).expanduser()
         fd = -1
         conn: sqlite3.Connection | None = None
+        uri: str | None = None
         try:
-            real, fd = open_file(given)
-            conn = sqlite3.connect(real, check_same_thread=False, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            # Looked at before anything is written: another program's database stays as is.
-            version = stamp(conn, given)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed intent survives power loss, not only a killed process.
-            conn.execute("PRAGMA synchronous=FULL")
-            if version < SCHEMA_VERSION:
-                upgrade(conn, given)
-            check_writable(conn)
+            real, fd = open_file(given, readonly=readonly)
+            if readonly:
+                conn, uri = connect_readonly(real, given)
+                stamp(conn, given)  # refused as a writable open refuses; older: read as is
+            else:
+                conn = _connect_writable(real, given)
             if os.fstat(fd)[1:3] != os.stat(real)[1:3]:  # (inode, device)
                 raise LedgerError(f"ledger {given}: was replaced while being opened: try again")
         except BaseException as exc:
@@ -69,13 +88,15 @@ class SqliteLedger(GroupCommitLedger):
             if isinstance(exc, sqlite3.Error):
                 raise LedgerError(f"ledger {given}: cannot be opened: {reason(exc)}") from None
             if isinstance(exc, OSError):
-                raise LedgerError(f"ledger {given}: {os_reason(exc)}") from None
+                raise LedgerError(f"ledger {given}: {os_reason(exc, readonly=readonly)}") from None
             raise
-        return cls(real, conn, fd=fd, name=str(given))
+        return cls(real, conn, fd=fd, name=str(given), readonly=readonly, uri=uri)
 
     def lock(self, run_key: str) -> RunLock:
         """Hold `run_key` for this process until `close` (LedgerLocked if another holds it):
         a byte of the database file itself (`files.lock_run`)."""
+        if self.readonly:
+            raise self._no_run()
         lock = lock_run(self._fd, self.name, run_key)
         self._locks.append(lock)
         return lock
@@ -261,7 +282,10 @@ class SqliteLedger(GroupCommitLedger):
         """Every row of the run (or only those with `status`) in job order, streamed (opens
         its own connection)."""
         try:
-            conn = sqlite3.connect(self.path, check_same_thread=False)
+            if self._uri is None:
+                conn = sqlite3.connect(self.path, check_same_thread=False)
+            else:
+                conn = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
         except sqlite3.Error as exc:
             raise self._error("read failed", exc) from None
         self._readers.add(conn)  # closed by `close` before the file's descriptor
@@ -290,3 +314,23 @@ class SqliteLedger(GroupCommitLedger):
         finally:
             self._readers.discard(conn)
             conn.close()
+
+
+def _connect_writable(real: Path, given: Path) -> sqlite3.Connection:
+    """A connection to the ledger at `real`, stamped and migrated to this version, in WAL
+    mode, checked to take writes. The caller closes it if this raises."""
+    conn = sqlite3.connect(real, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        # Looked at before anything is written: another program's database stays as is.
+        version = stamp(conn, given)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed intent survives power loss, not only a killed process.
+        conn.execute("PRAGMA synchronous=FULL")
+        if version < SCHEMA_VERSION:
+            upgrade(conn, given)
+        check_writable(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
