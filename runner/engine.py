@@ -84,7 +84,7 @@ from runner.sandbox.config import SandboxConfig
 from runner.scheduler import Dispatcher, Pacer, backoff_delay, lower_bound
 
 if TYPE_CHECKING:
-    from runner.shared import SharedRun
+    from runner.ledger.leases import SharedRun
 
 log = structlog.get_logger("runner.engine")
 
@@ -506,8 +506,8 @@ class JobRunner:
         """The rate limit: this process's own, or the run's, shared by every worker."""
         if not ledger.shared:
             return Pacer(self.settings.rate_limit, clock=self.clock)
-        from runner.ledger_pg import PostgresLedger
-        from runner.shared import SharedPacer, SharedRun
+        from runner.ledger.leases import SharedPacer, SharedRun
+        from runner.ledger.postgres import PostgresLedger
 
         assert isinstance(ledger, PostgresLedger)
         self._shared = SharedRun(ledger, self.run_key, lease=self.settings.lease, clock=self.clock)

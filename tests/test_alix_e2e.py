@@ -16,7 +16,7 @@ import aiohttp
 import anyio
 import pytest
 
-from runner.ledger import Ledger
+from runner.ledger import SqliteLedger as Ledger
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.webhooks.receive import serve_webhooks

@@ -12,7 +12,8 @@ import pytest
 
 from runner.domain import JobRow, RowStatus
 from runner.errors import LedgerError
-from runner.ledger import Ledger, RunSpec, utcnow
+from runner.ledger import RunSpec, utcnow
+from runner.ledger import SqliteLedger as Ledger
 
 KEY = "ledger-test"
 

@@ -25,7 +25,8 @@ import pytest
 
 from runner.domain import JobRow
 from runner.errors import LedgerError, LedgerLocked
-from runner.ledger import APPLICATION_ID, SCHEMA_VERSION, Ledger, RunSpec
+from runner.ledger import APPLICATION_ID, SCHEMA_VERSION, RunSpec
+from runner.ledger import SqliteLedger as Ledger
 from runner.sandbox.config import SandboxConfig
 from runner.sandbox.server import serve_sandbox
 from tests.e2e import TOKEN, Completed, clean_env, command, read_csv_report, run_cli, write_job
@@ -37,7 +38,7 @@ KEY = "payroll"
 PRELUDE = """\
 import json, sys
 from runner.errors import LedgerError, LedgerLocked
-from runner.ledger import Ledger
+from runner.ledger import SqliteLedger as Ledger
 
 def report(**fields):
     print(json.dumps(fields))
@@ -299,7 +300,7 @@ def test_an_interrupted_creation_leaves_no_file(
     def killed(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("runner.ledger.os.link", killed)
+    monkeypatch.setattr("runner.ledger.files.os.link", killed)
     with pytest.raises(KeyboardInterrupt):
         Ledger.open(path)
     assert list(tmp_path.iterdir()) == []
@@ -863,7 +864,7 @@ def test_without_hard_links_a_new_ledger_is_copied_in_and_never_replaces_one(
     def no_links(*args: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr("runner.ledger.os.link", no_links)
+    monkeypatch.setattr("runner.ledger.files.os.link", no_links)
     path = tmp_path / "ledger.sqlite"
     new_ledger(path)
     assert stamps(path) == (APPLICATION_ID, SCHEMA_VERSION)
@@ -875,7 +876,7 @@ def test_without_hard_links_a_new_ledger_is_copied_in_and_never_replaces_one(
         other.write_bytes(b"theirs")  # appears just before our claim on the name
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr("runner.ledger.os.link", someone_else_first)
+    monkeypatch.setattr("runner.ledger.files.os.link", someone_else_first)
     with pytest.raises(LedgerError, match="not a SQLite database"):
         Ledger.open(other)
     assert other.read_bytes() == b"theirs"

@@ -10,7 +10,7 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from runner.ledger import Ledger
+from runner.ledger import SqliteLedger as Ledger
 from runner.sandbox.config import SandboxCard, SandboxConfig
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox

@@ -17,7 +17,8 @@ import anyio.abc
 import psycopg
 import pytest
 
-from runner.ledger_pg import CardWork, PostgresLedger
+from runner.ledger import CardWork
+from runner.ledger.postgres import PostgresLedger
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.webhooks.receive import serve_webhooks
