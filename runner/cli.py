@@ -307,9 +307,10 @@ def status(ledger: str | None) -> None:
 
     where = _ledger_where(ledger)
     if isinstance(where, Path) and not where.exists():
-        click.echo(f"no ledger at {where}")
+        click.echo(f"no ledger at {where}")  # no ledger yet: no runs, not an error
         return
-    book = open_ledger(where)
+    # Read-only: an auditor's copy or a read-only mount will do.
+    book = open_ledger(where, readonly=True)
     try:
         runs = book.overview()
     finally:
@@ -351,7 +352,7 @@ def webhook(host: str, port: int, ledger: str | None, log_format: str | None) ->
     """
     from runner.errors import ConfigError
     from runner.providers.alix_auth import load_public_key
-    from runner.webhook import run_receiver
+    from runner.webhooks.receive import run_receiver
 
     key_file = os.environ.get("ALIX_WEBHOOK_PUBLIC_KEY_FILE", "").strip()
     if not key_file:

@@ -95,9 +95,24 @@ class LedgerError(RunnerError):
 
 
 class ProviderError(RunnerError):
-    """The provider cannot be used at all: unreachable, or answering nonsense to every call."""
+    """The provider cannot be used at all: unreachable, or answering nonsense to every call.
+
+    `provider`, `card_id` and `status` (the HTTP status) say where, when the raiser knows."""
 
     exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        card_id: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        self.provider = provider
+        self.card_id = card_id
+        self.status = status
+        super().__init__(message)
 
 
 class AuthenticationFailed(ProviderError):
@@ -119,8 +134,7 @@ class NotDocumented(ProviderError):
 
     def __init__(self, operation: str, provider: str = "Alix") -> None:
         self.operation = operation
-        self.provider = provider
-        super().__init__(f"{provider} documents no {operation} endpoint")
+        super().__init__(f"{provider} documents no {operation} endpoint", provider=provider)
 
 
 class WebhookRejected(RunnerError):

@@ -1,5 +1,5 @@
 """Alix end to end: the real command against the sandbox in Alix mode, webhooks received by
-`runner.webhook` into the same ledger, judged by the sandbox's own record of topups."""
+`runner.webhooks.receive` into the same ledger, judged by the sandbox's own record of topups."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import aiohttp
 import anyio
 import pytest
 
-from runner.ledger import Ledger
+from runner.ledger import SqliteLedger as Ledger
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
-from runner.webhook import serve_webhooks
+from runner.webhooks.receive import serve_webhooks
 from tests.alix import Keys, sandbox_config, settled_events, unique_job
 from tests.e2e import command, read_csv_report, run_cli, until
 

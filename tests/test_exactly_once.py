@@ -24,7 +24,7 @@ import pytest
 
 from runner.sandbox.config import SandboxConfig
 from runner.sandbox.server import RunningSandbox, serve_sandbox
-from runner.webhook import serve_webhooks
+from runner.webhooks.receive import serve_webhooks
 from tests.alix import Keys, sandbox_config, unique_job
 from tests.e2e import (
     TOKEN,

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from runner import jobs
 from runner.errors import JobInvalid, Problem
 from runner.jobs import MAX_PROBLEMS, Job, load_job
+from runner.jobs import source as job_source
 from runner.money import parse_amount
 
 REPO = Path(__file__).resolve().parent.parent
@@ -400,7 +401,7 @@ class TestFileKinds:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A file above MAX_JOB_BYTES is refused, the limit stated in the message."""
-        monkeypatch.setattr(jobs, "MAX_JOB_BYTES", 100)
+        monkeypatch.setattr(job_source, "MAX_JOB_BYTES", 100)
         path = write(tmp_path, "job.csv", "card_id,amount\n" + "c-1,5.00\n" * 20)
         message = only_problem(path).message
         assert "100 bytes" in message
@@ -409,7 +410,7 @@ class TestFileKinds:
     def test_file_at_the_limit_loads(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """A file of exactly MAX_JOB_BYTES is accepted."""
         text = "card_id,amount\nc-1,5.00\n"
-        monkeypatch.setattr(jobs, "MAX_JOB_BYTES", len(text))
+        monkeypatch.setattr(job_source, "MAX_JOB_BYTES", len(text))
         assert len(load_job(write(tmp_path, "job.csv", text)).rows) == 1
 
     def test_limit_is_256_mib(self) -> None:

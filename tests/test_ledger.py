@@ -12,7 +12,8 @@ import pytest
 
 from runner.domain import JobRow, RowStatus
 from runner.errors import LedgerError
-from runner.ledger import Ledger, RunSpec, utcnow
+from runner.ledger import RunSpec, utcnow
+from runner.ledger import SqliteLedger as Ledger
 
 KEY = "ledger-test"
 
@@ -143,3 +144,54 @@ async def test_a_writer_cancelled_while_waiting_does_not_strand_the_others(
         ledger.close()
     assert sorted(done) == [1, *range(3, 41)]
     assert attempts_on_disk(path) >= {1, *range(3, 41)}
+
+
+# -- read-only opens -----------------------------------------------------------------------
+
+
+def test_a_read_only_reader_sees_what_a_run_commits_meanwhile(tmp_path: Path) -> None:
+    """A reader open while a run writes (status during a run) reads each commit, -wal
+    included: it is a reader like any other, not a snapshot of the file."""
+    path = tmp_path / "ledger.sqlite"
+    writer = open_run(path, 3)
+    try:
+        reader = Ledger.open(path, readonly=True)
+        try:
+            assert [r.error for r in reader.records(KEY)] == [None, None, None]
+            anyio.run(writer.write, [Ledger.row_update(KEY, 2, error="late")])
+            assert [r.error for r in reader.records(KEY)] == [None, "late", None]
+            anyio.run(writer.write, [Ledger.row_update(KEY, 3, status="failed")])
+            assert reader.status_counts(KEY)[RowStatus.FAILED] == 1
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+
+
+def test_a_read_only_postgres_ledger_reads_and_refuses_writes(pg_url: str) -> None:
+    """On PostgreSQL: no migration, a database without a ledger refused, every write refused
+    by the server (a read-only session), no run lock."""
+    from runner.ledger import open_ledger
+
+    with pytest.raises(LedgerError, match="no topup-runner ledger"):
+        open_ledger(pg_url, readonly=True)
+    with pytest.raises(LedgerError, match="no topup-runner ledger"):
+        open_ledger(pg_url, readonly=True)  # the first made no tables either
+    writer = open_ledger(pg_url)
+    try:
+        job = [JobRow(n, f"card-{n}", Decimal("10.00")) for n in (1, 2)]
+        writer.create_run(RunSpec(KEY, "sandbox", "x", "job.csv", "d", (), 2), job)
+    finally:
+        writer.close()
+    reader = open_ledger(pg_url, readonly=True)
+    try:
+        assert [r.run_key for r in reader.overview()] == [KEY]
+        assert [r.row for r in reader.records(KEY)] == [1, 2]
+        with pytest.raises(LedgerError, match="read-only"):
+            reader.finish_run(KEY)
+        with pytest.raises(LedgerError, match="read-only"):
+            reader.lock(KEY)
+        with pytest.raises(LedgerError, match="read-only"):
+            reader.post([Ledger.row_update(KEY, 1, error="x")])
+    finally:
+        reader.close()

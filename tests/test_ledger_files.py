@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +25,11 @@ import pytest
 
 from runner.domain import JobRow
 from runner.errors import LedgerError, LedgerLocked
-from runner.ledger import APPLICATION_ID, SCHEMA_VERSION, Ledger, RunSpec
+from runner.ledger import APPLICATION_ID, SCHEMA_VERSION, RunSpec
+from runner.ledger import SqliteLedger as Ledger
+from runner.sandbox.config import SandboxConfig
+from runner.sandbox.server import serve_sandbox
+from tests.e2e import TOKEN, Completed, clean_env, command, read_csv_report, run_cli, write_job
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "payroll"
@@ -33,7 +38,7 @@ KEY = "payroll"
 PRELUDE = """\
 import json, sys
 from runner.errors import LedgerError, LedgerLocked
-from runner.ledger import Ledger
+from runner.ledger import SqliteLedger as Ledger
 
 def report(**fields):
     print(json.dumps(fields))
@@ -182,9 +187,10 @@ def test_a_hard_linked_ledger_is_refused(tmp_path: Path) -> None:
     path = new_ledger(tmp_path / "ledger.sqlite")
     os.link(path, tmp_path / "copy.sqlite")
     for name in ("ledger.sqlite", "copy.sqlite"):
-        with pytest.raises(LedgerError, match="2 names") as caught:
-            Ledger.open(tmp_path / name)
-        assert name in str(caught.value)
+        for readonly in (False, True):
+            with pytest.raises(LedgerError, match="2 names") as caught:
+                Ledger.open(tmp_path / name, readonly=readonly)
+            assert name in str(caught.value)
 
 
 def test_a_link_left_by_an_interrupted_creation_is_cleared(tmp_path: Path) -> None:
@@ -197,14 +203,27 @@ def test_a_link_left_by_an_interrupted_creation_is_cleared(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir() if "building" in p.name) == []
 
 
+def test_a_read_only_open_counts_out_a_creation_s_link_and_leaves_it(tmp_path: Path) -> None:
+    """Read-only, that second name is no reason to refuse the ledger, nor removed."""
+    path = new_ledger(tmp_path / "ledger.sqlite")
+    left = tmp_path / ".ledger.sqlite.k2j4x9.building"
+    os.link(path, left)
+    ledger = Ledger.open(path, readonly=True)
+    try:
+        assert [r.run_key for r in ledger.overview()] == [KEY]
+    finally:
+        ledger.close()
+    assert left.exists()
+
+
 # -- nothing but a ledger is taken for one ---------------------------------------------------
 
 
-def refused(path: Path, match: str) -> str:
+def refused(path: Path, match: str, *, readonly: bool = False) -> str:
     """Open must refuse `path` with `match` in its one-line message, leaving it unchanged."""
     before = path.read_bytes()
     with pytest.raises(LedgerError, match=match) as caught:
-        Ledger.open(path)
+        Ledger.open(path, readonly=readonly)
     message = str(caught.value)
     assert "\n" not in message
     assert str(path) in message
@@ -281,7 +300,7 @@ def test_an_interrupted_creation_leaves_no_file(
     def killed(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("runner.ledger.os.link", killed)
+    monkeypatch.setattr("runner.ledger.files.os.link", killed)
     with pytest.raises(KeyboardInterrupt):
         Ledger.open(path)
     assert list(tmp_path.iterdir()) == []
@@ -419,16 +438,22 @@ def test_a_damaged_value_in_a_row_is_a_ledger_error(tmp_path: Path) -> None:
 # -- read-only ledgers are found at open -------------------------------------------------------
 
 
-def in_mount_namespace(setup: str, body: str, cwd: Path) -> dict[str, Any]:
-    """`body` in a child process in a private mount namespace after the shell `setup`;
-    skips where mount namespaces cannot be made (not root, no CAP_SYS_ADMIN)."""
+def mount_namespace(setup: str) -> list[str]:
+    """The command prefix that runs a program in a private mount namespace after the shell
+    `setup`; skips where mount namespaces cannot be made (not root, no CAP_SYS_ADMIN)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
     probe = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "true"], capture_output=True, check=False
     )
     if probe.returncode != 0:
         pytest.skip("cannot make a private mount namespace here")
-    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-ec", f'{setup}; exec "$@"', "sh"]
-    return child(body, cwd, wrap=wrap)
+    return ["unshare", "-m", "--propagation", "private", "sh", "-ec", f'{setup}; exec "$@"', "sh"]
+
+
+def in_mount_namespace(setup: str, body: str, cwd: Path) -> dict[str, Any]:
+    """`body` in a child process in a private mount namespace after the shell `setup`."""
+    return child(body, cwd, wrap=mount_namespace(setup))
 
 
 def test_a_ledger_on_a_read_only_mount_is_refused_at_open(tmp_path: Path) -> None:
@@ -468,6 +493,295 @@ def test_a_ledger_in_a_read_only_folder_is_refused_at_open(tmp_path: Path) -> No
     found = in_mount_namespace(setup, f"attempt(lambda: Ledger.open({str(path)!r}))", tmp_path)
     assert found["raised"] == "LedgerError"
     assert "folder must exist and be writable" in found["message"]
+
+
+# -- read-only opens: status, report and check read a ledger they may not write ------------
+
+
+def read_only(folder: Path) -> str:
+    """The mount-namespace setup that makes `folder` (and all in it) read-only."""
+    return f"mount --bind {folder} {folder}; mount -o remount,bind,ro {folder}"
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """What is in `folder`: every file's bytes and modification time, by name."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_a_read_only_open_refuses_what_a_writable_open_refuses(tmp_path: Path) -> None:
+    """Empty, not SQLite, another program's, newer, damaged: refused read-only too, unchanged."""
+    cases: dict[Path, str] = {}
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    cases[empty] = "empty"
+    text = tmp_path / "text.sqlite"
+    text.write_text("card_id,amount\n", encoding="utf-8")
+    cases[text] = "not a SQLite database"
+    other = tmp_path / "other.sqlite"
+    stamp(other, "CREATE TABLE invoices (id INTEGER)")
+    cases[other] = "not a topup-runner ledger"
+    for name, sql, match in (
+        ("foreign", "PRAGMA application_id = 1234", "another program"),
+        ("newer", f"PRAGMA user_version = {SCHEMA_VERSION + 1}", "newer topup-runner"),
+        ("damaged", "DROP TABLE attempts", "damaged"),
+    ):
+        path = new_ledger(tmp_path / f"{name}.sqlite")
+        stamp(path, sql)
+        cases[path] = match
+    for path, match in cases.items():
+        refused(path, match, readonly=True)
+
+
+def test_a_read_only_open_never_creates_a_ledger(tmp_path: Path) -> None:
+    """No file there: a LedgerError saying so; neither the file nor its folder is made."""
+    path = tmp_path / "missing" / "ledger.sqlite"
+    with pytest.raises(LedgerError, match="no such file"):
+        Ledger.open(path, readonly=True)
+    assert not path.parent.exists()
+    path.parent.mkdir()
+    with pytest.raises(LedgerError, match="no such file"):
+        Ledger.open(path, readonly=True)
+    assert list(path.parent.iterdir()) == []
+
+
+def test_a_read_only_open_reads_an_old_ledger_as_it_is(tmp_path: Path) -> None:
+    """An unstamped ledger of an earlier version is read, neither stamped nor migrated."""
+    path = tmp_path / "ledger.sqlite"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(LEGACY_SCHEMA)
+    conn.close()
+    before = path.read_bytes()
+    ledger = Ledger.open(path, readonly=True)
+    try:
+        assert [r.run_key for r in ledger.overview()] == ["old"]
+        assert [r.run_key for r in ledger.runs_with_digest("d0")] == ["old"]
+        assert ledger.fee_samples("uncash") == []
+        [record] = ledger.records("old")
+        assert (record.card_id, record.amount) == ("c1", Decimal("10.00"))
+    finally:
+        ledger.close()
+    assert path.read_bytes() == before
+    assert stamps(path) == (0, 0)
+
+
+def test_a_read_only_ledger_takes_no_run_lock_and_writes_nothing(tmp_path: Path) -> None:
+    """A reader holds no run key (a run may start meanwhile) and refuses every write."""
+    path = new_ledger(tmp_path / "ledger.sqlite")
+    before = path.read_bytes()
+    ledger = Ledger.open(path, readonly=True)
+    try:
+        with pytest.raises(LedgerError, match="read-only"):
+            ledger.lock(KEY)
+        with pytest.raises(LedgerError, match="read-only"):
+            anyio.run(ledger.write, [Ledger.row_update(KEY, 1, error="x")])
+        with pytest.raises(LedgerError, match=str(path)):
+            ledger.finish_run(KEY)
+        assert path.read_bytes() == before
+        assert lock_in_child(str(path), tmp_path)["raised"] is None
+    finally:
+        ledger.close()
+
+
+def test_a_read_only_open_names_the_file_whatever_its_name(tmp_path: Path) -> None:
+    """A folder whose name is URI syntax (?, #, %) still names that very file."""
+    (tmp_path / "a").mkdir()  # what the name would be cut to if taken as a URI
+    path = new_ledger(tmp_path / "a?mode=rwc#b %41" / "ledger.sqlite")
+    ledger = Ledger.open(path, readonly=True)
+    try:
+        assert [r.run_key for r in ledger.overview()] == [KEY]
+        assert len(list(ledger.records(KEY))) == 3
+    finally:
+        ledger.close()
+    assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_a_ledger_in_a_read_only_folder_is_read_and_left_as_it_is(tmp_path: Path) -> None:
+    """On a read-only mount, where SQLite can make no -wal or -shm file, a ledger closed
+    cleanly is read, its rows streamed, and nothing is written."""
+    folder = tmp_path / "ro"
+    path = new_ledger(folder / "ledger.sqlite")
+    before = snapshot(folder)
+    body = f"""
+        ledger = Ledger.open({str(path)!r}, readonly=True)
+        runs = [r.run_key for r in ledger.overview()]
+        rows = [r.row for r in ledger.records({KEY!r})]
+        ledger.close()
+        report(runs=runs, rows=rows)
+    """
+    found = in_mount_namespace(read_only(folder), body, tmp_path)
+    assert found == {"runs": [KEY], "rows": [1, 2, 3]}
+    assert snapshot(folder) == before
+
+
+def killed_writer(path: Path, cwd: Path) -> None:
+    """A process records a second run, `late`, and dies: the run is only in the -wal."""
+    body = f"""
+        import os
+        from decimal import Decimal
+        from runner.jobs import JobRow
+        from runner.ledger import RunSpec
+        ledger = Ledger.open({str(path)!r})
+        spec = RunSpec("late", "sandbox", "x", "job2.csv", "d2", (), 1)
+        ledger.create_run(spec, [JobRow(1, "card-9", Decimal("5.00"))])
+        report(done=True)
+        sys.stdout.flush()
+        os._exit(0)
+    """
+    assert child(body, cwd) == {"done": True}
+    assert Path(f"{path}-wal").stat().st_size > 0
+
+
+def test_a_read_only_open_reads_what_a_killed_run_left_in_its_wal(tmp_path: Path) -> None:
+    """In a read-only folder, the records still only in the -wal are read (through its
+    -shm), not silently left out."""
+    folder = tmp_path / "ro"
+    path = new_ledger(folder / "ledger.sqlite")
+    killed_writer(path, tmp_path)
+    before = snapshot(folder)
+    body = f"""
+        ledger = Ledger.open({str(path)!r}, readonly=True)
+        report(runs=sorted(r.run_key for r in ledger.overview()))
+        ledger.close()
+    """
+    assert in_mount_namespace(read_only(folder), body, tmp_path) == {"runs": ["late", KEY]}
+    assert snapshot(folder) == before
+
+
+def test_a_wal_without_its_shm_in_a_read_only_folder_is_refused(tmp_path: Path) -> None:
+    """A -wal that SQLite cannot read there (no -shm, none can be made): a LedgerError that
+    says what to do, rather than a ledger read without its latest records."""
+    folder = tmp_path / "ro"
+    path = new_ledger(folder / "ledger.sqlite")
+    killed_writer(path, tmp_path)
+    Path(f"{path}-shm").unlink()
+    body = f"attempt(lambda: Ledger.open({str(path)!r}, readonly=True))"
+    found = in_mount_namespace(read_only(folder), body, tmp_path)
+    assert found["raised"] == "LedgerError"
+    assert f"{path}-wal" in found["message"]
+    assert "writable folder" in found["message"]
+
+
+async def cli_in(wrap: list[str], *args: str, cwd: Path, env: dict[str, str]) -> Completed:
+    """`topup-runner ARGS` under `wrap` (a mount namespace), the event loop serving on."""
+    done = await anyio.run_process(
+        [*wrap, *command(*args)], cwd=cwd, env=env, check=False, stdin=subprocess.DEVNULL
+    )
+    return Completed(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+@pytest.mark.anyio
+async def test_status_report_and_check_read_a_ledger_on_a_read_only_mount(
+    tmp_path: Path,
+) -> None:
+    """An auditor's read-only copy of a ledger: status, report and check succeed, and
+    nothing is written into the ledger's folder."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / "ledger.sqlite"
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "X") for _ in range(2)])
+    env = clean_env(UNCASH_API_TOKEN=TOKEN)
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.3)) as sb:
+        target = ["--provider", "uncash", "--base-url", sb.base_url, "--ledger", str(path)]
+        done = await run_cli(
+            "run",
+            str(job),
+            *target,
+            "--run-key",
+            "nov-1",
+            "--cooldown",
+            "0.3",
+            "--output",
+            str(tmp_path / "report.csv"),
+            "--log-format",
+            "json",
+            cwd=tmp_path,
+            env=env,
+        )
+        assert done.code == 0, done.stderr
+        before = snapshot(folder)
+        wrap = mount_namespace(read_only(folder))
+        status = await cli_in(wrap, "status", "--ledger", str(path), cwd=tmp_path, env=env)
+        assert status.code == 0, status.stderr
+        assert "nov-1" in status.stdout
+        assert "succeeded=2" in status.stdout
+        again = tmp_path / "out" / "again.csv"
+        rewritten = await cli_in(
+            wrap,
+            "report",
+            "--ledger",
+            str(path),
+            "--run-key",
+            "nov-1",
+            "--output",
+            str(again),
+            cwd=tmp_path,
+            env=env,
+        )
+        assert rewritten.code == 0, rewritten.stderr
+        assert [r["status"] for r in read_csv_report(again)] == ["succeeded"] * 2
+        checked = await cli_in(
+            wrap, "check", str(job), *target, "--log-format", "json", cwd=tmp_path, env=env
+        )
+        assert checked.code == 0, checked.stderr
+        # The key a run would take is the earlier run's, read from the ledger.
+        assert "run key: nov-1" in checked.stdout + checked.stderr
+        assert len(sb.state.topup_arrivals) == 2
+    assert snapshot(folder) == before
+
+
+@pytest.mark.anyio
+async def test_a_missing_ledger_is_no_runs_to_status_an_error_to_report_none_to_check(
+    tmp_path: Path,
+) -> None:
+    """No ledger there: status says so (no runs, exit 0), report fails (exit 2), check goes
+    on without one, and none of them makes the file or its folder."""
+    missing = tmp_path / "none" / "ledger.sqlite"
+    status = await run_cli("status", "--ledger", str(missing), cwd=tmp_path)
+    assert status.code == 0
+    assert "no ledger at" in status.stdout
+    rewritten = await run_cli(
+        "report", "--ledger", str(missing), "--run-key", "k", "--output", "r.csv", cwd=tmp_path
+    )
+    assert rewritten.code == 2
+    assert "no such file" in rewritten.stderr
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "X")])
+    checked = await run_cli("check", str(job), "--ledger", str(missing), cwd=tmp_path)
+    assert checked.code == 0, checked.stderr
+    assert not missing.parent.exists()
+
+
+@pytest.mark.anyio
+async def test_a_run_on_a_read_only_mount_is_refused_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    """`run` still opens the ledger writable: on a read-only mount it stops with exit 2."""
+    folder = tmp_path / "ro"
+    path = new_ledger(folder / "ledger.sqlite")
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "X")])
+    before = snapshot(folder)
+    env = clean_env(UNCASH_API_TOKEN=TOKEN)
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.3)) as sb:
+        done = await cli_in(
+            mount_namespace(read_only(folder)),
+            "run",
+            str(job),
+            "--provider",
+            "uncash",
+            "--base-url",
+            sb.base_url,
+            "--ledger",
+            str(path),
+            "--output",
+            str(tmp_path / "report.csv"),
+            cwd=tmp_path,
+            env=env,
+        )
+        arrivals = len(sb.state.topup_arrivals)
+    assert done.code == 2, done.stderr
+    assert "writable" in done.stderr
+    assert arrivals == 0
+    assert snapshot(folder) == before
 
 
 # -- a full disk is a LedgerError ---------------------------------------------------------------
@@ -550,7 +864,7 @@ def test_without_hard_links_a_new_ledger_is_copied_in_and_never_replaces_one(
     def no_links(*args: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr("runner.ledger.os.link", no_links)
+    monkeypatch.setattr("runner.ledger.files.os.link", no_links)
     path = tmp_path / "ledger.sqlite"
     new_ledger(path)
     assert stamps(path) == (APPLICATION_ID, SCHEMA_VERSION)
@@ -562,7 +876,7 @@ def test_without_hard_links_a_new_ledger_is_copied_in_and_never_replaces_one(
         other.write_bytes(b"theirs")  # appears just before our claim on the name
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr("runner.ledger.os.link", someone_else_first)
+    monkeypatch.setattr("runner.ledger.files.os.link", someone_else_first)
     with pytest.raises(LedgerError, match="not a SQLite database"):
         Ledger.open(other)
     assert other.read_bytes() == b"theirs"

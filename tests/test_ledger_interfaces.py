@@ -14,8 +14,8 @@ import pytest
 
 from runner.domain import JobRow
 from runner.errors import LedgerError
-from runner.ledger import Ledger, RunSpec
-from runner.ledger_pg import PostgresLedger
+from runner.ledger import Ledger, RunSpec, SqliteLedger
+from runner.ledger.postgres import PostgresLedger
 
 pytestmark = pytest.mark.anyio
 
@@ -30,8 +30,10 @@ def ledger(
     if request.param == "sqlite":
         # SQLite's created_at is the runner's clock: a new millisecond for every run.
         ticks = itertools.count()
-        monkeypatch.setattr("runner.ledger.utcnow", lambda: SENT + timedelta(seconds=next(ticks)))
-        book: Ledger = Ledger.open(tmp_path / "ledger.sqlite")
+        monkeypatch.setattr(
+            "runner.ledger.sqlite.utcnow", lambda: SENT + timedelta(seconds=next(ticks))
+        )
+        book: Ledger = SqliteLedger.open(tmp_path / "ledger.sqlite")
     else:
         book = PostgresLedger.open(request.getfixturevalue("pg_url"))
     try:

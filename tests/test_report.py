@@ -30,6 +30,7 @@ from runner.report import (
     summary_path_for,
     write_report,
 )
+from runner.report import xlsx as report_xlsx
 from tests.e2e import ROOT
 
 START = datetime(2026, 11, 1, 9, 30, 15, tzinfo=UTC)
@@ -716,7 +717,7 @@ def test_rows_beyond_the_sheet_limit_continue_on_more_sheets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past the per-sheet row limit, rows go on to `Results 2`, `Results 3`, each with a header."""
-    monkeypatch.setattr(report, "MAX_SHEET_ROWS", 3)
+    monkeypatch.setattr(report_xlsx, "MAX_SHEET_ROWS", 3)
     write_report(tmp_path / "r.xlsx", stream(*(record(n) for n in range(1, 6))), INFO)
     workbook = openpyxl.load_workbook(tmp_path / "r.xlsx")
     assert workbook.sheetnames == ["Summary", "Results", "Results 2", "Results 3"]
@@ -732,7 +733,7 @@ def test_summary_mentions_several_results_sheets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """When rows span several Results sheets, the Summary says how many and still counts all."""
-    monkeypatch.setattr(report, "MAX_SHEET_ROWS", 3)
+    monkeypatch.setattr(report_xlsx, "MAX_SHEET_ROWS", 3)
     write_report(tmp_path / "r.xlsx", stream(*(record(n) for n in range(1, 6))), INFO)
     summary = xlsx_summary(tmp_path / "r.xlsx")
     assert summary["Results sheets"].startswith("3 ")
@@ -743,7 +744,7 @@ def test_a_full_sheet_opens_no_empty_next_sheet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rows that exactly fill a sheet leave no empty `Results 2` and no sheet count line."""
-    monkeypatch.setattr(report, "MAX_SHEET_ROWS", 3)
+    monkeypatch.setattr(report_xlsx, "MAX_SHEET_ROWS", 3)
     write_report(tmp_path / "r.xlsx", stream(record(1), record(2)), INFO)
     assert openpyxl.load_workbook(tmp_path / "r.xlsx").sheetnames == ["Summary", "Results"]
     assert "Results sheets" not in xlsx_summary(tmp_path / "r.xlsx")

@@ -10,7 +10,7 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from runner.ledger import Ledger
+from runner.ledger import SqliteLedger as Ledger
 from runner.sandbox.config import SandboxCard, SandboxConfig
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
@@ -398,7 +398,8 @@ async def test_scripted_lost_answer_is_reconciled_not_resent(tmp_path: Path) -> 
         done = await run_cli(
             "run",
             str(job),
-            *uncash_args(sb, tmp_path),
+            # A lost answer is "not applied" only after timeout + grace: keep both short.
+            *uncash_args(sb, tmp_path, "--timeout", "2"),
             cwd=tmp_path,
             env=clean_env(UNCASH_API_TOKEN=TOKEN),
         )

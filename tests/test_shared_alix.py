@@ -17,10 +17,11 @@ import anyio.abc
 import psycopg
 import pytest
 
-from runner.ledger_pg import CardWork, PostgresLedger
+from runner.ledger import CardWork
+from runner.ledger.postgres import PostgresLedger
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
-from runner.webhook import serve_webhooks
+from runner.webhooks.receive import serve_webhooks
 from tests.alix import Keys, sandbox_config, settled_events, unique_job
 from tests.e2e import command, read_csv_report, run_cli, until
 from tests.test_report import csv_summary

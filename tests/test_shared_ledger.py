@@ -23,12 +23,12 @@ import pytest
 from runner.domain import JobRow, RowStatus
 from runner.errors import LeaseLost, LedgerError
 from runner.ledger import Ledger, ProviderEvent, RunSpec, open_ledger, redact, utcnow
-from runner.ledger_pg import PostgresLedger
+from runner.ledger.leases import SharedRun
+from runner.ledger.postgres import PostgresLedger
 from runner.sandbox.config import SandboxCard, SandboxConfig
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from runner.sandbox.state import Refusal
-from runner.shared import SharedRun
 from tests.e2e import (
     TOKEN,
     clean_env,

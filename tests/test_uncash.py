@@ -33,7 +33,8 @@ from runner.providers.base import (
     Unknown,
 )
 from runner.providers.http import HttpAnswer
-from runner.providers.uncash import UncashProvider, classify_topup
+from runner.providers.uncash import UncashProvider
+from runner.providers.uncash_answers import classify_topup
 from runner.sandbox import FaultKind, RunningSandbox, SandboxCard, SandboxConfig, serve_sandbox
 
 TOKEN = "uc_" + "Tk7" * 13 + "q"
@@ -143,7 +144,6 @@ async def test_applied_new_version_matches_the_sandbox_record_exactly() -> None:
         wallet_balance_after=record.wallet_balance_after,
         transaction_id=record.transaction_id,
         invoice_id=str(record.invoice_id),
-        source="response",
     )
     assert isinstance(outcome.fee, Decimal)
     assert isinstance(outcome.wallet_balance_after, Decimal)
@@ -381,6 +381,25 @@ async def test_token_never_shows_in_the_error_or_the_repr(
     assert all(WRONG_TOKEN not in text and WRONG_TOKEN[3:] not in text for text in shown)
 
 
+@pytest.mark.anyio
+async def test_a_refused_token_names_the_provider_and_status_as_attributes() -> None:
+    """The error carries its context as attributes (provider, HTTP status), not only in words."""
+    async with running(client_token=WRONG_TOKEN) as (_, provider):
+        with pytest.raises(AuthenticationFailed) as raised:
+            await provider.get_card("c1")
+    assert (raised.value.provider, raised.value.status) == ("uncash", 401)
+
+
+@pytest.mark.anyio
+async def test_a_get_that_fails_names_the_card_and_status_as_attributes() -> None:
+    """A card read that fails carries the card id and the HTTP status as attributes."""
+    script = Scripted((404, '{"success": false, "message": "no route"}', {}))
+    async with scripted_server(script) as url, provider_at(url) as provider:
+        with pytest.raises(ProviderError) as raised:
+            await provider.get_card("c-404")
+    assert (raised.value.card_id, raised.value.status) == ("c-404", 404)
+
+
 # -- faults ---------------------------------------------------------------------------------
 
 
@@ -477,7 +496,6 @@ async def test_reconcile_finds_a_lost_topup_that_applied(kind: FaultKind) -> Non
     assert settled == Applied(
         card_balance_after=record.card_balance_after,
         transaction_id=record.transaction_id,
-        source="reconciled",
     )
 
 
@@ -531,9 +549,7 @@ async def test_reconcile_falls_back_to_the_balance_without_a_deposit() -> None:
         await provider.topup(CARD, HUNDRED)
         settled = await provider.reconcile(CARD, HUNDRED, before)
         record = sb.state.applied[-1]
-    assert settled == Applied(
-        card_balance_after=HUNDRED, transaction_id=record.transaction_id, source="reconciled"
-    )
+    assert settled == Applied(card_balance_after=HUNDRED, transaction_id=record.transaction_id)
 
 
 @pytest.mark.anyio

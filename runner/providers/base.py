@@ -9,6 +9,7 @@ A topup ends in exactly one of four outcomes, decided in one place per adapter:
     Unknown      the answer was lost: money may have moved; reconcile before anything else
 
 Reconciling an `Unknown` ends in `Applied`, `NotApplied` or `Unknown` again (cannot tell).
+Settling a pending topup ends in `Applied`, `Refused` or `StillPending` (ask again later).
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ class Applied:
     transaction_id: str | None = None
     invoice_id: str | None = None
     pending: bool = False
-    # How the outcome was learned: "response", or "reconciled" from provider state.
-    source: str = "response"
     # What identifies the topup at the provider when it returns no id (Alix: createdAt),
     # kept so that a later webhook or transactions list can settle a pending row.
     provider_ref: str | None = None
@@ -95,8 +94,18 @@ class NotApplied:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class StillPending:
+    """A pending topup has no final status yet (or none that can be trusted): ask again later."""
+
+    reason: str = "still pending"
+
+
+STILL_PENDING = StillPending()
+
 Outcome = Applied | Refused | RetryLater | Unknown
 Settlement = Applied | NotApplied | Unknown
+FinalStatus = Applied | Refused | StillPending
 
 
 class CardStatus(enum.StrEnum):
@@ -125,7 +134,6 @@ class ProviderRules:
     min_amount: Decimal
     max_amount: Decimal
     default_cooldown: float = 0.0
-    supports_idempotency_key: bool = False
     # What the provider documents a way to read: without it, preflight cannot check it.
     reads_cards: bool = True
     reads_wallet: bool = True
@@ -172,9 +180,7 @@ class Provider(Protocol):
         """Every card the account can see, in as few requests as the API allows."""
         ...
 
-    async def topup(
-        self, card_id: str, amount: Decimal, *, idempotency_key: str | None = None
-    ) -> Outcome:
+    async def topup(self, card_id: str, amount: Decimal) -> Outcome:
         """Send one topup and classify the answer; never raises for a row's outcome."""
         ...
 
@@ -192,11 +198,9 @@ class Provider(Protocol):
         card's topups already accounted for, which cannot be the lost one."""
         ...
 
-    async def settle(
-        self, card_id: str, amount: Decimal, provider_ref: str
-    ) -> Applied | Refused | None:
-        """The final status of a pending topup: Applied, Refused (it failed), None (still
-        pending). Only providers that answer `pending` are ever asked."""
+    async def settle(self, card_id: str, amount: Decimal, provider_ref: str) -> FinalStatus:
+        """The final status of a pending topup: Applied, Refused (it failed), or StillPending
+        (`STILL_PENDING`). Only providers that answer `pending` are ever asked."""
         ...
 
     async def aclose(self) -> None: ...

@@ -1,29 +1,26 @@
 """Which provider a run talks to, built from settings and secrets from the environment.
 
-For `sandbox`, the simulator is started in-process on a loopback port, seeded with the
-job's cards, and spoken to over real HTTP through the same Uncash adapter as production.
+For `sandbox`, the simulator `runner.sandbox.inprocess` starts is spoken to over real HTTP
+through the same Uncash adapter as production.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import string
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 from runner.config import Settings
 from runner.errors import ConfigError
 from runner.logs import register_secret
-from runner.providers.alix import RULES as ALIX_RULES
 from runner.providers.alix import AlixProvider
+from runner.providers.alix_answers import RULES as ALIX_RULES
 from runner.providers.alix_auth import AlixCredentials
 from runner.providers.base import Provider, ProviderRules, Throttle
 from runner.providers.uncash import PUBLIC_BASE_URL, UncashProvider
 from runner.providers.uncash import RULES as UNCASH_RULES
-from runner.sandbox.config import SandboxCard, SandboxConfig
-from runner.sandbox.server import serve_sandbox
+from runner.sandbox.config import SandboxConfig
+from runner.sandbox.inprocess import start_sandbox
 
 
 def rules_for(provider: str) -> ProviderRules:
@@ -33,11 +30,6 @@ def rules_for(provider: str) -> ProviderRules:
     if provider == "alix":
         return ALIX_RULES
     raise ConfigError(f"provider {provider!r} is not known")
-
-
-def _sandbox_token() -> str:
-    alphabet = string.ascii_letters + string.digits
-    return "uc_" + "".join(secrets.choice(alphabet) for _ in range(40))
 
 
 def uncash_token(env: Mapping[str, str]) -> str:
@@ -59,17 +51,14 @@ async def open_provider(
     """Yield the provider and the base URL it talks to; close both at the end."""
     env = os.environ if env is None else env
     if settings.provider == "sandbox":
-        token = _sandbox_token()
-        register_secret(token)
-        base = sandbox_config or SandboxConfig(
-            cooldown=settings.cooldown, rate_limit=settings.rate_limit
-        )
-        known = {c.card_id for c in base.cards} | set(base.missing_cards)
-        cards = tuple(SandboxCard(card_id=c) for c in sorted(set(card_ids) - known))
-        config = replace(base, token=token, cards=base.cards + cards)
-        async with serve_sandbox(config) as sandbox:
+        async with start_sandbox(
+            card_ids,
+            cooldown=settings.cooldown,
+            rate_limit=settings.rate_limit,
+            config=sandbox_config,
+        ) as sandbox:
             provider = UncashProvider(
-                token,
+                sandbox.token,
                 base_url=sandbox.base_url,
                 timeout=settings.timeout,
                 concurrency=settings.concurrency,

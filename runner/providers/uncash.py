@@ -1,35 +1,32 @@
 """The Uncash adapter: aiohttp requests out, the closed set of outcomes back.
 
-Every answer Uncash can give is classified in `classify_topup()`, and every way a request
-can fail in `UncashProvider.topup()`'s handlers: nowhere else decides what a status, a
-message or a dropped connection means. Uncash documents its error messages but not the
-HTTP statuses that carry them, so messages are read first; only the refusals it documents
-are final, and an applied answer is checked against the card and amount sent.
+What an answer means is decided in `uncash_answers.py` (`classify_topup()`), and what a
+request that got no answer means in `_map_transport_error()`: nowhere else decides what a
+status, a message or a dropped connection means.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
-import sys
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal, overload
 from urllib.parse import quote
 
 import aiohttp
 import structlog
 
 from runner.errors import AuthenticationFailed, ConfigError, ProviderError
-from runner.money import format_amount, parse_provider_decimal, quantize_cents
+from runner.money import format_amount, quantize_cents
 from runner.providers.base import (
+    STILL_PENDING,
     Applied,
     CardState,
-    CardStatus,
     NotApplied,
     Outcome,
     ProviderRules,
@@ -38,15 +35,10 @@ from runner.providers.base import (
     RetryKind,
     RetryLater,
     Settlement,
+    StillPending,
     Throttle,
     Unknown,
     UnlimitedThrottle,
-)
-from runner.providers.checks import (
-    amount_discrepancy,
-    card_discrepancy,
-    charged_discrepancy,
-    first,
 )
 from runner.providers.http import (
     MAX_ANSWER_BYTES,
@@ -60,6 +52,16 @@ from runner.providers.http import (
     snippet,
     transport_message,
 )
+from runner.providers.uncash_answers import (
+    CARD_NOT_FOUND,
+    card_state,
+    classify_topup,
+    decimal_field,
+    loads_card_list,
+    message_of,
+    stated_message,
+    transaction_items,
+)
 
 log = structlog.get_logger("runner.providers.uncash")
 
@@ -68,24 +70,8 @@ RULES = ProviderRules(
     min_amount=Decimal("5.00"),
     max_amount=Decimal("10000.00"),
     default_cooldown=120.0,
-    supports_idempotency_key=False,
 )
 
-_COOLDOWN = re.compile(r"please wait\s+(\d+(?:\.\d+)?)\s+seconds?", re.IGNORECASE)
-# The refusals Uncash documents (its topup page and docs/providers.md), each matched by
-# the opening words of the envelope's `message`: only these are final. The docs call a topup
-# atomic and these are its checks before anything moves (validation, card, limit, wallet).
-# Any other refusal, in words or by status, is Unknown: money may have moved, so it is
-# reconciled before anything else, never written off as failed and paid again.
-_CARD_NOT_FOUND = re.compile(r"card not found or access denied\b", re.I)
-_DOCUMENTED_REFUSALS: tuple[tuple[re.Pattern[str], RefusalCode], ...] = (
-    (re.compile(r"insufficient wallet balance\b", re.I), RefusalCode.INSUFFICIENT_FUNDS),
-    (re.compile(r"topup would exceed card limit\b", re.I), RefusalCode.CARD_LIMIT),
-    (_CARD_NOT_FOUND, RefusalCode.CARD_NOT_FOUND),
-    (re.compile(r"invalid input data\b", re.I), RefusalCode.INVALID_AMOUNT),
-)
-# A provider's message is kept to this many characters in outcomes, the ledger and logs.
-_MESSAGE_CHARS = 300
 # What an HTTP header can carry: the token goes in one, and a control character would be an
 # injected header (aiohttp refuses it with a ValueError at every request).
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
@@ -93,187 +79,75 @@ _GET_ATTEMPTS = 4
 # An amount already written with exactly two decimals, and a card id quote() leaves as it is.
 _CENTS_TEXT = re.compile(r"(?:0|[1-9][0-9]*)\.[0-9]{2}")
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]+")
+# Transport failures the helper below can be given.
+TransportFailure = aiohttp.ClientError | TimeoutError | ValueError | AnswerTooLarge
 
 
-def _stated(payload: Any) -> str:
-    """The envelope's own `message`, as the provider wrote it (documented refusals match it)."""
-    if not isinstance(payload, Mapping):
-        return ""
-    message = payload.get("message")
-    return " ".join(message.split()) if isinstance(message, str) else ""
+@dataclass(frozen=True, slots=True)
+class _TryAgain:
+    """A read that failed in a way worth repeating (reads move no money)."""
+
+    message: str
 
 
-def _message_of(payload: Any) -> str:
-    """The message with the validation issues' messages, shortened to one line."""
-    message = _stated(payload)
-    issues = payload.get("error") if isinstance(payload, Mapping) else None
-    if isinstance(issues, list):
-        details = [str(i.get("message")) for i in issues[:20] if isinstance(i, Mapping)]
-        if details:
-            message = f"{message}: {'; '.join(details)}"
-    return snippet(message, _MESSAGE_CHARS) if message else ""
+@overload
+def _map_transport_error(
+    exc: TransportFailure,
+    *,
+    topup: Literal[True],
+    status: int | None = None,
+    what: str = "",
+    provider: str = "uncash",
+) -> RetryLater | Unknown: ...
 
 
-def _decimal_field(data: Mapping[str, Any], *names: str) -> Decimal | None:
-    for name in names:
-        value = data.get(name)
-        if value is not None:
-            try:
-                return parse_provider_decimal(value)
-            except ValueError:
-                return None
-    return None
+@overload
+def _map_transport_error(
+    exc: TransportFailure,
+    *,
+    topup: Literal[False],
+    status: int | None = None,
+    what: str = "",
+    provider: str = "uncash",
+) -> ProviderError | _TryAgain: ...
 
 
-def _text_field(data: Mapping[str, Any], name: str) -> str | None:
-    value = data.get(name)
-    return None if value is None else str(value)
+def _map_transport_error(
+    exc: TransportFailure,
+    *,
+    topup: bool,
+    status: int | None = None,
+    what: str = "",
+    provider: str = "uncash",
+) -> RetryLater | Unknown | ProviderError | _TryAgain:
+    """What a request that got no usable answer means; the only place that decides it.
 
-
-def parse_applied(data: Mapping[str, Any], card_id: str, amount: Decimal) -> Applied:
-    """Both documented response versions of a successful topup's `data`, checked against the
-    card and amount sent: both versions name the card (`card_id`), and `total_charged` is
-    documented as amount + fee. An `amount`, undocumented, is checked when present."""
-    fee = _decimal_field(data, "platform_fee_amount", "platform_fee")
-    total = _decimal_field(data, "total_charged")
-    return Applied(
-        fee=fee,
-        total_charged=total,
-        card_balance_after=_decimal_field(data, "new_card_balance", "new_balance"),
-        wallet_balance_after=_decimal_field(data, "wallet_balance"),
-        transaction_id=_text_field(data, "transaction_id"),
-        invoice_id=_text_field(data, "invoice_id"),
-        discrepancy=first(
-            card_discrepancy(data.get("card_id"), card_id),
-            amount_discrepancy(data.get("amount"), amount),
-            charged_discrepancy(total, fee, amount),
-        ),
-    )
-
-
-def classify_topup(answer: HttpAnswer, card_id: str, amount: Decimal) -> Outcome:
-    """Give an HTTP answer to the topup of `amount` on `card_id` its meaning; the only place
-    that does.
-
-    Messages are read before statuses because Uncash documents its messages but not the
-    statuses that carry them. A 5xx may come from a proxy after the topup applied, so it
-    is Unknown; so is a refusal Uncash does not document. A 401 stops the run (raised),
-    since no row can succeed without credentials.
+    For a topup (`topup=True`): RetryLater when the request cannot have been seen, else
+    Unknown (money may have moved). For a read (`what` names it, e.g. "GET /cards"): a
+    ProviderError to raise when trying again would fail the same way, else `_TryAgain`.
+    `status` is the HTTP status when the answer began but could not be read.
     """
-    try:
-        payload = loads_exact(answer.body)
-    except ValueError:
-        payload = None
-    message = _message_of(payload)
-
-    if answer.status == 401:
-        raise AuthenticationFailed(
-            "Uncash refused the API token (HTTP 401): check UNCASH_API_TOKEN"
-        )
-    if wait := _COOLDOWN.search(message):
-        return RetryLater(RetryKind.COOLDOWN, message, after=float(wait.group(1)))
-    if answer.status == 429:
-        return RetryLater(
-            RetryKind.RATE_LIMITED,
-            message or "HTTP 429 Too Many Requests",
-            after=parse_retry_after(answer.retry_after),
-        )
-    if 200 <= answer.status < 300:
-        if isinstance(payload, Mapping) and payload.get("success") is True:
-            data = payload.get("data")
-            return parse_applied(data if isinstance(data, Mapping) else {}, card_id, amount)
-        if isinstance(payload, Mapping) and payload.get("success") is False:
-            return _refusal(answer.status, payload, message)
-        return Unknown(f"HTTP {answer.status} with an unreadable body: {snippet(answer.body)}")
-    if answer.status == 408:
-        return RetryLater(RetryKind.TRANSIENT, "HTTP 408 Request Timeout")
-    if 400 <= answer.status < 500:
-        return _refusal(answer.status, payload, message or snippet(answer.body))
-    return Unknown(f"HTTP {answer.status}: {message or snippet(answer.body)}")
-
-
-def _refusal(status: int, payload: Any, message: str) -> Refused | Unknown:
-    """A documented refusal is final; any other may have followed money that moved."""
-    stated = _stated(payload)
-    for pattern, code in _DOCUMENTED_REFUSALS:
-        if pattern.match(stated):
-            return Refused(code, message)
-    return Unknown(f"HTTP {status}, a refusal Uncash does not document: {message or '(none)'}")
-
-
-def _card_state(data: Mapping[str, Any]) -> CardState:
-    status_text = str(data.get("status") or "").lower()
-    try:
-        status = CardStatus(status_text)
-    except ValueError:
-        status = CardStatus.UNKNOWN
-    balance = _decimal_field(data, "balance")
-    if balance is None:
-        raise ValueError("card without a readable balance")
-    return CardState(
-        card_id=str(data.get("id") or data.get("card_id") or ""),
-        status=status,
-        balance=balance,
-        deposit=_decimal_field(data, "deposit"),
-        currency=str(data.get("currency") or "USD"),
-    )
-
-
-def _loads_card_list(body: str) -> Any:
-    """The `GET /cards` answer, each card becoming a CardState as soon as it is parsed.
-
-    The listing holds every card of the account in one answer (hundreds of thousands for a
-    large job): as parsed dicts of eleven fields they took about 1 kB each, several hundred MB
-    at once; this way each dict goes as soon as it is read. Cards with the same balance (by
-    its exact text) share one Decimal. A card whose balance cannot be read stays a dict and is
-    left out, as before.
-    """
-    shared: dict[str, Decimal] = {}
-    statuses: dict[str, CardStatus] = {}
-
-    def money(value: Decimal) -> Decimal:
-        return shared.setdefault(str(value), value)
-
-    def card(item: dict[str, Any]) -> Any:
-        balance, deposit = item.get("balance"), item.get("deposit")
-        card_id = item.get("id") or item.get("card_id")
-        if card_id is None or balance is None:
-            return item
-        status, currency = item.get("status"), item.get("currency") or "USD"
-        if (
-            type(balance) is Decimal
-            and (deposit is None or type(deposit) is Decimal)
-            and type(status) is str
-            and type(currency) is str
-        ):
-            # The shape every listed card has, parsed exactly with parse_float=Decimal:
-            # what _card_state would make of it, at a third of the cost.
-            known = statuses.get(status)
-            if known is None:
-                known = statuses[status] = _card_state({"status": status, "balance": 0}).status
-            return CardState(
-                card_id=str(card_id),
-                status=known,
-                balance=money(balance),
-                deposit=None if deposit is None else money(deposit),
-                currency=sys.intern(currency),
-            )
-        try:
-            state = _card_state(item)
-        except ValueError:
-            return item
-        return CardState(
-            card_id=state.card_id,
-            status=state.status,
-            balance=money(state.balance),
-            deposit=None if state.deposit is None else money(state.deposit),
-            currency=sys.intern(state.currency),
-        )
-
-    try:
-        return json.loads(body, parse_float=Decimal, object_hook=card)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply to read") from None
+    if isinstance(exc, AnswerTooLarge):
+        if topup:
+            return Unknown(f"HTTP {status}: {exc}")
+        return ProviderError(f"Uncash {what}: {exc}", provider=provider, status=status)
+    if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
+        # Refused before any connection was made (check_base_url keeps this from happening).
+        if topup:
+            return RetryLater(RetryKind.TRANSIENT, f"not sent: {transport_message(exc)}")
+        return ProviderError(f"Uncash {what}: {transport_message(exc)}", provider=provider)
+    if isinstance(exc, aiohttp.ClientConnectorError) and topup:
+        # The TCP connection was never made: the request cannot have been seen.
+        return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {exc.os_error or exc}")
+    if isinstance(exc, aiohttp.ClientError):
+        return Unknown(transport_message(exc)) if topup else _TryAgain(transport_message(exc))
+    if isinstance(exc, TimeoutError):
+        return Unknown(transport_message(exc)) if topup else _TryAgain("timed out")
+    # A plain ValueError: aiohttp refuses some requests (a header it will not send); without
+    # knowing where it stopped, a topup may have been sent, and a read would fail again.
+    if topup:
+        return Unknown(f"{type(exc).__name__}: {snippet(exc)}")
+    return ProviderError(f"Uncash {what}: {snippet(exc)}", provider=provider)
 
 
 class UncashProvider:
@@ -341,10 +215,7 @@ class UncashProvider:
             text = (await read_bounded(response, limit)).decode("utf-8", "replace")
             yield HttpAnswer(response.status, text, response.headers.get("Retry-After"))
 
-    async def topup(
-        self, card_id: str, amount: Decimal, *, idempotency_key: str | None = None
-    ) -> Outcome:
-        # Uncash takes no idempotency key; the argument exists for providers that do.
+    async def topup(self, card_id: str, amount: Decimal) -> Outcome:
         text = str(amount)
         if not _CENTS_TEXT.fullmatch(text):  # else it is already what format_amount gives
             if amount != quantize_cents(amount):
@@ -359,6 +230,7 @@ class UncashProvider:
         url = f"{self._base}/cards/{card}/topup"
         # Bytes: a str body is re-encoded through a charset lookup at every request.
         body = b'{"amount": ' + text.encode() + b"}"
+        status: int | None = None
         try:
             # The request inline rather than through _request: this runs once a topup, and a
             # run's CPU per topup decides how fast an unlimited provider can be fed.
@@ -369,20 +241,8 @@ class UncashProvider:
                 raw = await read_bounded(response, MAX_ANSWER_BYTES)
                 answer = raw.decode("utf-8", "replace")
                 retry_after = response.headers.get("Retry-After") if status == 429 else None
-        except AnswerTooLarge as exc:
-            return Unknown(f"HTTP {status}: {exc}")
-        except aiohttp.ClientConnectorError as exc:
-            # The TCP connection was never made: the request cannot have been seen.
-            return RetryLater(RetryKind.TRANSIENT, f"cannot connect: {exc.os_error or exc}")
-        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
-            # Refused before any connection was made (check_base_url keeps this from happening).
-            return RetryLater(RetryKind.TRANSIENT, f"not sent: {transport_message(exc)}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return Unknown(transport_message(exc))
-        except ValueError as exc:
-            # aiohttp refuses some requests (a header it will not send) and answers with a
-            # plain ValueError; without knowing where it stopped, the topup may have been sent.
-            return Unknown(f"{type(exc).__name__}: {snippet(exc)}")
+        except (AnswerTooLarge, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return _map_transport_error(exc, topup=True, status=status)
         outcome = classify_topup(HttpAnswer(status, answer, retry_after), card_id, amount)
         if isinstance(outcome, RetryLater) and outcome.kind is RetryKind.RATE_LIMITED:
             self._throttle.slow_down(outcome.after)
@@ -403,20 +263,19 @@ class UncashProvider:
             try:
                 async with self._request("GET", path, limit=limit) as answer:
                     pass  # read in full; the body is parsed once the response is let go of
-            except AnswerTooLarge as exc:
-                raise ProviderError(f"Uncash GET {path}: {exc}") from None
-            except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
-                raise ProviderError(f"Uncash GET {path}: {transport_message(exc)}") from None
-            except aiohttp.ClientError as exc:
-                last = transport_message(exc)
-            except TimeoutError:
-                last = "timed out"
-            except ValueError as exc:
-                raise ProviderError(f"Uncash GET {path}: {snippet(exc)}") from None
+            except (AnswerTooLarge, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                failure = _map_transport_error(
+                    exc, topup=False, what=f"GET {path}", provider=self.name
+                )
+                if isinstance(failure, ProviderError):
+                    raise failure from None
+                last = failure.message
             else:
                 if answer.status == 401:
                     raise AuthenticationFailed(
-                        "Uncash refused the API token (HTTP 401): check UNCASH_API_TOKEN"
+                        "Uncash refused the API token (HTTP 401): check UNCASH_API_TOKEN",
+                        provider=self.name,
+                        status=401,
                     )
                 if answer.status == 429:
                     after = parse_retry_after(answer.retry_after)
@@ -434,7 +293,9 @@ class UncashProvider:
             if attempt < _GET_ATTEMPTS:
                 await asyncio.sleep(delay * (1 + random.random()))
                 delay *= 2
-        raise ProviderError(f"Uncash GET {path} failed {_GET_ATTEMPTS} times: {last}")
+        raise ProviderError(
+            f"Uncash GET {path} failed {_GET_ATTEMPTS} times: {last}", provider=self.name
+        )
 
     async def _get_data(
         self, path: str, loads: Callable[[str], Any] = loads_exact, *, limit: int = MAX_ANSWER_BYTES
@@ -442,13 +303,19 @@ class UncashProvider:
         status, payload = await self._get(path, loads, limit=limit)
         if status == 200 and isinstance(payload, Mapping) and payload.get("success") is True:
             return payload.get("data")
-        raise ProviderError(f"Uncash GET {path}: HTTP {status}: {_message_of(payload) or payload}")
+        raise ProviderError(
+            f"Uncash GET {path}: HTTP {status}: {message_of(payload) or payload}",
+            provider=self.name,
+            status=status,
+        )
 
     async def wallet_balance(self) -> Decimal:
         data = await self._get_data("/wallet/balance")
-        balance = _decimal_field(data, "balance") if isinstance(data, Mapping) else None
+        balance = decimal_field(data, "balance") if isinstance(data, Mapping) else None
         if balance is None:
-            raise ProviderError("Uncash GET /wallet/balance: no readable balance in the answer")
+            raise ProviderError(
+                "Uncash GET /wallet/balance: no readable balance in the answer", provider=self.name
+            )
         return balance
 
     async def fee_estimates(self, amounts: Sequence[Decimal]) -> Mapping[Decimal, Decimal]:
@@ -459,30 +326,44 @@ class UncashProvider:
         try:
             path = f"/cards/{quote(card_id, safe='')}"
         except UnicodeEncodeError:
-            raise ProviderError("Uncash GET /cards/{id}: the card id is not valid text") from None
+            raise ProviderError(
+                "Uncash GET /cards/{id}: the card id is not valid text",
+                provider=self.name,
+                card_id=card_id,
+            ) from None
         status, payload = await self._get(path)
-        message = _message_of(payload)
-        if status < 500 and _CARD_NOT_FOUND.match(_stated(payload)):
+        message = message_of(payload)
+        if status < 500 and CARD_NOT_FOUND.match(stated_message(payload)):
             return None
         if status == 404:
             # Not the documented card refusal: most likely a wrong --base-url.
             raise ProviderError(
-                f"Uncash GET {path}: HTTP 404 {message or 'without a message'}: check --base-url"
+                f"Uncash GET {path}: HTTP 404 {message or 'without a message'}: check --base-url",
+                provider=self.name,
+                card_id=card_id,
+                status=404,
             )
         if status != 200 or not isinstance(payload, Mapping) or payload.get("success") is not True:
-            raise ProviderError(f"Uncash GET {path}: HTTP {status}: {_message_of(payload)}")
+            raise ProviderError(
+                f"Uncash GET {path}: HTTP {status}: {message}",
+                provider=self.name,
+                card_id=card_id,
+                status=status,
+            )
         data = payload.get("data")
         try:
-            return _card_state(data if isinstance(data, Mapping) else {})
+            return card_state(data if isinstance(data, Mapping) else {})
         except ValueError as exc:
-            raise ProviderError(f"Uncash GET {path}: {exc}") from None
+            raise ProviderError(
+                f"Uncash GET {path}: {exc}", provider=self.name, card_id=card_id, status=status
+            ) from None
 
     async def list_cards(self) -> Mapping[str, CardState]:
         # Every card of the account in one answer: the one read allowed past a MiB.
-        data = await self._get_data("/cards", _loads_card_list, limit=MAX_CARD_LIST_BYTES)
+        data = await self._get_data("/cards", loads_card_list, limit=MAX_CARD_LIST_BYTES)
         cards = data.get("cards") if isinstance(data, Mapping) else None
         if not isinstance(cards, list):
-            raise ProviderError("Uncash GET /cards: no card list in the answer")
+            raise ProviderError("Uncash GET /cards: no card list in the answer", provider=self.name)
         return {item.card_id: item for item in cards if isinstance(item, CardState)}
 
     async def _latest_credit(self, card_id: str, amount: Decimal) -> str | None:
@@ -493,21 +374,21 @@ class UncashProvider:
         """
         path = f"/cards/transactions?card_id={quote(card_id, safe='')}&limit=10&page=1"
         try:
-            items = _transaction_items(await self._get_data(path))
+            items = transaction_items(await self._get_data(path))
         except ProviderError:
             return None
         for item in items:
             if not isinstance(item, Mapping) or str(item.get("side", "Credit")) != "Credit":
                 continue
-            if _decimal_field(item, "amount") == amount and item.get("id") is not None:
+            if decimal_field(item, "amount") == amount and item.get("id") is not None:
                 return str(item["id"])
         return None
 
     async def settle(
         self, card_id: str, amount: Decimal, provider_ref: str
-    ) -> Applied | Refused | None:
-        """Uncash applies topups at once: nothing is ever pending."""
-        return None
+    ) -> Applied | Refused | StillPending:
+        """Uncash applies topups at once: nothing is ever pending, so nothing is settled."""
+        return STILL_PENDING
 
     async def reconcile(
         self,
@@ -543,20 +424,8 @@ class UncashProvider:
             return Applied(
                 card_balance_after=now.balance,
                 transaction_id=await self._latest_credit(card_id, amount),
-                source="reconciled",
             )
         return Unknown(
             f"the card's deposit moved by {format_amount(moved)}, "
             f"neither 0 nor the amount {format_amount(amount)}"
         )
-
-
-def _transaction_items(data: Any) -> list[Any]:
-    """The list of a transactions page, whatever the container key (it is undocumented)."""
-    if isinstance(data, list):
-        return data
-    if isinstance(data, Mapping):
-        for key in ("transactions", "items", "data"):
-            if isinstance(data.get(key), list):
-                return list(data[key])
-    return []

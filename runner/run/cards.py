@@ -116,8 +116,8 @@ class LeasedCards:
         hold: float,
         clock: Callable[[], float],
     ) -> None:
-        from runner.ledger_pg import PostgresLedger
-        from runner.shared import SharedPacer, SharedRun
+        from runner.ledger.leases import SharedPacer, SharedRun
+        from runner.ledger.postgres import PostgresLedger
 
         ledger = record.ledger
         assert isinstance(ledger, PostgresLedger)

@@ -93,7 +93,7 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
     run_key = settings.run_key or derive_run_key(job, settings)
     if where is not None and (not isinstance(where, Path) or where.exists()):
         with ExitStack() as stack:
-            ledger = open_for(where, stack)
+            ledger = open_for(where, stack, readonly=True)
             samples = await fee_samples(ledger, settings.provider)
             # The key `run` would take: an earlier run of this job is resumed, not repaid.
             run_key = await choose_run_key(ledger, job, settings)

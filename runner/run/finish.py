@@ -21,7 +21,7 @@ from runner.errors import LedgerError
 from runner.jobs import Job
 from runner.ledger import PendingRow, ProviderEvent, RunFacts, RunSpec, utcnow
 from runner.metrics import RunMetrics, write_metrics
-from runner.providers.base import Applied, Provider
+from runner.providers.base import Applied, Provider, StillPending
 from runner.report import failed_rows_path_for, write_failed_rows, write_report
 from runner.run.check import busiest
 from runner.run.record import RunRecord, open_for, read_run
@@ -131,7 +131,7 @@ async def _poll_settlement(
 ) -> None:
     async with limiter:
         final = await provider.settle(row.card_id, row.amount, row.provider_ref)
-    if final is None:  # StillPending
+    if isinstance(final, StillPending):
         return
     if isinstance(final, Applied) and final.discrepancy is not None:
         # Settled, but not as it was sent: money moved, so never failed, never resent.
@@ -271,7 +271,7 @@ def rewrite_report(ledger_where: Path | str, run_key: str, output: Path) -> Path
     if isinstance(ledger_where, Path) and not ledger_where.exists():
         raise LedgerError(f"ledger {ledger_where}: no such file")
     with ExitStack() as stack:
-        record = RunRecord(open_for(ledger_where, stack), run_key)
+        record = RunRecord(open_for(ledger_where, stack, readonly=True), run_key)
         spec, facts = read_run(record.ledger, run_key)
         if spec is None or facts is None:
             raise LedgerError(f"ledger {record.name}: no run with key {run_key!r}")

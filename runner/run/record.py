@@ -50,9 +50,10 @@ def ledger_where(settings: Settings, env: Mapping[str, str], stack: ExitStack) -
     return default_ledger_path(env)
 
 
-def open_for(where: str | Path, stack: ExitStack) -> Ledger:
-    """Open the ledger at `where`, closed when `stack` ends."""
-    ledger = open_ledger(where)
+def open_for(where: str | Path, stack: ExitStack, *, readonly: bool = False) -> Ledger:
+    """Open the ledger at `where`, closed when `stack` ends; `readonly` for commands that only
+    read it (check, report), which then work on an auditor's copy or a read-only mount."""
+    ledger = open_ledger(where, readonly=readonly)
     stack.callback(ledger.close)
     return ledger
 

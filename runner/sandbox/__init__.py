@@ -3,7 +3,8 @@ served over real HTTP on loopback, which enforce the documented rules (and the p
 assumptions), record exactly what they applied, and inject faults on demand.
 """
 
-from runner.sandbox.alix_state import AlixState, AlixTopup, TopupStatus, WebhookDelivery
+from runner.sandbox.alix_records import AlixTopup, TopupStatus, WebhookDelivery
+from runner.sandbox.alix_state import AlixState
 from runner.sandbox.config import AlixConfig, SandboxCard, SandboxConfig
 from runner.sandbox.faults import FaultKind, FaultPlan
 from runner.sandbox.server import (

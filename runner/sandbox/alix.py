@@ -15,11 +15,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from runner.sandbox.alix_state import (
+from runner.sandbox.alix_records import (
     OK_MESSAGE,
     TOPUP_DESCRIPTION,
     TOPUP_TYPE,
-    AlixState,
     AlixTopup,
     AlixTopupResult,
     AuthFailure,
@@ -30,6 +29,7 @@ from runner.sandbox.alix_state import (
     parse_amount,
     parse_time,
 )
+from runner.sandbox.alix_state import AlixState
 from runner.sandbox.faults import FaultKind, FaultPlan
 from runner.sandbox.state import (
     AmountProblem,
@@ -122,7 +122,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return _envelope(404, "Route not found", ErrorCode.ROUTE_NOT_FOUND)
     if request.match_info.route.name in _AUTH_ROUTES:
         return await handler(request)
-    failure = alix.check_access(request.headers.get(TOKEN_HEADER))
+    failure = alix.tokens.check(request.headers.get(TOKEN_HEADER))
     if failure is not None:
         message = (
             EXPIRED_ACCESS_TOKEN if failure is AuthFailure.EXPIRED_TOKEN else INVALID_ACCESS_TOKEN
@@ -144,7 +144,7 @@ async def _access_token(request: web.Request) -> web.Response:
     if fields is None or body is None:
         alix.note_refusal(Refusal.INVALID)
         return _invalid_request(request, "partnerCode, userEmail and signature are required")
-    tokens = alix.issue_tokens(*fields, body.get("signature"))
+    tokens = alix.tokens.issue(*fields, body.get("signature"))
     if tokens is None:
         return _envelope(401, INVALID_CREDENTIALS, ErrorCode.UNAUTHORIZED)
     return _ok(_tokens_data(tokens))
@@ -157,7 +157,7 @@ async def _refresh_token(request: web.Request) -> web.Response:
     if fields is None or body is None:
         alix.note_refusal(Refusal.INVALID)
         return _invalid_request(request, "partnerCode, refreshToken and signature are required")
-    result = alix.refresh_tokens(*fields, body.get("signature"))
+    result = alix.tokens.refresh(*fields, body.get("signature"))
     match result:
         case Tokens():
             return _ok(_tokens_data(result))

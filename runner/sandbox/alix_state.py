@@ -86,29 +86,35 @@ The sandbox's own choices where even those are silent:
 
 from __future__ import annotations
 
-import enum
 import math
 import random
-import re
-import secrets
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from decimal import ROUND_HALF_UP, Decimal
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from runner.sandbox.alix_records import (
+    TOPUP_TYPE,
+    AlixCounters,
+    AlixTopup,
+    AlixTopupResult,
+    AuthFailure,
+    TopupAccepted,
+    TopupStatus,
+    WebhookDelivery,
+    webhook_message,
+)
+from runner.sandbox.alix_tokens import AlixTokens
 from runner.sandbox.config import CENT, AlixConfig, canonical_card_id, check_loopback_url
 from runner.sandbox.faults import FaultKind
 from runner.sandbox.signing import (
     generate_private_key,
     load_private_key,
-    load_public_key,
     public_pem,
     sign,
-    verify,
 )
 from runner.sandbox.state import (
     AmountProblem,
@@ -119,169 +125,11 @@ from runner.sandbox.state import (
     InvalidAmount,
     Refusal,
     SandboxState,
-    decimal_places,
 )
 from runner.sandbox.wire import JSON
 
 # Float arithmetic on clock values must not keep a topup pending that is due to the microsecond.
 _EPSILON = 1e-9
-_AMOUNT_TEXT = re.compile(r"(?:0|[1-9][0-9]*)(?:\.([0-9]+))?")
-_TIME_TEXT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-OK_MESSAGE = "Your request has been successful"
-TOPUP_TYPE = "TopupCard"
-TOPUP_DESCRIPTION = "Topup card"
-
-
-class TopupStatus(enum.StrEnum):
-    PENDING = "Pending"
-    SUCCESS = "Success"
-    FAILED = "Failed"
-
-
-class ErrorCode(enum.IntEnum):
-    """The sandbox's `errorCode` values (Alix publishes no table; 0 is success)."""
-
-    OK = 0
-    INVALID_REQUEST = 1
-    INVALID_AMOUNT = 2
-    UNAUTHORIZED = 3
-    TOKEN_EXPIRED = 4
-    CARD_NOT_FOUND = 5
-    CARD_INACTIVE = 6
-    INSUFFICIENT_BALANCE = 7
-    TOO_MANY_REQUESTS = 8
-    INTERNAL_ERROR = 9
-    ROUTE_NOT_FOUND = 10
-
-
-def partner_message(partner_code: str, secret_key: str) -> str:
-    """What the partner signs for the access-token and refresh-token calls."""
-    return f"{partner_code}|{secret_key}"
-
-
-def webhook_message(card_id: str, amount: str, status: str, created_at: int) -> str:
-    """What Alix signs in a TopupCard webhook: `amount` as the partner sent it."""
-    return f"{card_id}|{amount}|{status}|{created_at}"
-
-
-def parse_amount(value: object, *, numbers: bool = False) -> Decimal | str:
-    """`value` as an exact amount, or the message saying why it is not one.
-
-    A string must be spelled as the module docstring says; a JSON number (int or Decimal) is
-    accepted only with `numbers`, judged on its value. Bounds are checked elsewhere.
-    """
-    if isinstance(value, str):
-        match = _AMOUNT_TEXT.fullmatch(value)
-        if match is None:
-            return f'Invalid amount: {value!r} is not a decimal amount such as "100.00"'
-        if match.group(1) is not None and len(match.group(1)) > 2:
-            return "Invalid amount: at most 2 decimal places"
-        return Decimal(value)
-    if numbers and isinstance(value, int | Decimal) and not isinstance(value, bool):
-        amount = Decimal(value)
-        if not amount.is_finite():
-            return "Invalid amount: not a finite number"
-        if decimal_places(amount) > 2:
-            return "Invalid amount: at most 2 decimal places"
-        return amount
-    if value is None:
-        return "Invalid amount: amount is required"
-    return 'Invalid amount: amount must be a string such as "100.00"'
-
-
-@dataclass(frozen=True, slots=True)
-class AlixTopup:
-    """One topup Alix accepted (the wallet was charged), as it stands now.
-
-    The record tests and benchmarks judge the runner by: `status` moves from Pending to Success
-    or Failed (refunded) when it settles; `accepted_at` and `settled_at` are injected-clock
-    values; `fault` names the fault that hid the answer from the client, if any.
-    """
-
-    seq: int
-    card_id: str
-    amount: Decimal
-    amount_text: str
-    fee: Decimal
-    total_charged: Decimal
-    created_at: int
-    accepted_at: float
-    transaction_id: str
-    status: TopupStatus
-    balance_before: Decimal
-    balance_after: Decimal
-    wallet_balance_after: Decimal
-    settled_at: float | None = None
-    fault: FaultKind | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TopupAccepted:
-    record: AlixTopup
-
-
-AlixTopupResult = TopupAccepted | InvalidAmount | CardNotFound | CardInactive | InsufficientFunds
-
-
-@dataclass(frozen=True, slots=True)
-class Tokens:
-    access_token: str
-    refresh_token: str
-    expires_in: float
-
-
-class AuthFailure(enum.StrEnum):
-    """Why an auth call or an access token was refused (every one is a 401)."""
-
-    BAD_CREDENTIALS = "bad_credentials"
-    UNKNOWN_TOKEN = "unknown_token"
-    EXPIRED_TOKEN = "expired_token"
-
-    @property
-    def code(self) -> ErrorCode:
-        expired = self is AuthFailure.EXPIRED_TOKEN
-        return ErrorCode.TOKEN_EXPIRED if expired else ErrorCode.UNAUTHORIZED
-
-
-@dataclass(slots=True)
-class AlixCounters:
-    """What the runner's token handling and webhook handling are judged by."""
-
-    access_tokens_issued: int = 0
-    refreshes: int = 0
-    unauthorized: int = 0  # every 401 answered, auth calls included
-    expired_tokens: int = 0  # the 401s answered to an access token past its lifetime
-    webhooks_delivered: int = 0  # deliveries answered 2xx, duplicates included
-    webhook_failures: int = 0  # delivery attempts that failed or got a non-2xx answer
-    webhook_duplicates: int = 0  # events sent once more on purpose
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookDelivery:
-    """One attempt to POST a webhook: `status` None when no answer came (see `error`)."""
-
-    seq: int
-    url: str
-    body: str
-    status: int | None
-    error: str | None
-    attempt: int
-    duplicate: bool
-    card_id: str
-    created_at: int
-    topup_status: TopupStatus
-    at: float
-
-    @property
-    def delivered(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-
-@dataclass(slots=True)
-class _RefreshGrant:
-    expires_at: float
-    access_token: str
 
 
 class AlixState:
@@ -302,7 +150,10 @@ class AlixState:
         self.shared = shared
         self.config = config
         seed = shared.config.seed
-        self._partner_key = load_public_key("partner_public_key_pem", config.partner_public_key_pem)
+        self.counters = AlixCounters()
+        self.tokens = AlixTokens(
+            config, self.counters, now=shared.now, on_refused=self.note_unauthorized
+        )
         if config.alix_private_key_pem is not None:
             # AlixConfig.__post_init__ has checked this key already.
             pem = config.alix_private_key_pem
@@ -311,8 +162,6 @@ class AlixState:
             self._signing_key = signing_key or generate_private_key()
         self.public_key_pem = public_pem(self._signing_key)
         self.webhook_url = config.webhook_url
-        self._access: dict[str, float] = {}  # access token -> when it expires
-        self._refresh: dict[str, _RefreshGrant] = {}
         self._limiter = (
             None
             if shared.config.rate_limit is None
@@ -325,7 +174,6 @@ class AlixState:
         self._pending: deque[int] = deque()  # indices into topups, in acceptance order
         self._last_created_at: dict[str, int] = {}
         self._listeners: list[Callable[[AlixTopup], None]] = []
-        self.counters = AlixCounters()
         self.requests: Counter[str] = Counter()
         self.refusals: Counter[Refusal] = Counter()
         self.faults_injected: Counter[FaultKind] = Counter()
@@ -340,64 +188,6 @@ class AlixState:
     def unix_seconds(self, at: float) -> int:
         """Wall-clock unix seconds of the clock value `at`."""
         return math.floor(self.shared.wall(at).timestamp())
-
-    # -- auth -------------------------------------------------------------------------------
-
-    def issue_tokens(self, partner_code: str, user_email: str, signature: object) -> Tokens | None:
-        """New tokens for a partner whose credentials check out; None (a 401) otherwise."""
-        if not (
-            secrets.compare_digest(partner_code.encode(), self.config.partner_code.encode())
-            and secrets.compare_digest(user_email.encode(), self.config.user_email.encode())
-            and self._signed_by_partner(signature)
-        ):
-            self.note_unauthorized(AuthFailure.BAD_CREDENTIALS)
-            return None
-        self.counters.access_tokens_issued += 1
-        return self._grant()
-
-    def refresh_tokens(
-        self, partner_code: str, refresh_token: str, signature: object
-    ) -> Tokens | AuthFailure:
-        """New tokens in exchange for `refresh_token`, which is spent with its access token."""
-        if not (
-            secrets.compare_digest(partner_code.encode(), self.config.partner_code.encode())
-            and self._signed_by_partner(signature)
-        ):
-            self.note_unauthorized(AuthFailure.BAD_CREDENTIALS)
-            return AuthFailure.BAD_CREDENTIALS
-        grant = self._refresh.pop(refresh_token, None)
-        if grant is None:
-            self.note_unauthorized(AuthFailure.UNKNOWN_TOKEN)
-            return AuthFailure.UNKNOWN_TOKEN
-        self._access.pop(grant.access_token, None)
-        if self.now() >= grant.expires_at:
-            self.note_unauthorized(AuthFailure.EXPIRED_TOKEN)
-            return AuthFailure.EXPIRED_TOKEN
-        self.counters.refreshes += 1
-        return self._grant()
-
-    def check_access(self, token: str | None) -> AuthFailure | None:
-        """None when `token` is a live access token; otherwise why not (counted as a 401)."""
-        expires_at = None if token is None else self._access.get(token)
-        if expires_at is None:
-            failure = AuthFailure.UNKNOWN_TOKEN
-        elif self.now() >= expires_at:
-            failure = AuthFailure.EXPIRED_TOKEN
-        else:
-            return None
-        self.note_unauthorized(failure)
-        return failure
-
-    def _signed_by_partner(self, signature: object) -> bool:
-        message = partner_message(self.config.partner_code, self.config.secret_key)
-        return verify(self._partner_key, message, signature)
-
-    def _grant(self) -> Tokens:
-        now = self.now()
-        access, refresh = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        self._access[access] = now + self.config.access_token_ttl
-        self._refresh[refresh] = _RefreshGrant(now + self.config.refresh_token_ttl, access)
-        return Tokens(access, refresh, self.config.access_token_ttl)
 
     # -- counting ---------------------------------------------------------------------------
 
@@ -613,14 +403,3 @@ class AlixState:
             "data": data,
             "signature": sign(self._signing_key, message),
         }
-
-
-def parse_time(value: str) -> int | None:
-    """Unix seconds of a `YYYY-MM-DD HH:MM:SS` UTC time, or None if it is not one."""
-    if _TIME_TEXT.fullmatch(value) is None:
-        return None
-    try:
-        moment = datetime.strptime(value, TIME_FORMAT).replace(tzinfo=UTC)
-    except ValueError:
-        return None
-    return math.floor(moment.timestamp())

@@ -10,7 +10,8 @@ import random
 
 import aiohttp
 
-from runner.sandbox.alix_state import AlixState, AlixTopup, WebhookDelivery
+from runner.sandbox.alix_records import AlixTopup, WebhookDelivery
+from runner.sandbox.alix_state import AlixState
 from runner.sandbox.wire import dumps
 
 # How often due topups are settled when no request comes; real seconds, whatever the clock.

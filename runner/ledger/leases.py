@@ -6,6 +6,9 @@ when the worker stops. A worker sends nothing once it cannot prove it still hold
 it stops after `lease / 2` without a renewal, while another worker may take them only after
 the whole lease. `SharedPacer` is the provider's rate limit shared by every worker: request
 slots come from the run's timeline in the ledger, a tenth of a second's worth at a time.
+
+`CardLeases` is the SQL of both, which `PostgresLedger` runs on a connection of its own so
+that a renewal never waits behind a commit.
 """
 
 from __future__ import annotations
@@ -15,16 +18,19 @@ import os
 import secrets
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 
 from runner.errors import LeaseLost, LedgerError
-from runner.ledger_pg import CardsLeft, CardWork, PostgresLedger
+from runner.ledger.api import SharedLedger
+from runner.ledger.statements import Statement, card_done
+from runner.ledger.values import CardsLeft, CardWork, OpenAttempt
 from runner.scheduler import Pacer, _prepaid
 
-log = structlog.get_logger("runner.shared")
+log = structlog.get_logger("runner.ledger.leases")
 
 # Slots reserved per trip to the ledger: this many seconds' worth at the current rate.
 SLOT_BLOCK_SECONDS = 0.1
@@ -40,13 +46,146 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+class CardLeases:
+    """The SQL of card leases and rate slots, for `PostgresLedger` (which supplies `_query`
+    and, through `post`, the commit that marks a card done)."""
+
+    if TYPE_CHECKING:
+
+        def _query(
+            self, sql: str, params: Sequence[Any] = (), *, coordination: bool = False
+        ) -> list[tuple[Any, ...]]: ...
+
+        def _open_attempts(self, where: str, params: Sequence[Any]) -> list[OpenAttempt]: ...
+
+        def post(self, statements: Sequence[Statement]) -> None: ...
+
+    def claim_cards(self, run_key: str, owner: str, limit: int, lease: float) -> list[str]:
+        """Up to `limit` cards nobody holds (or whose holder's lease ran out), busiest first,
+        now `owner`'s until `lease` seconds from now unless renewed."""
+        found = self._query(
+            "WITH free AS (SELECT card_id FROM run_cards "
+            "WHERE run_key = %s AND NOT done AND (owner IS NULL OR lease_until < now()) "
+            "ORDER BY rows_total DESC, card_id LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "UPDATE run_cards c SET owner = %s, lease_until = now() + make_interval(secs => %s) "
+            "FROM free WHERE c.run_key = %s AND c.card_id = free.card_id "
+            "RETURNING c.card_id, c.rows_total",
+            (run_key, limit, owner, lease, run_key),
+            coordination=True,
+        )
+        found.sort(key=lambda claimed: (-claimed[1], claimed[0]))
+        return [card for card, _ in found]
+
+    def card_work(self, run_key: str, cards: Sequence[str]) -> CardWork:
+        """The rows of `cards` still to send (not attempted, or with an attempt left open),
+        with the requests already recorded for each."""
+        cards = list(cards)
+        open_attempts = self._open_attempts(
+            "WHERE run_key = ? AND card_id = ANY(?) AND outcome IS NULL ORDER BY row, attempt",
+            (run_key, cards),
+        )
+        in_doubt = [a.row for a in open_attempts]
+        rows = dict(
+            self._query(
+                "SELECT row, attempts FROM rows WHERE run_key = %s AND card_id = ANY(%s) "
+                "AND (status = 'not_attempted' OR row = ANY(%s))",
+                (run_key, cards, in_doubt),
+            )
+        )
+        for attempt in open_attempts:
+            rows[attempt.row] = max(rows.get(attempt.row, 0), attempt.attempt)
+        last_sent = dict(
+            self._query(
+                "SELECT card_id, MAX(sent_at) FROM attempts WHERE run_key = %s "
+                "AND card_id = ANY(%s) GROUP BY card_id",
+                (run_key, cards),
+            )
+        )
+        return CardWork(rows, open_attempts, last_sent)
+
+    def renew(self, run_key: str, owner: str, lease: float) -> set[str]:
+        """Extend `owner`'s leases; the cards it still holds (a card missing was lost)."""
+        found = self._query(
+            # Locked in card order, as a commit marking cards done locks them: the two
+            # never wait on each other in a circle.
+            "WITH mine AS (SELECT card_id FROM run_cards WHERE run_key = %s AND owner = %s "
+            "AND NOT done AND lease_until >= now() ORDER BY card_id FOR UPDATE) "
+            "UPDATE run_cards c SET lease_until = now() + make_interval(secs => %s) "
+            "FROM mine WHERE c.run_key = %s AND c.card_id = mine.card_id RETURNING c.card_id",
+            (run_key, owner, lease, run_key),
+            coordination=True,
+        )
+        return {card for (card,) in found}
+
+    def release_cards(self, run_key: str, owner: str) -> None:
+        """Hand `owner`'s unfinished cards back at once (a worker stopping cleanly)."""
+        self._query(
+            "WITH mine AS (SELECT card_id FROM run_cards WHERE run_key = %s AND owner = %s "
+            "AND NOT done ORDER BY card_id FOR UPDATE) "
+            "UPDATE run_cards c SET owner = NULL, lease_until = NULL "
+            "FROM mine WHERE c.run_key = %s AND c.card_id = mine.card_id RETURNING c.card_id",
+            (run_key, owner, run_key),
+            coordination=True,
+        )
+
+    # The statement alone, for callers that commit it themselves (transition: `write`).
+    card_done = staticmethod(card_done)
+
+    def post_card_done(self, run_key: str, card_id: str, owner: str) -> None:
+        """Queue marking a card finished: committed after its rows' outcomes, posted before."""
+        self.post([card_done(run_key, card_id, owner)])
+
+    def cards_left(self, run_key: str, owner: str) -> CardsLeft:
+        free, held, soonest = self._query(
+            "SELECT COUNT(*) FILTER (WHERE owner IS NULL OR lease_until < now()), "
+            "COUNT(*) FILTER (WHERE owner <> %s AND lease_until >= now()), "
+            "EXTRACT(EPOCH FROM MIN(lease_until) FILTER "
+            "(WHERE owner <> %s AND lease_until >= now()) - now()) "
+            "FROM run_cards WHERE run_key = %s AND NOT done",
+            (owner, owner, run_key),
+            coordination=True,
+        )[0]
+        return CardsLeft(free, held, None if soonest is None else float(soonest))
+
+    def reserve_slots(self, run_key: str, count: int, spacing: float) -> tuple[float, float]:
+        """`count` request slots `spacing` apart from the run's shared timeline: (the first
+        slot, the database's clock now), both in seconds since the epoch."""
+        block = count * spacing
+        first, now = self._query(
+            "WITH clock AS (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now) "
+            "INSERT INTO run_pace AS p (run_key, next_at) SELECT %s, clock.now + %s FROM clock "
+            "ON CONFLICT (run_key) DO UPDATE SET next_at = GREATEST(p.next_at + %s, "
+            "EXCLUDED.next_at) RETURNING p.next_at - %s, (SELECT now FROM clock)",
+            (run_key, block, block, block),
+            coordination=True,
+        )[0]
+        return float(first), float(now)
+
+    def database_clock(self) -> float:
+        """The database's clock, in seconds since the epoch."""
+        ((now,),) = self._query(
+            "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", coordination=True
+        )
+        return float(now)
+
+    def pause_slots(self, run_key: str, seconds: float) -> None:
+        """Nobody's next request before `seconds` from now (the provider said 429)."""
+        self._query(
+            "UPDATE run_pace SET next_at = GREATEST(next_at, "
+            "EXTRACT(EPOCH FROM clock_timestamp())::float8 + %s) WHERE run_key = %s "
+            "RETURNING next_at",
+            (seconds, run_key),
+            coordination=True,
+        )
+
+
 class SharedPacer(Pacer):
     """`Pacer` whose slots come from the run's shared timeline in the ledger."""
 
     def __init__(
         self,
         rate: float | None,
-        ledger: PostgresLedger,
+        ledger: SharedLedger,
         run_key: str,
         *,
         clock: Callable[[], float] = anyio.current_time,
@@ -170,7 +309,7 @@ class SharedRun:
 
     def __init__(
         self,
-        ledger: PostgresLedger,
+        ledger: SharedLedger,
         run_key: str,
         *,
         lease: float,
@@ -224,9 +363,9 @@ class SharedRun:
         if not self._finishing:
             return
         cards, self._finishing = self._finishing, set()
-        await self.ledger.write(
-            [PostgresLedger.card_done(self.run_key, card, self.owner) for card in sorted(cards)]
-        )
+        for card in sorted(cards):
+            self.ledger.post_card_done(self.run_key, card, self.owner)
+        await self.ledger.flush()
         self.held -= cards
 
     def check(self) -> None:

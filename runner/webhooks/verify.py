@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from runner.errors import WebhookRejected
 from runner.money import format_amount, parse_provider_decimal, quantize_cents
-from runner.providers.alix import unix_seconds
+from runner.providers.alix_answers import unix_seconds
 from runner.providers.alix_auth import load_public_key, verify_signature
 
 TOPUP_WEBHOOK_TYPE = "TopupCard"
@@ -33,7 +33,7 @@ class TopupEvent:
 
     The signature covers `card_id`, `amount_text`, `status` and `created_at` only: `fee` and
     the balances are unsigned, so a replayed signature could carry altered ones. Prefer the
-    fee of the topup's own answer; `status` is as sent (see `alix.topup_status`).
+    fee of the topup's own answer; `status` is as sent (see `alix_answers.topup_status`).
     """
 
     card_id: str

@@ -1,6 +1,6 @@
 """The ledger on PostgreSQL, shared by every worker of a run (`--ledger postgresql://...`).
 
-The same ledger as `runner.ledger.Ledger` on SQLite: the same tables, the same statements
+The same ledger as `SqliteLedger`: the same tables, the same statements
 (their `?` become psycopg's `%s`), the same group commit. What differs is that several
 `topup-runner run` processes, on one host or many, work on one run together. They claim the
 run's cards in small batches (`FOR UPDATE SKIP LOCKED`) under leases they keep renewing: a
@@ -9,8 +9,9 @@ ever sent by two workers. A worker that dies stops renewing; once its leases exp
 worker takes its cards, and reconciles the attempts it left open exactly as a resumed run
 does. The provider's rate limit is shared through `run_pace`: request slots on the database's
 clock, reserved a few at a time, so that three workers together send no faster than one may.
+Leases and slots are `leases.py`'s; this module is the storage.
 
-psycopg 3's connection is used from worker threads (`Ledger.call`, the commit), as the SQLite
+psycopg 3's connection is used from worker threads (`call`, the commit), as the SQLite
 connection is: the event loop never waits on the database.
 """
 
@@ -18,10 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from importlib import resources
-from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -29,16 +27,12 @@ import anyio.to_thread
 
 from runner.domain import JobRow, RowRecord, RowStatus
 from runner.errors import LedgerError
-from runner.ledger import (
-    RECORD_COLUMNS,
-    Ledger,
-    OpenAttempt,
-    ProviderEvent,
-    RunSpec,
-    _money,
-    redact,
-    row_record,
-)
+from runner.ledger.commit import GroupCommitLedger
+from runner.ledger.leases import CardLeases
+from runner.ledger.location import redact
+from runner.ledger.reads import RECORD_COLUMNS, row_record
+from runner.ledger.statements import Statement, money
+from runner.ledger.values import ProviderEvent, RunSpec
 from runner.money import format_amount
 
 try:  # an optional dependency: `pip install 'topup-runner[postgres]'`
@@ -64,39 +58,25 @@ def _pg(sql: str) -> str:
     return text
 
 
-@dataclass(frozen=True, slots=True)
-class CardWork:
-    """What is left to do on a set of claimed cards, as the ledger has it now."""
-
-    rows: dict[int, int]  # row -> topup requests recorded for it so far, rows to send
-    open_attempts: list[OpenAttempt]  # attempts sent whose outcome was never recorded
-    last_sent: dict[str, datetime]  # when each card's latest attempt was sent
-
-
-@dataclass(frozen=True, slots=True)
-class CardsLeft:
-    """Whether a worker without cards should wait: cards free to claim, cards others hold."""
-
-    free: int
-    held_by_others: int
-    soonest_expiry: float | None  # seconds until the first of the others' leases runs out
-
-
-class PostgresLedger(Ledger):
-    """`Ledger` on PostgreSQL; `PostgresLedger.open(url)` and `close()`."""
+class PostgresLedger(CardLeases, GroupCommitLedger):
+    """The ledger on PostgreSQL; `PostgresLedger.open(url)` and `close()`. Card leases and
+    rate slots: `leases.CardLeases`."""
 
     shared = True
 
-    def __init__(self, url: str, conn: Any) -> None:
-        super().__init__(Path("postgresql"), conn)
+    def __init__(self, url: str, conn: Any, *, readonly: bool = False) -> None:
+        super().__init__(redact(url), conn, readonly=readonly)
         self.url = url
-        self.name = redact(url)
         self._coord: Any = None
         self._coord_lock = anyio.Lock()
 
     @classmethod
-    def open(cls, path: str | Path) -> PostgresLedger:
-        url = str(path)
+    def open(cls, url: str, *, readonly: bool = False) -> PostgresLedger:
+        """The ledger in the database at `url`, migrated to this version.
+
+        `readonly`: no migration, and every transaction of the session read-only (the
+        server refuses any write); a database without a ledger's tables is refused.
+        """
         if psycopg is None:  # pragma: no cover
             raise LedgerError(
                 "a PostgreSQL ledger needs psycopg: pip install 'topup-runner[postgres]'"
@@ -105,13 +85,32 @@ class PostgresLedger(Ledger):
             conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             raise LedgerError(f"ledger {redact(url)}: cannot connect: {_first_line(exc)}") from None
-        ledger = cls(url, conn)
+        ledger = cls(url, conn, readonly=readonly)
         try:
-            ledger._migrate()
+            if readonly:
+                ledger._read_only_session()
+            else:
+                ledger._migrate()
         except psycopg.Error as exc:
             conn.close()
-            raise LedgerError(f"ledger {redact(url)}: cannot migrate: {_first_line(exc)}") from None
+            doing = "cannot be read" if readonly else "cannot migrate"
+            raise LedgerError(f"ledger {redact(url)}: {doing}: {_first_line(exc)}") from None
+        except LedgerError:
+            conn.close()
+            raise
         return ledger
+
+    def _read_only_session(self) -> None:
+        """Every transaction of the session read-only (autocommit statements included),
+        on a database that holds a ledger."""
+        conn = self._conn
+        conn.execute("SET default_transaction_read_only = on")
+        found = conn.execute("SELECT to_regclass('topup_migrations') IS NOT NULL").fetchone()
+        if not found or not found[0]:
+            raise LedgerError(
+                f"ledger {self.name}: holds no topup-runner ledger (no topup_migrations "
+                "table): is the URL the ledger's database?"
+            )
 
     def _migrate(self) -> None:
         """Apply the package's migrations not applied yet, one worker at a time."""
@@ -130,8 +129,10 @@ class PostgresLedger(Ledger):
                 conn.execute(entry.read_text(encoding="utf-8"))
                 conn.execute("INSERT INTO topup_migrations (name) VALUES (%s)", (entry.name,))
 
-    def lock(self, run_key: str) -> Any:
+    def lock(self, run_key: str) -> None:
         """No exclusive lock: the workers of a run share it through card leases."""
+        if self.readonly:
+            raise self._no_run()
         return None
 
     def close(self) -> None:
@@ -140,14 +141,14 @@ class PostgresLedger(Ledger):
         self._disk.stop()
         self._conn.close()
 
-    async def _commit(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    async def _commit(self, batch: Sequence[Statement]) -> None:
         """One transaction, pipelined (one round trip for the batch), on a worker thread."""
         try:
             await anyio.to_thread.run_sync(self._commit_sync, batch)
         except psycopg.Error as exc:
             raise LedgerError(f"ledger {self.name}: write failed: {_first_line(exc)}") from None
 
-    def _commit_sync(self, batch: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    def _commit_sync(self, batch: Sequence[Statement]) -> None:
         """The batch in one transaction; again, whole, when PostgreSQL chose it as the victim
         of a deadlock or a serialization conflict (it was rolled back entirely)."""
         conn = self._conn
@@ -225,7 +226,7 @@ class PostgresLedger(Ledger):
                                 spec.run_key,
                                 r.row,
                                 r.card_id,
-                                _money(r.amount),
+                                money(r.amount),
                                 r.reference,
                                 json.dumps(r.extra) if r.extra else "[]",
                                 RowStatus.NOT_ATTEMPTED.value,
@@ -256,8 +257,8 @@ class PostgresLedger(Ledger):
                         format_amount(event.amount),
                         event.provider_ref,
                         event.status.value,
-                        _money(event.fee),
-                        _money(event.balance_after),
+                        money(event.fee),
+                        money(event.balance_after),
                     ),
                 ).rowcount
                 settled = conn.execute(
@@ -271,8 +272,8 @@ class PostgresLedger(Ledger):
                     "AND run_key IN (SELECT run_key FROM runs WHERE provider = %s)",
                     (
                         event.status.value,
-                        _money(event.fee),
-                        _money(event.balance_after),
+                        money(event.fee),
+                        money(event.balance_after),
                         event.status.value,
                         event.card_id,
                         format_amount(event.amount),
@@ -300,6 +301,7 @@ class PostgresLedger(Ledger):
             conn = psycopg.connect(self.url, connect_timeout=10)
         except psycopg.Error as exc:
             raise LedgerError(f"ledger {self.name}: cannot connect: {_first_line(exc)}") from None
+        conn.read_only = self.readonly  # BEGIN READ ONLY: the cursor's transaction
         try:
             with conn.cursor(name="records") as cursor:
                 cursor.itersize = 5000
@@ -318,126 +320,6 @@ class PostgresLedger(Ledger):
             raise LedgerError(f"ledger {self.name}: read failed: {_first_line(exc)}") from None
         finally:
             conn.close()
-
-    def claim_cards(self, run_key: str, owner: str, limit: int, lease: float) -> list[str]:
-        """Up to `limit` cards nobody holds (or whose holder's lease ran out), busiest first,
-        now `owner`'s until `lease` seconds from now unless renewed."""
-        found = self._query(
-            "WITH free AS (SELECT card_id FROM run_cards "
-            "WHERE run_key = %s AND NOT done AND (owner IS NULL OR lease_until < now()) "
-            "ORDER BY rows_total DESC, card_id LIMIT %s FOR UPDATE SKIP LOCKED) "
-            "UPDATE run_cards c SET owner = %s, lease_until = now() + make_interval(secs => %s) "
-            "FROM free WHERE c.run_key = %s AND c.card_id = free.card_id "
-            "RETURNING c.card_id, c.rows_total",
-            (run_key, limit, owner, lease, run_key),
-            coordination=True,
-        )
-        found.sort(key=lambda claimed: (-claimed[1], claimed[0]))
-        return [card for card, _ in found]
-
-    def card_work(self, run_key: str, cards: Sequence[str]) -> CardWork:
-        """The rows of `cards` still to send (not attempted, or with an attempt left open),
-        with the requests already recorded for each."""
-        cards = list(cards)
-        open_attempts = self._open_attempts(
-            "WHERE run_key = ? AND card_id = ANY(?) AND outcome IS NULL ORDER BY row, attempt",
-            (run_key, cards),
-        )
-        in_doubt = [a.row for a in open_attempts]
-        rows = dict(
-            self._query(
-                "SELECT row, attempts FROM rows WHERE run_key = %s AND card_id = ANY(%s) "
-                "AND (status = 'not_attempted' OR row = ANY(%s))",
-                (run_key, cards, in_doubt),
-            )
-        )
-        for attempt in open_attempts:
-            rows[attempt.row] = max(rows.get(attempt.row, 0), attempt.attempt)
-        last_sent = dict(
-            self._query(
-                "SELECT card_id, MAX(sent_at) FROM attempts WHERE run_key = %s "
-                "AND card_id = ANY(%s) GROUP BY card_id",
-                (run_key, cards),
-            )
-        )
-        return CardWork(rows, open_attempts, last_sent)
-
-    def renew(self, run_key: str, owner: str, lease: float) -> set[str]:
-        """Extend `owner`'s leases; the cards it still holds (a card missing was lost)."""
-        found = self._query(
-            # Locked in card order, as a commit marking cards done locks them: the two
-            # never wait on each other in a circle.
-            "WITH mine AS (SELECT card_id FROM run_cards WHERE run_key = %s AND owner = %s "
-            "AND NOT done AND lease_until >= now() ORDER BY card_id FOR UPDATE) "
-            "UPDATE run_cards c SET lease_until = now() + make_interval(secs => %s) "
-            "FROM mine WHERE c.run_key = %s AND c.card_id = mine.card_id RETURNING c.card_id",
-            (run_key, owner, lease, run_key),
-            coordination=True,
-        )
-        return {card for (card,) in found}
-
-    def release_cards(self, run_key: str, owner: str) -> None:
-        """Hand `owner`'s unfinished cards back at once (a worker stopping cleanly)."""
-        self._query(
-            "WITH mine AS (SELECT card_id FROM run_cards WHERE run_key = %s AND owner = %s "
-            "AND NOT done ORDER BY card_id FOR UPDATE) "
-            "UPDATE run_cards c SET owner = NULL, lease_until = NULL "
-            "FROM mine WHERE c.run_key = %s AND c.card_id = mine.card_id RETURNING c.card_id",
-            (run_key, owner, run_key),
-            coordination=True,
-        )
-
-    @staticmethod
-    def card_done(run_key: str, card_id: str, owner: str) -> tuple[str, Sequence[Any]]:
-        """The statement that marks a card finished, committed after its rows' outcomes."""
-        return (
-            "UPDATE run_cards SET done = true, owner = NULL, lease_until = NULL "
-            "WHERE run_key = ? AND card_id = ? AND owner = ?",
-            (run_key, card_id, owner),
-        )
-
-    def cards_left(self, run_key: str, owner: str) -> CardsLeft:
-        free, held, soonest = self._query(
-            "SELECT COUNT(*) FILTER (WHERE owner IS NULL OR lease_until < now()), "
-            "COUNT(*) FILTER (WHERE owner <> %s AND lease_until >= now()), "
-            "EXTRACT(EPOCH FROM MIN(lease_until) FILTER "
-            "(WHERE owner <> %s AND lease_until >= now()) - now()) "
-            "FROM run_cards WHERE run_key = %s AND NOT done",
-            (owner, owner, run_key),
-            coordination=True,
-        )[0]
-        return CardsLeft(free, held, None if soonest is None else float(soonest))
-
-    def reserve_slots(self, run_key: str, count: int, spacing: float) -> tuple[float, float]:
-        """`count` request slots `spacing` apart from the run's shared timeline: (the first
-        slot, the database's clock now), both in seconds since the epoch."""
-        block = count * spacing
-        first, now = self._query(
-            "WITH clock AS (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now) "
-            "INSERT INTO run_pace AS p (run_key, next_at) SELECT %s, clock.now + %s FROM clock "
-            "ON CONFLICT (run_key) DO UPDATE SET next_at = GREATEST(p.next_at + %s, "
-            "EXCLUDED.next_at) RETURNING p.next_at - %s, (SELECT now FROM clock)",
-            (run_key, block, block, block),
-            coordination=True,
-        )[0]
-        return float(first), float(now)
-
-    def database_clock(self) -> float:
-        """The database's clock, in seconds since the epoch."""
-        ((now,),) = self._query(
-            "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8", coordination=True
-        )
-        return float(now)
-
-    def pause_slots(self, run_key: str, seconds: float) -> None:
-        """Nobody's next request before `seconds` from now (the provider said 429)."""
-        self._query(
-            "UPDATE run_pace SET next_at = GREATEST(next_at, "
-            "EXTRACT(EPOCH FROM clock_timestamp())::float8 + %s) WHERE run_key = %s "
-            "RETURNING next_at",
-            (seconds, run_key),
-            coordination=True,
-        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -20,8 +20,8 @@ from aiohttp import web
 from runner.domain import RowStatus
 from runner.errors import WebhookRejected
 from runner.ledger import Ledger, ProviderEvent, open_ledger
-from runner.providers.alix import TopupStatus, topup_status
-from runner.webhooks import MAX_BODY_BYTES, verify_topup_webhook
+from runner.providers.alix_answers import TopupStatus, topup_status
+from runner.webhooks.verify import MAX_BODY_BYTES, verify_topup_webhook
 
 log = structlog.get_logger("runner.webhook")
 PATH = "/webhooks/alix"

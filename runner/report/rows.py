@@ -1,0 +1,206 @@
+"""What a report holds, typed, whatever the format: the contract's columns, one row's values
+(money as cents, times in UTC), and the Summary's lines with totals by status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Final
+
+from runner.domain import RowRecord, RowStatus, RunInfo
+
+RESULT_COLUMNS: Final[tuple[str, ...]] = (
+    "row",
+    "card_id",
+    "amount",
+    "reference",
+    "status",
+    "fee",
+    "total_charged",
+    "card_balance_before",
+    "card_balance_after",
+    "wallet_balance_after",
+    "transaction_id",
+    "invoice_id",
+    "attempts",
+    "error",
+    "started_at",
+    "finished_at",
+)
+MONEY_COLUMNS: Final = frozenset(
+    {
+        "amount",
+        "fee",
+        "total_charged",
+        "card_balance_before",
+        "card_balance_after",
+        "wallet_balance_after",
+    }
+)
+
+
+RESULTS_SHEET: Final = "Results"
+SUMMARY_SHEET: Final = "Summary"
+SANDBOX_NOTICE: Final = "SANDBOX — no real money moved"
+
+_CENT: Final = Decimal("0.01")
+ZERO: Final = Decimal("0.00")
+SUMMARY_HEADER: Final = ("item", "value")
+
+# OWASP's list for CSV injection: a cell starting with one of these may be run as a formula.
+_FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+Value = str | int | Decimal | datetime | None
+
+
+def neutralise(text: str) -> str:
+    """Make `text` safe from formula injection: a leading trigger character gets a `'` first."""
+    return "'" + text if text.startswith(_FORMULA_TRIGGERS) else text
+
+
+def _zero_by_status() -> dict[RowStatus, Decimal]:
+    return dict.fromkeys(RowStatus, ZERO)
+
+
+@dataclass(slots=True)
+class Totals:
+    """What the Summary needs, accumulated while the rows stream past."""
+
+    rows: int = 0
+    by_status: dict[RowStatus, int] = field(default_factory=lambda: dict.fromkeys(RowStatus, 0))
+    # Money is summed per status only; the overall and moved totals add those up at the end.
+    amount_by_status: dict[RowStatus, Decimal] = field(default_factory=_zero_by_status)
+    fee_by_status: dict[RowStatus, Decimal] = field(default_factory=_zero_by_status)
+    charged_by_status: dict[RowStatus, Decimal] = field(default_factory=_zero_by_status)
+    # Rows that moved money (succeeded, pending) whose fee or total charged the provider did
+    # not tell (Alix never reports a total charged; a reconciled Uncash topup has no fee): the
+    # sums leave them out, and the Summary must say so rather than let 0.00 read as "free".
+    fee_unknown: int = 0
+    charged_unknown: int = 0
+
+    def add(self, record: RowRecord) -> None:
+        # Totals add the cent-rounded values the report shows, so they match a sum of the column.
+        status = record.status
+        self.rows += 1
+        self.by_status[status] += 1
+        self.amount_by_status[status] += cents(record.amount)
+        moved = status is RowStatus.SUCCEEDED or status is RowStatus.PENDING
+        if record.fee is not None:
+            self.fee_by_status[status] += cents(record.fee)
+        elif moved:
+            self.fee_unknown += 1
+        if record.total_charged is not None:
+            self.charged_by_status[status] += cents(record.total_charged)
+        elif moved:
+            self.charged_unknown += 1
+
+    @property
+    def amount(self) -> Decimal:
+        return sum(self.amount_by_status.values(), ZERO)
+
+    @property
+    def fee(self) -> Decimal:
+        return sum(self.fee_by_status.values(), ZERO)
+
+    @property
+    def charged(self) -> Decimal:
+        return sum(self.charged_by_status.values(), ZERO)
+
+    @property
+    def moved_amount(self) -> Decimal:
+        return self.amount_by_status[RowStatus.SUCCEEDED] + self.amount_by_status[RowStatus.PENDING]
+
+    @property
+    def moved_fee(self) -> Decimal:
+        return self.fee_by_status[RowStatus.SUCCEEDED] + self.fee_by_status[RowStatus.PENDING]
+
+    @property
+    def moved_charged(self) -> Decimal:
+        return (
+            self.charged_by_status[RowStatus.SUCCEEDED] + self.charged_by_status[RowStatus.PENDING]
+        )
+
+
+def cents(value: Decimal) -> Decimal:
+    return value.quantize(_CENT, rounding=ROUND_HALF_UP)
+
+
+def utc(value: datetime) -> datetime:
+    # A naive datetime is taken to be UTC already, which is what the ledger stores.
+    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+def header(info: RunInfo) -> list[str]:
+    # An extra job column named like a contract column would make the header ambiguous.
+    extras = [f"{name} (job)" if name in RESULT_COLUMNS else name for name in info.extra_columns]
+    return [*RESULT_COLUMNS, *extras]
+
+
+def values(record: RowRecord, extra_columns: tuple[str, ...]) -> list[Value]:
+    """The record's values in column order, still typed (money Decimal, times datetime)."""
+    values: list[Value] = [
+        record.row,
+        record.card_id,
+        cents(record.amount),
+        record.reference,
+        record.status.value,
+        None if record.fee is None else cents(record.fee),
+        None if record.total_charged is None else cents(record.total_charged),
+        None if record.card_balance_before is None else cents(record.card_balance_before),
+        None if record.card_balance_after is None else cents(record.card_balance_after),
+        None if record.wallet_balance_after is None else cents(record.wallet_balance_after),
+        record.transaction_id,
+        record.invoice_id,
+        record.attempts,
+        record.error,
+        record.started_at,
+        record.finished_at,
+    ]
+    if extra_columns:
+        extra = dict(record.extra)
+        values.extend(extra.get(name) for name in extra_columns)
+    return values
+
+
+def summary_lines(info: RunInfo, totals: Totals, sheets: int) -> list[tuple[str, Value]]:
+    lines: list[tuple[str, Value]] = []
+    if info.is_sandbox:
+        lines.append((SANDBOX_NOTICE, None))
+    lines += [
+        ("provider", info.provider),
+        ("run key", info.run_key),
+        ("job file", info.job_file),
+        ("times", "UTC"),
+        ("started (UTC)", info.started_at),
+        ("finished (UTC)", info.finished_at),
+        ("rows", totals.rows),
+    ]
+    lines += [(f"rows {status.value}", count) for status, count in totals.by_status.items()]
+    lines += [
+        ("amount, all rows", totals.amount),
+        ("fee, all rows", totals.fee),
+        ("total charged, all rows", totals.charged),
+        ("amount, succeeded + pending", totals.moved_amount),
+        ("fee, succeeded + pending", totals.moved_fee),
+        ("total charged, succeeded + pending", totals.moved_charged),
+    ]
+    for what, unknown in (("fee", totals.fee_unknown), ("total charged", totals.charged_unknown)):
+        if unknown:
+            lines.append((f"{what} not known", _unknown_note(what, unknown)))
+    if sheets > 1:
+        names = ", ".join(results_sheet_title(n) for n in range(1, sheets + 1))
+        lines.append(("Results sheets", f"{sheets} ({names}): more rows than one sheet holds"))
+    lines += list(info.notes)
+    return lines
+
+
+def _unknown_note(what: str, rows: int) -> str:
+    rows_text = "1 succeeded or pending row" if rows == 1 else f"{rows} succeeded or pending rows"
+    return f"for {rows_text}: the provider did not report it; the {what} totals leave them out"
+
+
+def results_sheet_title(number: int) -> str:
+    return RESULTS_SHEET if number == 1 else f"{RESULTS_SHEET} {number}"
