@@ -213,7 +213,7 @@ def test_importing_the_ledger_loads_no_driver_pandas_aiohttp_or_provider() -> No
     code = (
         "import sys, runner.ledger\n"
         "heavy = ('pandas', 'aiohttp', 'psycopg', 'openpyxl', 'runner.providers',"
-        " 'runner.engine')\n"
+        " 'runner.run')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(heavy)))"
     )
     found = subprocess.run(

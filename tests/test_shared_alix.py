@@ -72,6 +72,15 @@ def run_summary(log: Path) -> dict[str, Any]:
     return found
 
 
+def worker_tails(tmp: Path, lines: int = 15) -> str:
+    """The last lines each worker wrote (its JSON log and stderr share a file)."""
+    tails = []
+    for log in sorted(tmp.glob("w*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        tails.append(f"--- {log.name}\n" + "\n".join(tail))
+    return "\n".join(tails)
+
+
 def left_by(url: str, pid: int) -> CardWork:
     """What a killed worker left behind: the rows of the cards it held, with the attempts it
     opened and never closed (a lease names its holder's pid)."""
@@ -157,7 +166,7 @@ async def test_three_alix_workers_one_killed_pay_every_row_once_and_settle_it(
             "report", "--ledger", pg_url, "--run-key", RUN_KEY,
             "--output", str(tmp_path / "rewritten.csv"), cwd=tmp_path,
         )  # fmt: skip
-    assert codes == [0, 0], codes
+    assert codes == [0, 0], (codes, worker_tails(tmp_path))
     assert 0 < killed_at < rows
     assert not (tmp_path / "w0.csv").exists()  # the victim wrote no report
     assert sum(faults.values()) >= 5, faults

@@ -391,18 +391,18 @@ async def test_a_worker_stopped_by_sigterm_hands_its_cards_over_at_once(
 
 
 async def test_a_worker_that_cannot_prove_its_leases_sends_nothing(pg_url: str) -> None:
-    """Past lease/2 without a renewal, or with a card taken by another worker after its lease
-    ran out, `check()` raises LeaseLost: the worker stops before sending."""
+    """A whole lease without a renewal, or a card taken by another worker after its lease ran
+    out: `hold()` raises LeaseLost, and the worker stops before sending."""
     now = [0.0]
     ledger = PostgresLedger.open(pg_url)
     try:
         ledger.create_run(spec(rows=2), job_rows(["card-a", "card-b"], 1))
         silent = SharedRun(ledger, "shared", lease=2.0, clock=lambda: now[0], owner="silent")
         assert await silent.claim(1) == ["card-a"]
-        silent.check()  # just claimed: fine
-        now[0] = 1.1  # more than lease/2 without a renewal
-        with pytest.raises(LeaseLost, match="no lease renewal"):
-            silent.check()
+        await silent.hold()  # just claimed: fine
+        now[0] = 2.1  # a whole lease without a renewal
+        with pytest.raises(LeaseLost, match="no lease renewal for 2 s"):
+            await silent.hold()
 
         robbed = SharedRun(ledger, "shared", lease=0.2, clock=lambda: now[0], owner="robbed")
         assert await robbed.claim(1) == ["card-b"]
@@ -411,6 +411,69 @@ async def test_a_worker_that_cannot_prove_its_leases_sends_nothing(pg_url: str) 
         with anyio.fail_after(5):
             await robbed.keep_leases()  # ...and the next renewal finds the card gone
         with pytest.raises(LeaseLost, match="lost the lease"):
-            robbed.check()
+            await robbed.hold()
+    finally:
+        ledger.close()
+
+
+async def test_a_late_renewal_is_waited_for_not_taken_for_a_lost_lease(pg_url: str) -> None:
+    """Past lease/2 without a renewal (a process not scheduled for a moment), `hold()` sends
+    nothing until the next renewal proves the cards still ours."""
+    now = [0.0]
+    ledger = PostgresLedger.open(pg_url)
+    try:
+        ledger.create_run(spec(rows=1), job_rows(["card-a"], 1))
+        late = SharedRun(ledger, "shared", lease=2.0, clock=lambda: now[0], owner="late")
+        assert await late.claim(1) == ["card-a"]
+        now[0] = 1.1  # more than lease/2 without a renewal
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(late.keep_leases)
+                await late.hold()  # returns at the next renewal, not before
+                tg.cancel_scope.cancel()
+        assert late._renewed_at == 1.1
+        assert late.lost is None
+    finally:
+        ledger.close()
+
+
+class _HeldBack(PostgresLedger):
+    """A ledger whose flushes, once committed, return only when the test lets them."""
+
+    committed: anyio.Event
+    go_on: anyio.Event
+
+    async def flush(self) -> None:
+        await super().flush()
+        self.committed.set()
+        await self.go_on.wait()
+
+
+async def test_a_card_marked_done_while_its_lease_is_renewed_is_not_lost(pg_url: str) -> None:
+    """A renewal that runs after a card's done flag is committed, but before the worker hears
+    back from that commit, misses the card (done cards are nobody's): not a lost lease."""
+    ledger = _HeldBack.open(pg_url)
+    assert isinstance(ledger, _HeldBack)
+    ledger.committed, ledger.go_on = anyio.Event(), anyio.Event()
+    try:
+        ledger.create_run(spec(rows=2), job_rows(["card-a", "card-b"], 1))
+        run = SharedRun(ledger, "shared", lease=0.4, clock=anyio.current_time, owner="w")
+        assert sorted(await run.claim(2)) == ["card-a", "card-b"]
+        run.finished("card-a")
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run.commit_finished)
+                await ledger.committed.wait()
+                done_at = anyio.current_time()
+                tg.start_soon(run.keep_leases)
+                # A renewal asked after the done flag was committed, or the loss it reported.
+                await until(lambda: run.lost is not None or run._renewed_at > done_at, 5)
+                lost = run.lost
+                ledger.go_on.set()
+                await until(lambda: "card-a" not in run.held, 5)
+                tg.cancel_scope.cancel()
+        assert lost is None, lost
+        await run.hold()  # still sending on card-b
+        assert run.held == {"card-b"}
     finally:
         ledger.close()

@@ -3,9 +3,10 @@
 `SharedRun` holds the worker's cards: it claims them from the ledger in small batches,
 busiest first, renews their leases while the worker lives, and gives back what is unfinished
 when the worker stops. A worker sends nothing once it cannot prove it still holds its cards:
-it stops after `lease / 2` without a renewal, while another worker may take them only after
-the whole lease. `SharedPacer` is the provider's rate limit shared by every worker: request
-slots come from the run's timeline in the ledger, a tenth of a second's worth at a time.
+past `lease / 2` without a renewal it waits for the next one, and it stops after a whole lease
+without one, when another worker may take them. `SharedPacer` is the provider's rate limit
+shared by every worker: request slots come from the run's timeline in the ledger, a tenth of a
+second's worth at a time.
 
 `CardLeases` is the SQL of both, which `PostgresLedger` runs on a connection of its own so
 that a renewal never waits behind a commit.
@@ -269,10 +270,12 @@ class SharedPacer(Pacer):
         return self._slots[0] if self._slots else self._clock()
 
     def reserve(self) -> float:
-        """The next slot held (call `refill()` first); a slot of ours, never a new one."""
+        """The next slot held (call `refill()` or `next_free()` first); a slot of ours, never a
+        new one. Late slots are not dropped here: the one just offered may have crossed the
+        lateness line since, and is used a moment late rather than leave the caller with none
+        (which ended a worker with "unhandled errors in a TaskGroup")."""
         if self.rate is None:
             return super().reserve()
-        self._drop_late()
         if not self._slots:
             raise RuntimeError("SharedPacer.reserve() without a slot: refill() first")
         self._recover()
@@ -322,8 +325,12 @@ class SharedRun:
         self.owner = owner or worker_name()
         self.held: set[str] = set()
         self._finishing: set[str] = set()
+        # Cards whose done flag is being committed: a renewal may already miss them (a done
+        # card is nobody's) before the commit returns and they leave `held`.
+        self._marking_done: set[str] = set()
         self._clock = clock
         self._renewed_at = clock()
+        self._renewal: anyio.Event | None = None  # set at the next renewal, for `hold()`
         self.lost: LeaseLost | None = None
 
     async def claim(self, limit: int) -> list[str]:
@@ -363,21 +370,46 @@ class SharedRun:
         if not self._finishing:
             return
         cards, self._finishing = self._finishing, set()
-        for card in sorted(cards):
-            self.ledger.post_card_done(self.run_key, card, self.owner)
-        await self.ledger.flush()
+        self._marking_done |= cards
+        try:
+            for card in sorted(cards):
+                self.ledger.post_card_done(self.run_key, card, self.owner)
+            await self.ledger.flush()
+        finally:
+            self._marking_done -= cards
         self.held -= cards
 
-    def check(self) -> None:
-        """Raise LeaseLost unless the leases are certainly still ours (before each send)."""
+    async def hold(self) -> None:
+        """Return once the leases are certainly still ours (before each send). A renewal
+        late past lease/2 (a process not scheduled for a moment, a slow round trip) is waited
+        for, sending nothing meanwhile: the renewal says whether the cards are still ours.
+        LeaseLost when one was taken, or when no renewal came for a whole lease (by then
+        another worker may hold the cards)."""
+        while self.lost is None and self.held:
+            waited = self._clock() - self._renewed_at
+            if waited <= self.lease / 2:
+                return
+            if self._renewal is None:
+                self._renewal = anyio.Event()
+            with anyio.move_on_after(self.lease - waited) as waiting:
+                await self._renewal.wait()
+            if waiting.cancelled_caught and self.lost is None:
+                self.lost = LeaseLost(
+                    f"worker {self.owner}: no lease renewal for {self.lease:g} s "
+                    "(is the database reachable?): stopping, another worker may take its cards"
+                )
         if self.lost is not None:
             raise self.lost
-        if self.held and self._clock() - self._renewed_at > self.lease / 2:
-            self.lost = LeaseLost(
-                f"worker {self.owner}: no lease renewal for {self.lease / 2:g} s "
-                "(is the database reachable?): stopping before another worker takes its cards"
-            )
-            raise self.lost
+
+    def _renewed(self, at: float) -> None:
+        """The leases hold from `at` on: whoever waits in `hold()` looks again."""
+        self._renewed_at = max(self._renewed_at, at)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._renewal is not None:
+            self._renewal.set()
+            self._renewal = None
 
     async def keep_leases(self) -> None:
         """Renew the leases every `lease / 4` seconds, for as long as the run goes."""
@@ -385,7 +417,7 @@ class SharedRun:
         while True:
             await anyio.sleep(self.lease / 4)
             if not self.held:
-                self._renewed_at = self._clock()
+                self._renewed(self._clock())
                 continue
             asked, asking = self._clock(), set(self.held)
             try:
@@ -394,14 +426,15 @@ class SharedRun:
                 log.warning("lease.renewal_failed", error=str(exc))
                 continue
             # A card finished meanwhile is not lost (its done flag won), nor one claimed since.
-            lost = (asking - still) & self.held
+            lost = (asking - still) & (self.held - self._marking_done)
             if lost:
                 self.lost = LeaseLost(
                     f"worker {self.owner}: lost the lease on {len(lost)} card(s) "
                     f"(e.g. {sorted(lost)[0]}): stopping"
                 )
+                self._wake()
                 return
-            self._renewed_at = asked
+            self._renewed(asked)
 
     async def release(self) -> None:
         """Give back the cards not finished (a worker stopping), so others take them now."""

@@ -3,7 +3,7 @@ do with the answer what the policy says; every outcome into the record. Rows nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import assert_never
 
@@ -43,7 +43,7 @@ class Attempts:
         snapshots: dict[str, CardState],
         *,
         clock: Callable[[], float],
-        check: Callable[[], None],
+        hold: Callable[[], Awaitable[None]],
     ) -> None:
         self.provider = provider
         self.record = record
@@ -53,7 +53,7 @@ class Attempts:
         self.snapshots = snapshots
         self.stale: set[str] = set()  # cards whose snapshot may be out of date
         self.clock = clock
-        self._check = check
+        self._hold = hold
         self._reads_cards = provider.rules.reads_cards
         self._log_row, self._rows_logged = row_logger(log)
 
@@ -80,7 +80,7 @@ class Attempts:
                 error = f"card_inactive: the card is {before.status.value}: not sent"
                 return self._apply(card, state, Finish(RowStatus.FAILED, self.clock(), error))
 
-        self._check()
+        await self._hold()
         policy, record = self.policy, self.record
         attempt = state.sent + 1
         sent_at = utcnow()

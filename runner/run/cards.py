@@ -56,8 +56,9 @@ class Cards(Protocol):
     def start(self, queue: Queue, tg: anyio.abc.TaskGroup) -> None:
         """Start what runs beside the workers (claiming cards, keeping leases)."""
 
-    def check(self) -> None:
-        """Raise unless this process may send on its cards now (before every send)."""
+    async def hold(self) -> None:
+        """Return once this process may send on its cards (before every send); raise when
+        it may not any more."""
 
     def idle(self, card: str, stopping: bool) -> None:
         """Nothing of `card` is queued or in flight any more."""
@@ -90,7 +91,7 @@ class AllCards:
     def start(self, queue: Queue, tg: anyio.abc.TaskGroup) -> None:
         return None
 
-    def check(self) -> None:
+    async def hold(self) -> None:
         return None
 
     def idle(self, card: str, stopping: bool) -> None:
@@ -144,8 +145,8 @@ class LeasedCards:
         tg.start_soon(self._feed, queue)
         tg.start_soon(self._keep_leases, queue)
 
-    def check(self) -> None:
-        self._shared.check()  # never send on a card another worker may hold by now
+    async def hold(self) -> None:
+        await self._shared.hold()  # never send on a card another worker may hold by now
 
     def idle(self, card: str, stopping: bool) -> None:
         if not stopping:

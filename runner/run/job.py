@@ -198,7 +198,7 @@ class JobRun:
             apply_grace=settings.apply_grace,
         )
         attempts = Attempts(
-            provider, record, policy, self.tally, snapshots, clock=clock, check=cards.check
+            provider, record, policy, self.tally, snapshots, clock=clock, hold=cards.hold
         )
         self.workers = workers = Workers(
             cards,
