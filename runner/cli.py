@@ -1,4 +1,4 @@
-"""The `topup-runner` command: parse arguments, build settings, call the engine, exit.
+"""The `topup-runner` command: parse arguments, build settings, call the run, exit.
 
 Only `RunnerError` is caught: it is printed as one line per problem and turned into the
 contract's exit code. Anything else is a bug, reported as one line too (set TOPUP_DEBUG=1

@@ -1,4 +1,4 @@
--- The ledger of runner/ledger.py, on PostgreSQL: the same tables and columns as SQLite,
+-- The ledger of runner/ledger/ (sqlite.py), on PostgreSQL: the same tables and columns as SQLite,
 -- with money as NUMERIC (exact, scale kept: 12.30 stays 12.30) and times as TIMESTAMPTZ.
 CREATE TABLE runs (
     run_key TEXT PRIMARY KEY,
