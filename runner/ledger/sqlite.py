@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,27 @@ class SqliteLedger(GroupCommitLedger):
 
 def _connect_writable(real: Path, given: Path) -> sqlite3.Connection:
     """A connection to the ledger at `real`, stamped and migrated to this version, in WAL
-    mode, checked to take writes. The caller closes it if this raises."""
+    mode, checked to take writes.
+
+    Several processes opening one ledger together may find it busy in ways SQLite's busy
+    handler does not wait out (`PRAGMA journal_mode` and WAL recovery answer SQLITE_BUSY at
+    once): the whole opening is tried again, for as long as a statement would wait.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.01
+    while True:
+        try:
+            return _connect_writable_once(real, given)
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+def _connect_writable_once(real: Path, given: Path) -> sqlite3.Connection:
+    """One try of `_connect_writable`; the connection is closed if it raises."""
     conn = sqlite3.connect(real, check_same_thread=False, isolation_level=None)
     try:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
