@@ -60,8 +60,10 @@ async def test_sigkill_twice_then_resume_pays_every_row_exactly_once(tmp_path: P
     """1,000 rows, ~10 % faults of every kind, SIGKILL twice: the rerun settles everything."""
     job, amounts = unique_amount_job(tmp_path, rows=1000, cards=300, seed=11)
     config = SandboxConfig(token=TOKEN, cooldown=0.05, fault_rate=0.1, slow_seconds=1.0, seed=5)
+    # The sandbox applies before it answers (slowly or not at all), never later: a grace of
+    # 1 s past the timeout covers it, where the default 30 s would make the rerun wait for it.
     more = ("--cooldown", "0.05", "--rate-limit", "2000", "--concurrency", "16",
-            "--timeout", "0.5", "--max-attempts", "10")  # fmt: skip
+            "--timeout", "0.5", "--max-attempts", "10", "--apply-grace", "1")  # fmt: skip
     rng = random.Random(3)
     async with serve_sandbox(config) as sb:
         for _ in range(2):

@@ -292,6 +292,7 @@ async def test_three_workers_one_killed_every_row_paid_once(pg_url: str, tmp_pat
             "--output", str(tmp_path / "rewritten.csv"), cwd=tmp_path,
         )  # fmt: skip
         refusals = dict(sb.state.refusals)
+        arrivals = len(sb.state.topup_arrivals)
         gaps = cooldown_gaps(sb)
         faults = sum(sb.state.faults_injected.values())
         reports = [read_csv_report(tmp_path / f"w{n}.csv") for n in (0, 2)]
@@ -302,7 +303,13 @@ async def test_three_workers_one_killed_every_row_paid_once(pg_url: str, tmp_pat
     assert codes[0] in (0, 1)
     assert codes[1] in (0, 1)
     assert refusals.get(Refusal.COOLDOWN, 0) == 0, refusals
-    assert refusals.get(Refusal.RATE_LIMITED, 0) == 0, refusals
+    # The limit is shared: three unshared workers at the full rate would see about two
+    # requests in three refused. Not none at all: three workers, the sandbox, PostgreSQL and
+    # another test on two cores, with a SIGKILL, can starve the sandbox's event loop, which
+    # then takes two requests sent 12.5 ms apart at one instant. A 429 is safe (nothing moves,
+    # every worker pauses). test_workers_share_the_rate_limit asserts none, at a rate that
+    # leaves the sandbox room.
+    assert refusals.get(Refusal.RATE_LIMITED, 0) <= arrivals // 100, (refusals, arrivals)
     assert min(gaps) >= cooldown
     report = reports[1]
     assert len(report) == 400
