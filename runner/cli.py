@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import click
 
-from runner.config import Settings, resolve_settings
+from runner.config import Settings, built_in_default, resolve_settings
 from runner.domain import RowStatus
 from runner.errors import JobInvalid, RunnerError
 from runner.jobs import Job, load_job
@@ -181,51 +181,58 @@ def guarded(func: F) -> F:
 LEDGER_HELP = "SQLite ledger path (default: per-user state dir), or a postgresql:// URL."
 
 
+def _setting(
+    flag: str, metavar: str, text: str, shown: str | None = None, **kwargs: Any
+) -> Callable[[F], F]:
+    """An option of a setting, shown with its kind and its built-in default (`shown` where
+    the default is not a value).
+
+    Its value is passed on as typed: `resolve_settings` validates it once, whatever the
+    source (flag, TOPUP_* or job file), with the one-line error and exit 2 of a bad setting.
+    The default shown is the built-in one; TOPUP_* and the job's settings come before it.
+    """
+    shown = shown or built_in_default(flag.removeprefix("--").replace("-", "_"))
+    return click.option(
+        flag, metavar=metavar, help=text + (f" [default: {shown}]" if shown else ""), **kwargs
+    )
+
+
 def run_options(func: F) -> F:
     """The options `run` and `check` share; each also comes from TOPUP_* and the job file."""
     options = [
-        click.option("--provider", type=click.Choice(["sandbox", "uncash", "alix"])),
-        click.option("--base-url", help="The provider's API root."),
-        click.option("--output", type=click.Path(path_type=Path), help="Report (.xlsx or .csv)."),
-        click.option(
-            "--ledger",
-            help="SQLite ledger path (default: per-user state dir), or a postgresql:// URL "
-            "that several workers share.",
-        ),
-        click.option("--run-key", help="Names the run; the same key resumes it."),
-        click.option("--rate-limit", help="Requests per second, all requests together."),
-        click.option("--cooldown", help="Seconds between two topups of one card."),
-        click.option("--concurrency", help="Requests in flight at once."),
-        click.option("--max-attempts", help="Attempts per row for failures safe to retry."),
-        click.option("--timeout", help="Seconds per request."),
-        click.option("--log-format", type=click.Choice(["console", "json"])),
+        _setting("--provider", "[sandbox|uncash|alix]", "Which platform.",
+                 type=click.Choice(["sandbox", "uncash", "alix"])),
+        _setting("--base-url", "URL", "The provider's API root.", "its public one"),
+        _setting("--output", "PATH", "The report, .xlsx or .csv.", "RUN_KEY.xlsx",
+                 type=click.Path(path_type=Path)),
+        _setting("--ledger", "PATH|URL",
+                 "A SQLite ledger, or a postgresql:// URL that workers share.",
+                 "one in the per-user state folder; sandbox runs: .topup-sandbox/ here"),
+        _setting("--run-key", "KEY", "Names the run; the same key resumes it."),
+        _setting("--rate-limit", "RATE",
+                 "Requests per second, all requests together, or 'unlimited'."),
+        _setting("--cooldown", "SECONDS", "Minimum gap between two topups of one card."),
+        _setting("--concurrency", "N", "Requests in flight at once."),
+        _setting("--max-attempts", "N", "Attempts per row for failures safe to retry."),
+        _setting("--timeout", "SECONDS", "Per request."),
+        _setting("--log-format", "[console|json]", "How log lines are written.",
+                 "console on a terminal, else json", type=click.Choice(["console", "json"])),
         click.option("--no-progress", "no_progress", is_flag=True, help="No progress bar."),
-        click.option("--wait-settle", help="Seconds to wait for pending rows to settle."),
-        click.option(
-            "--lease", help="Seconds a worker of a shared ledger holds its cards unrenewed."
-        ),
-        click.option(
-            "--apply-grace",
-            metavar="SECONDS",
-            help="Seconds after a request's timeout during which the provider may still apply "
-            "it: a lost answer is judged not applied only after timeout + this grace "
-            "(default 30).",
-        ),
-        click.option(
-            "--metrics-file",
-            type=click.Path(path_type=Path),
-            help="Write Prometheus text-format metrics here (node_exporter textfile).",
-        ),
-        click.option(
-            "--fee-rate", help="Fee estimate as a fraction of the amount, e.g. 0.025 (preflight)."
-        ),
-        click.option(
-            "--allow-partial",
-            is_flag=True,
-            default=None,
-            help="Run the rows preflight accepts; set aside the rest as failed.",
-        ),
-    ]
+        _setting("--wait-settle", "SECONDS", "Wait for pending rows to settle."),
+        _setting("--lease", "SECONDS",
+                 "How long a worker of a shared ledger holds its cards unrenewed."),
+        _setting("--apply-grace", "SECONDS",
+                 "After a request's timeout, how long the provider may still apply it: a "
+                 "lost answer is judged not applied only after timeout + grace."),
+        _setting("--metrics-file", "PATH",
+                 "Write Prometheus text-format metrics here (node_exporter textfile).",
+                 type=click.Path(path_type=Path)),
+        _setting("--fee-rate", "FRACTION",
+                 "Fee estimate as a fraction of the amount, e.g. 0.025, for preflight.",
+                 "learned from the ledger's earlier topups"),
+        click.option("--allow-partial", is_flag=True, default=None,
+                     help="Run the rows preflight accepts; set aside the rest as failed."),
+    ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
     return func

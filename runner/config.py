@@ -115,6 +115,20 @@ class Settings:
         return self.provider == "sandbox"
 
 
+def built_in_default(name: str) -> str | None:
+    """A setting's built-in default as `--help` shows it ("2 sandbox, 120 uncash, 0 alix"
+    where the providers differ), or None where there is none to show."""
+    per_provider = {p: d[name] for p, d in PROVIDER_DEFAULTS.items() if name in d}
+    if per_provider:
+        return ", ".join(f"{_plain(value)} {p}" for p, value in per_provider.items())
+    value = _FIELD_DEFAULTS.get(name)
+    return None if value is None or isinstance(value, bool) else _plain(value)
+
+
+def _plain(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _number(kind: Callable[[str], Any]) -> Callable[[object], Any]:
     def convert(value: object) -> Any:
         if isinstance(value, bool):
@@ -171,6 +185,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "apply_grace": _number(float),
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
+_FIELD_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in fields(Settings)}
 
 
 def env_name(setting: str) -> str:
