@@ -7,6 +7,7 @@ for the traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -14,17 +15,25 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import click
 
-from runner.config import Settings, built_in_default, resolve_settings
-from runner.domain import RowStatus
+from runner.config import (
+    Settings,
+    built_in_default,
+    keep_ledgers_apart,
+    resolve_settings,
+    sandbox_ledger_path,
+)
 from runner.errors import JobInvalid, RunnerError
 from runner.jobs import Job, load_job
 from runner.logs import configure_logging
 from runner.progress import LazyStderr, NoProgress, RichProgress
+
+if TYPE_CHECKING:
+    from runner.run import RunResult
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A run's event loop: uvloop's costs a fast run about a sixth less CPU per topup than
@@ -241,13 +250,27 @@ def run_options(func: F) -> F:
 def _settings(job: Job, opts: dict[str, Any]) -> Settings:
     cli = {k: v for k, v in opts.items() if k != "no_progress"}
     cli["progress"] = False if opts.get("no_progress") else None
-    return resolve_settings(
+    settings = resolve_settings(
         cli,
         job_settings=job.settings,
         job_provider=job.provider,
         job_run_key=job.run_key,
         job_file=str(job.path),
     )
+    return _with_ledger(settings)
+
+
+def _with_ledger(settings: Settings) -> Settings:
+    """A sandbox run's ledger is kept in ./.topup-sandbox unless one is named; a named one
+    must not mix sandbox runs with real ones (`keep_ledgers_apart`)."""
+    from runner.run import default_ledger_path
+
+    if settings.ledger is None:
+        if not settings.is_sandbox:
+            return settings
+        return dataclasses.replace(settings, ledger=str(sandbox_ledger_path(Path.cwd())))
+    keep_ledgers_apart(settings.provider, settings.ledger, default_ledger_path(os.environ))
+    return settings
 
 
 @click.group()
@@ -267,25 +290,16 @@ def run(job_file: str, **opts: Any) -> None:
     job = load_job(job_file)
     settings = _settings(job, opts)
     show_progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
-    configure_logging(provider=settings.provider, fmt=settings.log_format, stream=LazyStderr())
+    configure_logging(
+        provider=settings.provider,
+        fmt=settings.log_format,
+        stream=LazyStderr(),
+        rows_on_bar=show_progress,
+    )
     label = "sandbox" if settings.is_sandbox else settings.provider
     with RichProgress(label) if show_progress else NoProgress() as progress:
         result = anyio.run(run_job, job, settings, progress, backend_options=LOOP)
-    counts = ", ".join(f"{n} {s.value}" for s, n in result.counts.items())
-    label = "SANDBOX run (no real money moved)" if settings.is_sandbox else f"{result.provider} run"
-    say(
-        f"{label} {result.run_key}: {sum(result.counts.values())} rows: {counts}; "
-        f"{result.sent} topups sent; report {result.report}"
-        + (f"; stopped: {result.stopped}" if result.stopped else ""),
-        event="run.summary",
-        provider=result.provider,
-        sandbox=settings.is_sandbox,
-        run_key=result.run_key,
-        rows={s.value: n for s, n in result.counts.items()},
-        sent=result.sent,
-        report=str(result.report),
-        exit_code=result.exit_code,
-    )
+    _say_summary(settings, result)
     sys.exit(result.exit_code)
 
 
@@ -306,31 +320,23 @@ def check(job_file: str, **opts: Any) -> None:
 
 
 @main.command()
-@click.option("--ledger", help=LEDGER_HELP)
+@click.option("--ledger", help=LEDGER_HELP + " Default: that one and ./.topup-sandbox's.")
 @guarded
 def status(ledger: str | None) -> None:
-    """Show the runs recorded in the ledger and their rows by status."""
-    from runner.ledger import open_ledger, redact
+    """Show the runs recorded in the ledger and their rows by status.
 
-    where = _ledger_where(ledger)
-    if isinstance(where, Path) and not where.exists():
-        click.echo(f"no ledger at {where}")  # no ledger yet: no runs, not an error
-        return
-    # Read-only: an auditor's copy or a read-only mount will do.
-    book = open_ledger(where, readonly=True)
-    try:
-        runs = book.overview()
-    finally:
-        book.close()
-    if not runs:
-        click.echo(f"no runs in {redact(str(where))}")
-    for run_ in runs:
-        counts = " ".join(f"{s.value}={run_.by_status.get(s.value, 0)}" for s in RowStatus)
-        state = "finished" if run_.finished_at else "open"
-        click.echo(
-            f"{run_.run_key}  {run_.provider}  {run_.row_count} rows  {state}  {counts}  "
-            f"{run_.job_file}"
-        )
+    Without --ledger (or TOPUP_LEDGER), the default ledger of real runs and the sandbox
+    ledger of this folder (./.topup-sandbox), if there is one; sandbox runs say SANDBOX.
+    """
+    wheres = [_ledger_where(ledger)]
+    sandbox = sandbox_ledger_path(Path.cwd())
+    if not (ledger or os.environ.get("TOPUP_LEDGER", "").strip()) and sandbox.exists():
+        wheres.append(sandbox)
+    from runner.overview import runs_lines
+
+    for where in wheres:
+        for line in runs_lines(where, heading=len(wheres) > 1):
+            click.echo(line)
 
 
 @main.command()
@@ -340,9 +346,14 @@ def status(ledger: str | None) -> None:
 @guarded
 def report(ledger: str | None, run_key: str, output: Path) -> None:
     """Rewrite a run's spreadsheet from the ledger."""
+    from runner.overview import ledger_with_run
     from runner.run import rewrite_report
 
-    written = rewrite_report(_ledger_where(ledger), run_key, output)
+    where = _ledger_where(ledger)
+    sandbox = sandbox_ledger_path(Path.cwd())
+    if not (ledger or os.environ.get("TOPUP_LEDGER", "").strip()) and sandbox.exists():
+        where = ledger_with_run(run_key, where, sandbox)
+    written = rewrite_report(where, run_key, output)
     click.echo(f"report {written}")
 
 
@@ -386,6 +397,18 @@ def _ledger_where(ledger: str | None) -> Path | str:
     if given and is_postgres_url(given):
         return given
     return Path(given).expanduser() if given else default_ledger_path(os.environ)
+
+
+def _say_summary(settings: Settings, result: RunResult) -> None:
+    """The end of a run: a few short lines on a console, one `run.summary` object for machines."""
+    from runner.overview import summary
+
+    lines, fields = summary(settings, result, os.environ, Path.cwd())
+    if _json_mode():
+        say("; ".join(lines), event="run.summary", **fields)
+    else:
+        for line in lines:
+            click.echo(line)
 
 
 def _register_sandbox() -> None:

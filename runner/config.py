@@ -32,13 +32,16 @@ __all__ = [
     "LOOPBACK_HOST",
     "PROVIDERS",
     "PUBLIC_BASE_URLS",
+    "SANDBOX_FOLDER",
     "SANDBOX_TARGET",
     "Settings",
     "built_in_default",
     "expand_run_key",
+    "keep_ledgers_apart",
     "normalize_base_url",
     "normalize_target",
     "resolve_settings",
+    "sandbox_ledger_path",
     "target_of",
 ]
 
@@ -125,6 +128,41 @@ class Settings:
     @property
     def is_sandbox(self) -> bool:
         return self.provider == "sandbox"
+
+
+# Where a sandbox run keeps its ledger unless --ledger or TOPUP_LEDGER names one: in this
+# folder of the directory it ran in, beside its report, so that `status` and `report` run there
+# find it, and so that it never shares the ledger real runs keep in the per-user state folder.
+SANDBOX_FOLDER = ".topup-sandbox"
+
+
+def sandbox_ledger_path(cwd: Path) -> Path:
+    return cwd / SANDBOX_FOLDER / "ledger.sqlite"
+
+
+def keep_ledgers_apart(provider: str, ledger: str, real_default: Path) -> None:
+    """Refuse a sandbox run on the ledger real runs keep by default, and a real provider's run
+    on a sandbox ledger: runs that moved money never share a ledger with runs that did not."""
+    if ledger.startswith(_DATABASE_URLS):
+        return  # a shared ledger refuses the sandbox on its own (it lives in one process)
+    path = Path(ledger).expanduser().absolute()
+    if provider == "sandbox" and _same_file(path, real_default):
+        raise ConfigError(
+            f"ledger: {path} is where real runs are recorded: a sandbox run keeps its own "
+            f"(leave --ledger out: {SANDBOX_FOLDER}/ledger.sqlite here, or name another file)"
+        )
+    if provider != "sandbox" and path.parent.name == SANDBOX_FOLDER:
+        raise ConfigError(
+            f"ledger: {path} is a sandbox ledger ({SANDBOX_FOLDER}/): a {provider} run moves real "
+            "money and never shares a ledger with sandbox runs"
+        )
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.resolve() == second.expanduser().resolve()
+    except (OSError, RuntimeError):
+        return first == second
 
 
 def built_in_default(name: str) -> str | None:
