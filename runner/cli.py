@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A run's event loop: uvloop's costs a fast run about a sixth less CPU per topup than
-# asyncio's own (README, Performance).
+# asyncio's own (benchmarks/README.md, Performance).
 LOOP = {"use_uvloop": True}
 
 

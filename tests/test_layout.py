@@ -190,3 +190,36 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == ""
+
+
+README_FIRST_COMMANDS = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install . && topup-runner run "
+    "jobs/payroll-2026-11.csv --output payroll-2026-11.xlsx",
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pytest",
+)
+
+
+def test_the_readme_starts_with_its_two_commands_and_says_what_the_first_leaves() -> None:
+    """The README opens with the two commands, and says where the first run's report and
+    ledger are and how `status` and `report` find them."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)\n```", readme, flags=re.DOTALL)
+    assert tuple(blocks[:2]) == README_FIRST_COMMANDS
+    first_section = readme.split("\n## ", 1)[0]
+    for said in (".topup-sandbox/ledger.sqlite", "topup-runner status", "topup-runner report"):
+        assert said in first_section
+
+
+def test_the_readme_keeps_to_what_a_user_needs() -> None:
+    """Performance internals live in benchmarks/README.md; the user's sections stay."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", readme, flags=re.MULTILINE)
+    for kept in ("Exit codes", "Options", "Job files", "The report", "Exactly once",
+                 "Architecture", "Layout", "Development"):  # fmt: skip
+        assert any(h.startswith(kept) for h in headings) or f"### {kept}" in readme, kept
+    assert "Performance" not in headings
+    assert "callgrind" not in readme
+    benchmarks = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    assert "## Performance" in benchmarks
+    assert "callgrind" in benchmarks
+    assert readme.count("\n") < 700
