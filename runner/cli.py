@@ -7,6 +7,7 @@ for the traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -14,21 +15,29 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 import click
 
-from runner.config import Settings, resolve_settings
-from runner.domain import RowStatus
+from runner.config import (
+    Settings,
+    built_in_default,
+    keep_ledgers_apart,
+    resolve_settings,
+    sandbox_ledger_path,
+)
 from runner.errors import JobInvalid, RunnerError
 from runner.jobs import Job, load_job
 from runner.logs import configure_logging
 from runner.progress import LazyStderr, NoProgress, RichProgress
 
+if TYPE_CHECKING:
+    from runner.run import RunResult
+
 F = TypeVar("F", bound=Callable[..., Any])
 # A run's event loop: uvloop's costs a fast run about a sixth less CPU per topup than
-# asyncio's own (README, Performance).
+# asyncio's own (benchmarks/README.md, Performance).
 LOOP = {"use_uvloop": True}
 
 
@@ -181,51 +190,58 @@ def guarded(func: F) -> F:
 LEDGER_HELP = "SQLite ledger path (default: per-user state dir), or a postgresql:// URL."
 
 
+def _setting(
+    flag: str, metavar: str, text: str, shown: str | None = None, **kwargs: Any
+) -> Callable[[F], F]:
+    """An option of a setting, shown with its kind and its built-in default (`shown` where
+    the default is not a value).
+
+    Its value is passed on as typed: `resolve_settings` validates it once, whatever the
+    source (flag, TOPUP_* or job file), with the one-line error and exit 2 of a bad setting.
+    The default shown is the built-in one; TOPUP_* and the job's settings come before it.
+    """
+    shown = shown or built_in_default(flag.removeprefix("--").replace("-", "_"))
+    return click.option(
+        flag, metavar=metavar, help=text + (f" [default: {shown}]" if shown else ""), **kwargs
+    )
+
+
 def run_options(func: F) -> F:
     """The options `run` and `check` share; each also comes from TOPUP_* and the job file."""
     options = [
-        click.option("--provider", type=click.Choice(["sandbox", "uncash", "alix"])),
-        click.option("--base-url", help="The provider's API root."),
-        click.option("--output", type=click.Path(path_type=Path), help="Report (.xlsx or .csv)."),
-        click.option(
-            "--ledger",
-            help="SQLite ledger path (default: per-user state dir), or a postgresql:// URL "
-            "that several workers share.",
-        ),
-        click.option("--run-key", help="Names the run; the same key resumes it."),
-        click.option("--rate-limit", help="Requests per second, all requests together."),
-        click.option("--cooldown", help="Seconds between two topups of one card."),
-        click.option("--concurrency", help="Requests in flight at once."),
-        click.option("--max-attempts", help="Attempts per row for failures safe to retry."),
-        click.option("--timeout", help="Seconds per request."),
-        click.option("--log-format", type=click.Choice(["console", "json"])),
+        _setting("--provider", "[sandbox|uncash|alix]", "Which platform.",
+                 type=click.Choice(["sandbox", "uncash", "alix"])),
+        _setting("--base-url", "URL", "The provider's API root.", "its public one"),
+        _setting("--output", "PATH", "The report, .xlsx or .csv.", "RUN_KEY.xlsx",
+                 type=click.Path(path_type=Path)),
+        _setting("--ledger", "PATH|URL",
+                 "A SQLite ledger, or a postgresql:// URL that workers share.",
+                 "one in the per-user state folder; sandbox runs: .topup-sandbox/ here"),
+        _setting("--run-key", "KEY", "Names the run; the same key resumes it."),
+        _setting("--rate-limit", "RATE",
+                 "Requests per second, all requests together, or 'unlimited'."),
+        _setting("--cooldown", "SECONDS", "Minimum gap between two topups of one card."),
+        _setting("--concurrency", "N", "Requests in flight at once."),
+        _setting("--max-attempts", "N", "Attempts per row for failures safe to retry."),
+        _setting("--timeout", "SECONDS", "Per request."),
+        _setting("--log-format", "[console|json]", "How log lines are written.",
+                 "console on a terminal, else json", type=click.Choice(["console", "json"])),
         click.option("--no-progress", "no_progress", is_flag=True, help="No progress bar."),
-        click.option("--wait-settle", help="Seconds to wait for pending rows to settle."),
-        click.option(
-            "--lease", help="Seconds a worker of a shared ledger holds its cards unrenewed."
-        ),
-        click.option(
-            "--apply-grace",
-            metavar="SECONDS",
-            help="Seconds after a request's timeout during which the provider may still apply "
-            "it: a lost answer is judged not applied only after timeout + this grace "
-            "(default 30).",
-        ),
-        click.option(
-            "--metrics-file",
-            type=click.Path(path_type=Path),
-            help="Write Prometheus text-format metrics here (node_exporter textfile).",
-        ),
-        click.option(
-            "--fee-rate", help="Fee estimate as a fraction of the amount, e.g. 0.025 (preflight)."
-        ),
-        click.option(
-            "--allow-partial",
-            is_flag=True,
-            default=None,
-            help="Run the rows preflight accepts; set aside the rest as failed.",
-        ),
-    ]
+        _setting("--wait-settle", "SECONDS", "Wait for pending rows to settle."),
+        _setting("--lease", "SECONDS",
+                 "How long a worker of a shared ledger holds its cards unrenewed."),
+        _setting("--apply-grace", "SECONDS",
+                 "After a request's timeout, how long the provider may still apply it: a "
+                 "lost answer is judged not applied only after timeout + grace."),
+        _setting("--metrics-file", "PATH",
+                 "Write Prometheus text-format metrics here (node_exporter textfile).",
+                 type=click.Path(path_type=Path)),
+        _setting("--fee-rate", "FRACTION",
+                 "Fee estimate as a fraction of the amount, e.g. 0.025, for preflight.",
+                 "learned from the ledger's earlier topups"),
+        click.option("--allow-partial", is_flag=True, default=None,
+                     help="Run the rows preflight accepts; set aside the rest as failed."),
+    ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
     return func
@@ -234,13 +250,27 @@ def run_options(func: F) -> F:
 def _settings(job: Job, opts: dict[str, Any]) -> Settings:
     cli = {k: v for k, v in opts.items() if k != "no_progress"}
     cli["progress"] = False if opts.get("no_progress") else None
-    return resolve_settings(
+    settings = resolve_settings(
         cli,
         job_settings=job.settings,
         job_provider=job.provider,
         job_run_key=job.run_key,
         job_file=str(job.path),
     )
+    return _with_ledger(settings)
+
+
+def _with_ledger(settings: Settings) -> Settings:
+    """A sandbox run's ledger is kept in ./.topup-sandbox unless one is named; a named one
+    must not mix sandbox runs with real ones (`keep_ledgers_apart`)."""
+    from runner.run import default_ledger_path
+
+    if settings.ledger is None:
+        if not settings.is_sandbox:
+            return settings
+        return dataclasses.replace(settings, ledger=str(sandbox_ledger_path(Path.cwd())))
+    keep_ledgers_apart(settings.provider, settings.ledger, default_ledger_path(os.environ))
+    return settings
 
 
 @click.group()
@@ -260,25 +290,16 @@ def run(job_file: str, **opts: Any) -> None:
     job = load_job(job_file)
     settings = _settings(job, opts)
     show_progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
-    configure_logging(provider=settings.provider, fmt=settings.log_format, stream=LazyStderr())
+    configure_logging(
+        provider=settings.provider,
+        fmt=settings.log_format,
+        stream=LazyStderr(),
+        rows_on_bar=show_progress,
+    )
     label = "sandbox" if settings.is_sandbox else settings.provider
     with RichProgress(label) if show_progress else NoProgress() as progress:
         result = anyio.run(run_job, job, settings, progress, backend_options=LOOP)
-    counts = ", ".join(f"{n} {s.value}" for s, n in result.counts.items())
-    label = "SANDBOX run (no real money moved)" if settings.is_sandbox else f"{result.provider} run"
-    say(
-        f"{label} {result.run_key}: {sum(result.counts.values())} rows: {counts}; "
-        f"{result.sent} topups sent; report {result.report}"
-        + (f"; stopped: {result.stopped}" if result.stopped else ""),
-        event="run.summary",
-        provider=result.provider,
-        sandbox=settings.is_sandbox,
-        run_key=result.run_key,
-        rows={s.value: n for s, n in result.counts.items()},
-        sent=result.sent,
-        report=str(result.report),
-        exit_code=result.exit_code,
-    )
+    _say_summary(settings, result)
     sys.exit(result.exit_code)
 
 
@@ -299,31 +320,23 @@ def check(job_file: str, **opts: Any) -> None:
 
 
 @main.command()
-@click.option("--ledger", help=LEDGER_HELP)
+@click.option("--ledger", help=LEDGER_HELP + " Default: that one and ./.topup-sandbox's.")
 @guarded
 def status(ledger: str | None) -> None:
-    """Show the runs recorded in the ledger and their rows by status."""
-    from runner.ledger import open_ledger, redact
+    """Show the runs recorded in the ledger and their rows by status.
 
-    where = _ledger_where(ledger)
-    if isinstance(where, Path) and not where.exists():
-        click.echo(f"no ledger at {where}")  # no ledger yet: no runs, not an error
-        return
-    # Read-only: an auditor's copy or a read-only mount will do.
-    book = open_ledger(where, readonly=True)
-    try:
-        runs = book.overview()
-    finally:
-        book.close()
-    if not runs:
-        click.echo(f"no runs in {redact(str(where))}")
-    for run_ in runs:
-        counts = " ".join(f"{s.value}={run_.by_status.get(s.value, 0)}" for s in RowStatus)
-        state = "finished" if run_.finished_at else "open"
-        click.echo(
-            f"{run_.run_key}  {run_.provider}  {run_.row_count} rows  {state}  {counts}  "
-            f"{run_.job_file}"
-        )
+    Without --ledger (or TOPUP_LEDGER), the default ledger of real runs and the sandbox
+    ledger of this folder (./.topup-sandbox), if there is one; sandbox runs say SANDBOX.
+    """
+    wheres = [_ledger_where(ledger)]
+    sandbox = sandbox_ledger_path(Path.cwd())
+    if not (ledger or os.environ.get("TOPUP_LEDGER", "").strip()) and sandbox.exists():
+        wheres.append(sandbox)
+    from runner.overview import runs_lines
+
+    for where in wheres:
+        for line in runs_lines(where, heading=len(wheres) > 1):
+            click.echo(line)
 
 
 @main.command()
@@ -333,9 +346,14 @@ def status(ledger: str | None) -> None:
 @guarded
 def report(ledger: str | None, run_key: str, output: Path) -> None:
     """Rewrite a run's spreadsheet from the ledger."""
+    from runner.overview import ledger_with_run
     from runner.run import rewrite_report
 
-    written = rewrite_report(_ledger_where(ledger), run_key, output)
+    where = _ledger_where(ledger)
+    sandbox = sandbox_ledger_path(Path.cwd())
+    if not (ledger or os.environ.get("TOPUP_LEDGER", "").strip()) and sandbox.exists():
+        where = ledger_with_run(run_key, where, sandbox)
+    written = rewrite_report(where, run_key, output)
     click.echo(f"report {written}")
 
 
@@ -379,6 +397,18 @@ def _ledger_where(ledger: str | None) -> Path | str:
     if given and is_postgres_url(given):
         return given
     return Path(given).expanduser() if given else default_ledger_path(os.environ)
+
+
+def _say_summary(settings: Settings, result: RunResult) -> None:
+    """The end of a run: a few short lines on a console, one `run.summary` object for machines."""
+    from runner.overview import summary
+
+    lines, fields = summary(settings, result, os.environ, Path.cwd())
+    if _json_mode():
+        say("; ".join(lines), event="run.summary", **fields)
+    else:
+        for line in lines:
+            click.echo(line)
 
 
 def _register_sandbox() -> None:

@@ -7,10 +7,10 @@ lines alone, with no ANSI codes.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -53,25 +53,45 @@ class NoProgress:
         return None
 
 
-class RichProgress:
-    """A rich progress bar on stderr, counting rows as they reach a final status."""
+# What the bar needs besides its figures: the smallest bar worth drawing, and the width of
+# each of its times (h:mm:ss, up to 99 hours) with the spaces between columns.
+_MIN_BAR = 10
+_TIME = 8
 
-    def __init__(self, label: str) -> None:
+
+class RichProgress:
+    """A rich progress bar on stderr, counting rows as they reach a final status.
+
+    Made to fit an 80-column terminal whole: the bar takes the room the other columns leave,
+    and the figures (ok, then failed, review and pending once there are any, and the rate)
+    are shortened to fit before anything else would be cut, so the elapsed and remaining times
+    are always whole. `console` and `get_time` are for tests.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        *,
+        console: Console | None = None,
+        get_time: Callable[[], float] | None = None,
+    ) -> None:
+        self._console = console or Console(stderr=True)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=None),
             MofNCompleteColumn(),
-            TextColumn("ok {task.fields[ok]}  failed {task.fields[failed]}"),
-            TextColumn("review {task.fields[review]}  pending {task.fields[pending]}"),
-            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[figures]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=self._console,
             redirect_stderr=True,
             redirect_stdout=False,
+            get_time=get_time,
+            expand=True,
         )
         self._label = label
         self._task: TaskID | None = None
+        self._total = 0
         self._counts: dict[str, int] = {"ok": 0, "failed": 0, "review": 0, "pending": 0}
 
     def __enter__(self) -> RichProgress:
@@ -86,9 +106,28 @@ class RichProgress:
     ) -> None:
         self._progress.__exit__(exc_type, exc, tb)
 
+    def __rich__(self) -> RenderableType:
+        """The bar as it is now, for any rich console to print."""
+        return self._progress.get_renderable()
+
+    def _figures(self, speed: float | None) -> str:
+        """The counts and the rate, as long as the terminal leaves room for."""
+        shown = [(name, n) for name, n in self._counts.items() if n or name == "ok"]
+        long = " ".join(f"{name} {n}" for name, n in shown)
+        short = " ".join(f"{name if name == 'ok' else name[0]} {n}" for name, n in shown)
+        rate = f" {speed:.1f}/s" if speed else ""
+        columns = 2 * len(str(self._total)) + 1
+        room = self._console.width - len(self._label) - columns - 2 * _TIME - _MIN_BAR - 5
+        for text in (long + rate, long, short + rate):
+            if len(text) <= room:
+                return text
+        return short
+
     def start(self, total: int, done: int) -> None:
-        fields: dict[str, Any] = {"rate": "", **self._counts}
-        self._task = self._progress.add_task(self._label, total=total, completed=done, **fields)
+        self._total = total
+        self._task = self._progress.add_task(
+            self._label, total=total, completed=done, figures=self._figures(None)
+        )
 
     def row_final(self, status: RowStatus) -> None:
         if self._task is None:
@@ -101,7 +140,6 @@ class RichProgress:
         }.get(status)
         if key is not None:
             self._counts[key] += 1
-        fields: dict[str, Any] = dict(self._counts)
-        self._progress.update(self._task, advance=1, **fields)
+        self._progress.update(self._task, advance=1)
         speed = self._progress.tasks[self._task].speed
-        self._progress.update(self._task, rate=f"{speed:.1f} rows/s" if speed else "")
+        self._progress.update(self._task, figures=self._figures(speed))

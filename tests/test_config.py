@@ -381,3 +381,77 @@ def test_config_imports_no_adapter() -> None:
     source = Path(config.__file__).read_text()
     assert "aiohttp" not in source
     assert "runner.providers" not in source
+
+
+NUMERIC_OPTIONS = (
+    "--rate-limit",
+    "--cooldown",
+    "--concurrency",
+    "--max-attempts",
+    "--timeout",
+    "--wait-settle",
+    "--lease",
+    "--apply-grace",
+    "--fee-rate",
+)
+EXAMPLE_JOB = Path(__file__).resolve().parent.parent / "jobs" / "payroll-2026-11.csv"
+
+
+def help_text(command: str) -> str:
+    from click.testing import CliRunner
+
+    from runner.cli import main
+
+    done = CliRunner().invoke(main, [command, "--help"], terminal_width=80)
+    assert done.exit_code == 0
+    return done.output
+
+
+class TestHelp:
+    @pytest.mark.parametrize("command", ["run", "check"])
+    def test_numeric_options_are_typed_not_text(self, command: str) -> None:
+        """No numeric option of run or check is shown as TEXT: each names its unit."""
+        lines = help_text(command).splitlines()
+        for option in NUMERIC_OPTIONS:
+            line = next(line for line in lines if line.strip().startswith(option + " "))
+            assert "TEXT" not in line, line
+        assert "TEXT" not in "".join(lines)
+
+    @pytest.mark.parametrize("command", ["run", "check"])
+    def test_built_in_defaults_are_shown(self, command: str) -> None:
+        """Every numeric option shows its built-in default, per provider where they differ."""
+        text = " ".join(help_text(command).split())
+        for shown in (
+            "[default: 2 sandbox, 120 uncash, 0 alix]",  # cooldown
+            "[default: 20 sandbox, 5 uncash, 5 alix]",  # rate limit
+            "[default: 8 sandbox, 4 uncash, 4 alix]",  # concurrency
+            "[default: 5]",  # max attempts
+            "[default: 30]",  # timeout, apply grace
+            "[default: 0]",  # wait settle
+            "[default: 15]",  # lease
+            "[default: sandbox]",  # provider
+        ):
+            assert shown in text, shown
+        for option in NUMERIC_OPTIONS:
+            block = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
+            assert "[default: " in block, option
+
+    def test_help_fits_80_columns(self) -> None:
+        """run --help stays readable in an 80-column terminal."""
+        assert max(len(line) for line in help_text("run").splitlines()) <= 80
+
+    @pytest.mark.parametrize("command", ["run", "check"])
+    @pytest.mark.parametrize("option", NUMERIC_OPTIONS)
+    @pytest.mark.parametrize("garbage", ["abc", "nan", "-5", "1e999999", "1,5", ""])
+    def test_garbage_is_one_line_and_exit_2(self, command: str, option: str, garbage: str) -> None:
+        """Garbage for a numeric option is refused in one line with exit 2, naming the option."""
+        from click.testing import CliRunner
+
+        from runner.cli import main
+
+        args = [command, str(EXAMPLE_JOB), option, garbage]
+        done = CliRunner().invoke(main, args, env={"TOPUP_LOG_FORMAT": "console"})
+        assert done.exit_code == 2, (option, garbage, done.output)
+        lines = [line for line in done.output.splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert option.lstrip("-") in lines[0] or option.lstrip("-").replace("-", "_") in lines[0]

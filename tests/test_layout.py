@@ -128,3 +128,98 @@ def test_sql_lives_in_the_ledger_package_and_the_sandbox() -> None:
         and statement.search(path.read_text(encoding="utf-8"))
     ]
     assert outside == []
+
+
+DEPLOY = ROOT / "deploy"
+UNIT_SUFFIXES = (".service", ".timer")
+
+
+def unit_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.iterdir() if p.suffix in UNIT_SUFFIXES)
+
+
+def trailing_comments(text: str) -> list[str]:
+    """Value lines of a unit that carry a comment: systemd reads the comment as the value."""
+    comment = re.compile(r"\s[#;]")
+    return [
+        line
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith(("#", ";")) and comment.search(line)
+    ]
+
+
+def test_systemd_units_live_in_deploy_and_the_readme_points_at_them() -> None:
+    """deploy/ holds a service and its timer; the README names both files."""
+    names = {p.name for p in unit_files()}
+    assert {"topup-daily.service", "topup-daily.timer"} <= names
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in names:
+        assert f"deploy/{name}" in readme
+
+
+def test_no_unit_line_has_a_comment_after_its_value() -> None:
+    """No unit, in deploy/ or shown in the README, puts a comment after a value."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    shown = re.findall(r"```ini\n(.*?)```", readme, flags=re.DOTALL)
+    found = [line for text in shown for line in trailing_comments(text)]
+    for path in unit_files():
+        found += [f"{path.name}: {line}" for line in trailing_comments(path.read_text())]
+    assert found == []
+
+
+def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the units (ExecStart pointed at this topup-runner)."""
+    import shutil
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        import pytest
+
+        pytest.skip("systemd-analyze is not installed")
+    program = Path(sys.executable).parent / "topup-runner"
+    if not program.exists():
+        program = Path(sys.executable)  # any executable file: verify checks only that
+    copies = []
+    for path in unit_files():
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"(ExecStart=)\S+/topup-runner", rf"\g<1>{program}", text)
+        (tmp_path / path.name).write_text(text, encoding="utf-8")
+        copies.append(str(tmp_path / path.name))
+    done = subprocess.run(
+        [analyze, "verify", *copies], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == ""
+
+
+README_FIRST_COMMANDS = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install . && topup-runner run "
+    "jobs/payroll-2026-11.csv --output payroll-2026-11.xlsx",
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pytest",
+)
+
+
+def test_the_readme_starts_with_its_two_commands_and_says_what_the_first_leaves() -> None:
+    """The README opens with the two commands, and says where the first run's report and
+    ledger are and how `status` and `report` find them."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)\n```", readme, flags=re.DOTALL)
+    assert tuple(blocks[:2]) == README_FIRST_COMMANDS
+    first_section = readme.split("\n## ", 1)[0]
+    for said in (".topup-sandbox/ledger.sqlite", "topup-runner status", "topup-runner report"):
+        assert said in first_section
+
+
+def test_the_readme_keeps_to_what_a_user_needs() -> None:
+    """Performance internals live in benchmarks/README.md; the user's sections stay."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    headings = re.findall(r"^## (.+)$", readme, flags=re.MULTILINE)
+    for kept in ("Exit codes", "Options", "Job files", "The report", "Exactly once",
+                 "Architecture", "Layout", "Development"):  # fmt: skip
+        assert any(h.startswith(kept) for h in headings) or f"### {kept}" in readme, kept
+    assert "Performance" not in headings
+    assert "callgrind" not in readme
+    benchmarks = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    assert "## Performance" in benchmarks
+    assert "callgrind" in benchmarks
+    assert readme.count("\n") < 700
