@@ -220,6 +220,11 @@ def run_options(func: F) -> F:
             "--fee-rate", help="Fee estimate as a fraction of the amount, e.g. 0.025 (preflight)."
         ),
         click.option(
+            "--group-by",
+            metavar="COLUMN",
+            help="Subtotal the report's Summary by this extra job column (e.g. department).",
+        ),
+        click.option(
             "--allow-partial",
             is_flag=True,
             default=None,
@@ -234,13 +239,18 @@ def run_options(func: F) -> F:
 def _settings(job: Job, opts: dict[str, Any]) -> Settings:
     cli = {k: v for k, v in opts.items() if k != "no_progress"}
     cli["progress"] = False if opts.get("no_progress") else None
-    return resolve_settings(
+    settings = resolve_settings(
         cli,
         job_settings=job.settings,
         job_provider=job.provider,
         job_run_key=job.run_key,
         job_file=str(job.path),
     )
+    if settings.group_by is not None:
+        from runner.report import check_group_by
+
+        check_group_by(settings.group_by, job.extra_columns)  # before anything is sent
+    return settings
 
 
 @click.group()
@@ -330,12 +340,13 @@ def status(ledger: str | None) -> None:
 @click.option("--ledger", help=LEDGER_HELP)
 @click.option("--run-key", required=True, help="The run to report on.")
 @click.option("--output", type=click.Path(path_type=Path), required=True)
+@click.option("--group-by", metavar="COLUMN", help="Subtotal the Summary by this job column.")
 @guarded
-def report(ledger: str | None, run_key: str, output: Path) -> None:
+def report(ledger: str | None, run_key: str, output: Path, group_by: str | None) -> None:
     """Rewrite a run's spreadsheet from the ledger."""
     from runner.run import rewrite_report
 
-    written = rewrite_report(_ledger_where(ledger), run_key, output)
+    written = rewrite_report(_ledger_where(ledger), run_key, output, group_by)
     click.echo(f"report {written}")
 
 
