@@ -190,7 +190,7 @@ def test_group_by_writes_a_subtotals_csv_beside_a_csv_report(tmp_path: Path) -> 
 
 def test_group_by_an_unknown_column_is_a_config_error_before_writing(tmp_path: Path) -> None:
     """A column the job does not have: ConfigError naming the columns it has; no file."""
-    with pytest.raises(ConfigError, match="'team'.*department"):
+    with pytest.raises(ConfigError, match=r"'team'.*department"):
         write_report(tmp_path / "r.xlsx", stream(record()), INFO, Figures("USD", "team"))
     assert not (tmp_path / "r.xlsx").exists()
 
