@@ -37,7 +37,7 @@ RIGHT: Final = Alignment(horizontal="right")
 WRAP: Final = Alignment(wrap_text=True, vertical="top")
 # Headers of columns holding numbers sit right, over their values.
 NUMERIC_HEADERS: Final = frozenset(
-    {"row", "attempts", "started_at", "finished_at", "rows", "total charged", *MONEY_COLUMNS}
+    {"row", "attempts", "started_at", "finished_at", "rows", "fee", "total charged", *MONEY_COLUMNS}
 )
 # Paper: A4 and US Letter alike. The printable width at 100 % is the narrower paper's (Letter,
 # 11 in landscape, 8.5 in portrait) less the margins; a column of width w takes 7w + 5 pixels
@@ -108,7 +108,8 @@ def header_cells(ws: Any, names: list[str] | tuple[str, ...]) -> list[Any]:
         cell.font = HEADER_FONT
         cell.fill = HEADER_FILL
         cell.border = HEADER_BORDER
-        if name in NUMERIC_HEADERS:
+        # A money title may carry its currency: "amount (USD)".
+        if name in NUMERIC_HEADERS or name.split(" (")[0] in NUMERIC_HEADERS:
             cell.alignment = RIGHT
         cells.append(cell)
     return cells

@@ -61,7 +61,7 @@ class PrintColumn:
 # they fill a landscape Letter page (the narrower of Letter and A4) at 100 %.
 _FIRST: Final = (
     PrintColumn("row", "Row", 5),
-    PrintColumn("card_id", "Card", 37, wrap=True),
+    PrintColumn("card_id", "Card", 37),
     PrintColumn("reference", "Reference", 14, wrap=True),
     PrintColumn("status", "Status", 13),
     PrintColumn("amount", "Amount", 12),
@@ -90,7 +90,7 @@ def print_columns(extra_columns: tuple[str, ...], currency: str) -> list[PrintCo
         for c in (*_FIRST, *_REST)
     ]
     for index, name in enumerate(extra_columns):
-        width = min(max(12.0, len(name) + 2.0), 30.0)
+        width = min(max(18.0, len(name) + 2.0), 30.0)
         columns.append(PrintColumn(f"extra:{index}", name, width, wrap=True))
     return columns
 
@@ -186,15 +186,12 @@ class PrintSheet:
             styled.value = utc(value) if isinstance(value, datetime) else value
             cells.append(styled)
         self.rows += 1
-        if lines > 1:
-            # Neither LibreOffice nor every Excel grows a row for wrapped text when opening a
-            # file: the row says its height. Dropped once written.
-            index = self.rows + 1
-            self._ws.row_dimensions[index].height = _LINE_HEIGHT * min(lines, _MAX_LINES)
-            self._ws.append(cells)
-            del self._ws.row_dimensions[index]
-        else:
-            self._ws.append(cells)
+        # Every row says its height: Excel does not grow a row for wrapped text when opening a
+        # file, and LibreOffice grows rows whose text would fit. Dropped once written.
+        index = self.rows + 1
+        self._ws.row_dimensions[index].height = _LINE_HEIGHT * min(lines, _MAX_LINES)
+        self._ws.append(cells)
+        del self._ws.row_dimensions[index]
 
     def close(self) -> None:
         if self.cut:
@@ -212,9 +209,9 @@ class PrintSheet:
 
 
 def _lines(text: str, width: float) -> int:
-    """How many lines `text` takes wrapped in a column `width` characters wide (conservatively:
-    a few characters are wider than a digit)."""
-    per_line = max(1, int(width * 0.9))
+    """How many lines `text` takes wrapped in a column `width` digits wide (most letters are
+    narrower than a digit, capitals and a few others wider: about even over a line)."""
+    per_line = max(1, int(width))
     return sum(len(part) // per_line + 1 for part in text.splitlines() or [""])
 
 

@@ -46,6 +46,15 @@ MONEY_COLUMNS: Final = frozenset(
 )
 
 
+# The order finance reads statuses in: money that moved, then problems, then what never ran.
+STATUS_ORDER: Final = (
+    RowStatus.SUCCEEDED,
+    RowStatus.PENDING,
+    RowStatus.FAILED,
+    RowStatus.NEEDS_REVIEW,
+    RowStatus.NOT_ATTEMPTED,
+)
+
 RESULTS_SHEET: Final = "Results"
 SUMMARY_SHEET: Final = "Summary"
 SANDBOX_NOTICE: Final = "SANDBOX — no real money moved"
@@ -283,7 +292,7 @@ class Subtotals:
         out: list[tuple[str, str, int, Decimal, Decimal, Decimal]] = []
         for key in sorted(self.groups):
             totals = self.groups[key]
-            for status in RowStatus:
+            for status in STATUS_ORDER:
                 if totals.by_status[status]:
                     out.append(
                         (

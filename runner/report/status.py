@@ -10,6 +10,9 @@ from openpyxl.formatting.rule import CellIsRule
 from openpyxl.styles import Font, PatternFill
 
 from runner.domain import RowStatus
+from runner.report.rows import STATUS_ORDER
+
+__all__ = ["STATUS_COLOURS", "STATUS_ORDER", "status_cell", "status_rule"]
 
 # Status colours (text, fill, bold): problems stand out, succeeded stays quiet.
 STATUS_COLOURS: Final[dict[RowStatus, tuple[str, str | None, bool]]] = {
@@ -19,14 +22,6 @@ STATUS_COLOURS: Final[dict[RowStatus, tuple[str, str | None, bool]]] = {
     RowStatus.NEEDS_REVIEW: ("843C0C", "F8CBAD", True),
     RowStatus.NOT_ATTEMPTED: ("595959", "E7E6E6", False),
 }
-# The order finance reads them in: money that moved, then problems, then what never ran.
-STATUS_ORDER: Final = (
-    RowStatus.SUCCEEDED,
-    RowStatus.PENDING,
-    RowStatus.FAILED,
-    RowStatus.NEEDS_REVIEW,
-    RowStatus.NOT_ATTEMPTED,
-)
 
 
 def _fill(colour: str) -> PatternFill:

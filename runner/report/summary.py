@@ -30,9 +30,11 @@ from runner.report.rows import (
 )
 from runner.report.status import STATUS_ORDER, status_cell
 
-SUMMARY_WIDTHS: Final = (36, 22, 14, 14, 15)
-# With subtotals, one more column: the group's value comes before the status.
-SUBTOTAL_WIDTHS: Final = (36, 22, 15, 14, 14, 15)
+# Money titles carry the currency ("total charged (USDT)"), so their columns are wider than
+# 9,999,999.99 USDT needs. Portrait Letter holds these at 100 %.
+SUMMARY_WIDTHS: Final = (33, 18, 17, 14, 21)
+# With subtotals, one more column: the group's value comes before the status (landscape).
+SUBTOTAL_WIDTHS: Final = (33, 18, 17, 17, 21, 21)
 _SANDBOX_FONT: Final = Font(name="Calibri", size=14, bold=True, color="9C0006")
 _SANDBOX_FILL: Final = PatternFill("solid", fgColor="FFC7CE")
 _TOTAL_FONT: Final = HEADER_FONT
