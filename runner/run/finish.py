@@ -199,13 +199,19 @@ async def write_outputs(
     )
     facts = await record.facts()
     info = info_from_facts(spec, facts)
-    own: list[tuple[str, Value]] = [
-        ("topups sent by this process", tally.sent),
-        ("estimated minimum duration (s)", _seconds(whole)),
-    ]
-    if ending.stopped:
-        own.append(("stopped", ending.stopped))
-    figures = report_figures(spec, facts, settings.group_by, tuple(own))
+    own: list[tuple[str, Value]] = [("estimated minimum duration (s)", _seconds(whole))]
+    if not record.shared:
+        # Workers of a shared ledger each write the same Summary: no line of one of them.
+        own.insert(0, ("topups sent by this process", tally.sent))
+        if ending.stopped:
+            own.append(("stopped", ending.stopped))
+    group_by = settings.group_by
+    if group_by is not None and group_by not in job.extra_columns:
+        # The command refuses this before anything is sent; a caller that did not check must
+        # still get its report once money moved, only without the subtotals.
+        log.warning("report.group_by_unknown", group_by=group_by)
+        group_by = None
+    figures = report_figures(spec, facts, group_by, tuple(own))
     # A million-row report takes a while (see the README's performance section): say so.
     log.info("report.writing", report=str(output), rows=len(job.rows))
     writing = clock()
