@@ -239,6 +239,8 @@ def run_options(func: F) -> F:
         _setting("--fee-rate", "FRACTION",
                  "Fee estimate as a fraction of the amount, e.g. 0.025, for preflight.",
                  "learned from the ledger's earlier topups"),
+        _setting("--group-by", "COLUMN",
+                 "Subtotal the report's Summary by this extra job column (e.g. department)."),
         click.option("--allow-partial", is_flag=True, default=None,
                      help="Run the rows preflight accepts; set aside the rest as failed."),
     ]  # fmt: skip
@@ -257,6 +259,10 @@ def _settings(job: Job, opts: dict[str, Any]) -> Settings:
         job_run_key=job.run_key,
         job_file=str(job.path),
     )
+    if settings.group_by is not None:
+        from runner.report import check_group_by
+
+        check_group_by(settings.group_by, job.extra_columns)  # before anything is sent
     return _with_ledger(settings)
 
 
@@ -343,8 +349,9 @@ def status(ledger: str | None) -> None:
 @click.option("--ledger", help=LEDGER_HELP)
 @click.option("--run-key", required=True, help="The run to report on.")
 @click.option("--output", type=click.Path(path_type=Path), required=True)
+@click.option("--group-by", metavar="COLUMN", help="Subtotal the Summary by this job column.")
 @guarded
-def report(ledger: str | None, run_key: str, output: Path) -> None:
+def report(ledger: str | None, run_key: str, output: Path, group_by: str | None) -> None:
     """Rewrite a run's spreadsheet from the ledger."""
     from runner.overview import ledger_with_run
     from runner.run import rewrite_report
@@ -353,7 +360,7 @@ def report(ledger: str | None, run_key: str, output: Path) -> None:
     sandbox = sandbox_ledger_path(Path.cwd())
     if not (ledger or os.environ.get("TOPUP_LEDGER", "").strip()) and sandbox.exists():
         where = ledger_with_run(run_key, where, sandbox)
-    written = rewrite_report(where, run_key, output)
+    written = rewrite_report(where, run_key, output, group_by)
     click.echo(f"report {written}")
 
 

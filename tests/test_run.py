@@ -447,7 +447,7 @@ async def test_status_and_report_commands_read_the_ledger(tmp_path: Path) -> Non
     # From the ledger alone: when the run was recorded and its last row finished, what was sent.
     assert summary["started (UTC)"] is not None
     assert summary["finished (UTC)"] >= summary["started (UTC)"]
-    assert summary["topups sent (all processes)"] == "3"
+    assert summary["topups sent (all processes)"] == 3
     missing = await run_cli(
         "report", "--ledger", ledger, "--run-key", "nope", "--output", "x.csv", cwd=tmp_path
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import warnings
 
 import pandas as pd
@@ -30,7 +31,7 @@ def read_csv(text: str, problems: Problems) -> Table | None:
         fields = next(csv.reader([header_line], strict=True))
     except csv.Error as exc:
         problems.fail(f"the header row is not valid CSV: {exc}", row=None)
-    names = [name.strip() for name in fields]
+    names = list(_without_formula_guard(pd.DataFrame([[name.strip() for name in fields]])).iloc[0])
     keys = [name.lower() for name in names]
 
     if not set(REQUIRED_COLUMNS) <= set(keys):
@@ -63,6 +64,7 @@ def read_csv(text: str, problems: Problems) -> Table | None:
     frame, noted = _parse_body(holder, len(fields), body_first_line, problems)
     if frame is None:
         return None
+    frame = _without_formula_guard(frame)
 
     def column(key: str) -> pd.Series[str]:
         return frame[keys.index(key)]
@@ -80,6 +82,21 @@ def read_csv(text: str, problems: Problems) -> Table | None:
         noted=noted,
         drop_blank_rows=True,
     )
+
+
+# The formula guard of the runner's CSV reports and failed-rows jobs (runner.report.neutralise):
+# a quote put before text that starts, after any quotes, with = + - @ tab or CR. Taking one
+# such quote off gives back the text exactly, so a failed-rows job reads back as it was paid.
+_FORMULA_GUARD = re.compile(r"^'(?='*[=+\-@\t\r])")
+
+
+def _without_formula_guard(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with the CSV formula guard's quote taken off each value that carries it."""
+    for j in frame.columns:
+        column = frame[j]
+        if column.str.startswith("'").any():
+            frame[j] = column.str.replace(_FORMULA_GUARD, "", n=1, regex=True)
+    return frame
 
 
 def _split_header(text: str) -> tuple[str, int, str]:

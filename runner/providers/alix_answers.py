@@ -50,6 +50,7 @@ RULES = ProviderRules(
     default_cooldown=0.0,
     reads_cards=False,
     reads_wallet=False,
+    currency="USDT",  # the topup page: "amount ... in USDT"
 )
 # ASSUMPTION (topup-check card type): the fee quote needs a `cardType` the job does not carry;
 # the docs' own example value is used unless the provider is built with another.

@@ -137,6 +137,9 @@ class ProviderRules:
     # What the provider documents a way to read: without it, preflight cannot check it.
     reads_cards: bool = True
     reads_wallet: bool = True
+    # The currency of amounts, fees and balances (ISO 4217 code, or the token's ticker):
+    # what the report shows beside every sum.
+    currency: str = "USD"
 
 
 class Throttle(Protocol):

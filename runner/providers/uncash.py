@@ -70,6 +70,7 @@ RULES = ProviderRules(
     min_amount=Decimal("5.00"),
     max_amount=Decimal("10000.00"),
     default_cooldown=120.0,
+    currency="USD",  # the wallet's and the cards' currency in the docs
 )
 
 # What an HTTP header can carry: the token goes in one, and a control character would be an

@@ -1,5 +1,6 @@
-"""The report as CSV: `Results` rows in one file, the Summary in `<stem>.summary.csv`; every
-text cell safe from formula injection, money from the Decimal itself.
+"""The report as CSV: `Results` rows in one file, the Summary in `<stem>.summary.csv`, subtotals
+by a job column in `<stem>.subtotals.csv`; every text cell safe from formula injection
+(reversibly: see `rows.neutralise`), money from the Decimal itself.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from runner.domain import RowRecord
 from runner.report.rows import (
     SUMMARY_HEADER,
+    Subtotals,
     Totals,
     Value,
     neutralise,
@@ -20,7 +22,8 @@ from runner.report.rows import (
     values,
 )
 
-# --- CSV ------------------------------------------------------------------------------------
+# The subtotals file's columns after the group column's own.
+SUBTOTALS_HEADER = ("status", "rows", "amount", "fee", "total_charged", "currency")
 
 
 def csv_text(value: Value) -> str:
@@ -37,7 +40,12 @@ def csv_text(value: Value) -> str:
 
 
 def write_csv(
-    tmp: Path, header: list[str], records: Iterable[RowRecord], extra_columns: tuple[str, ...]
+    tmp: Path,
+    header: list[str],
+    records: Iterable[RowRecord],
+    extra_columns: tuple[str, ...],
+    currency: str,
+    subtotals: Subtotals | None,
 ) -> Totals:
     totals = Totals()
     with tmp.open("w", newline="", encoding="utf-8") as out:
@@ -45,7 +53,9 @@ def write_csv(
         writer.writerow([neutralise(name) for name in header])
         for record in records:
             totals.add(record)
-            writer.writerow([csv_text(v) for v in values(record, extra_columns)])
+            if subtotals is not None:
+                subtotals.add(record)
+            writer.writerow([csv_text(v) for v in values(record, extra_columns, currency)])
     return totals
 
 
@@ -55,3 +65,15 @@ def write_csv_summary(tmp: Path, lines: list[tuple[str, Value]]) -> None:
         writer.writerow(SUMMARY_HEADER)
         for key, value in lines:
             writer.writerow([neutralise(key), csv_text(value)])
+
+
+def write_csv_subtotals(tmp: Path, subtotals: Subtotals, currency: str) -> None:
+    column = subtotals.column
+    if column in SUBTOTALS_HEADER:
+        column += " (job)"
+    with tmp.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow([neutralise(column), *SUBTOTALS_HEADER])
+        for group, status, rows, amount, fee, charged in subtotals.lines():
+            money = (f"{amount:f}", f"{fee:f}", f"{charged:f}")
+            writer.writerow([neutralise(group), status, rows, *money, currency])

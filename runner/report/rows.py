@@ -1,15 +1,17 @@
 """What a report holds, typed, whatever the format: the contract's columns, one row's values
-(money as cents, times in UTC), and the Summary's lines with totals by status.
+(money as cents, times in UTC), and the Summary's lines with totals by status and by group.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Final
 
 from runner.domain import RowRecord, RowStatus, RunInfo
+from runner.errors import ConfigError
 
 RESULT_COLUMNS: Final[tuple[str, ...]] = (
     "row",
@@ -28,6 +30,9 @@ RESULT_COLUMNS: Final[tuple[str, ...]] = (
     "error",
     "started_at",
     "finished_at",
+    # Added after the contract's columns, so that readers by position keep theirs: the
+    # provider's currency of every money column of the row (Uncash USD, Alix USDT).
+    "currency",
 )
 MONEY_COLUMNS: Final = frozenset(
     {
@@ -41,6 +46,15 @@ MONEY_COLUMNS: Final = frozenset(
 )
 
 
+# The order finance reads statuses in: money that moved, then problems, then what never ran.
+STATUS_ORDER: Final = (
+    RowStatus.SUCCEEDED,
+    RowStatus.PENDING,
+    RowStatus.FAILED,
+    RowStatus.NEEDS_REVIEW,
+    RowStatus.NOT_ATTEMPTED,
+)
+
 RESULTS_SHEET: Final = "Results"
 SUMMARY_SHEET: Final = "Summary"
 SANDBOX_NOTICE: Final = "SANDBOX — no real money moved"
@@ -50,15 +64,41 @@ ZERO: Final = Decimal("0.00")
 SUMMARY_HEADER: Final = ("item", "value")
 
 # OWASP's list for CSV injection: a cell starting with one of these may be run as a formula.
-_FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r")
+# The guard is reversible: text that already starts with quotes and then a trigger gets one
+# more quote, so that taking one quote off (`restore`, and the CSV job reader's own copy of
+# it) gives back exactly the text that was guarded.
+_GUARDED: Final = re.compile(r"'*[=+\-@\t\r]")
+_RESTORABLE: Final = re.compile(r"'+[=+\-@\t\r]")
+
+
+class Seconds(Decimal):
+    """A duration in seconds on the Summary: a number, but not money."""
+
+    __slots__ = ()
 
 
 Value = str | int | Decimal | datetime | None
 
 
 def neutralise(text: str) -> str:
-    """Make `text` safe from formula injection: a leading trigger character gets a `'` first."""
-    return "'" + text if text.startswith(_FORMULA_TRIGGERS) else text
+    """`text` safe from formula injection in CSV: a leading trigger character (after any
+    quotes) gets a `'` first. Only CSV needs it: an xlsx cell's type is explicit."""
+    return "'" + text if _GUARDED.match(text) else text
+
+
+def restore(text: str) -> str:
+    """The text `neutralise` was given: its guard quote taken off."""
+    return text[1:] if _RESTORABLE.match(text) else text
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """What a report shows besides the rows and `RunInfo`: the run's currency, the job column
+    the Summary subtotals by, and run-level lines whose numbers stay numbers."""
+
+    currency: str = ""
+    group_by: str | None = None
+    lines: tuple[tuple[str, Value], ...] = ()
 
 
 def _zero_by_status() -> dict[RowStatus, Decimal]:
@@ -139,7 +179,9 @@ def header(info: RunInfo) -> list[str]:
     return [*RESULT_COLUMNS, *extras]
 
 
-def values(record: RowRecord, extra_columns: tuple[str, ...]) -> list[Value]:
+def values(
+    record: RowRecord, extra_columns: tuple[str, ...], currency: str | None = None
+) -> list[Value]:
     """The record's values in column order, still typed (money Decimal, times datetime)."""
     values: list[Value] = [
         record.row,
@@ -158,6 +200,7 @@ def values(record: RowRecord, extra_columns: tuple[str, ...]) -> list[Value]:
         record.error,
         record.started_at,
         record.finished_at,
+        currency,
     ]
     if extra_columns:
         extra = dict(record.extra)
@@ -165,12 +208,21 @@ def values(record: RowRecord, extra_columns: tuple[str, ...]) -> list[Value]:
     return values
 
 
-def summary_lines(info: RunInfo, totals: Totals, sheets: int) -> list[tuple[str, Value]]:
+def summary_lines(
+    info: RunInfo,
+    totals: Totals,
+    sheets: int,
+    figures: Figures | None = None,
+    subtotals: Subtotals | None = None,
+) -> list[tuple[str, Value]]:
+    figures = figures or Figures()
     lines: list[tuple[str, Value]] = []
     if info.is_sandbox:
         lines.append((SANDBOX_NOTICE, None))
+    lines.append(("provider", info.provider))
+    if figures.currency:
+        lines.append(("currency", figures.currency))
     lines += [
-        ("provider", info.provider),
         ("run key", info.run_key),
         ("job file", info.job_file),
         ("times", "UTC"),
@@ -193,8 +245,86 @@ def summary_lines(info: RunInfo, totals: Totals, sheets: int) -> list[tuple[str,
     if sheets > 1:
         names = ", ".join(results_sheet_title(n) for n in range(1, sheets + 1))
         lines.append(("Results sheets", f"{sheets} ({names}): more rows than one sheet holds"))
+    if subtotals is not None and subtotals.overflow:
+        lines.append(
+            (
+                f"subtotals by {subtotals.column}",
+                f"left out: more than {MAX_GROUPS:,} different values",
+            )
+        )
     lines += list(info.notes)
+    lines += list(figures.lines)
     return lines
+
+
+# Subtotals by a job column stop at this many groups: past it the column is an id, not a
+# grouping, and a partial table would mislead.
+MAX_GROUPS: Final = 1000
+SUBTOTAL_STATUS_ALL: Final = "all"
+
+
+class Subtotals:
+    """Totals by status for each value of one extra job column, gathered as rows stream past."""
+
+    __slots__ = ("column", "groups", "overflow")
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        self.groups: dict[str, Totals] = {}
+        self.overflow = False
+
+    def add(self, record: RowRecord) -> None:
+        if self.overflow:
+            return
+        key = next((value for name, value in record.extra if name == self.column), "")
+        totals = self.groups.get(key)
+        if totals is None:
+            if len(self.groups) >= MAX_GROUPS:
+                self.overflow = True
+                self.groups.clear()
+                return
+            totals = self.groups[key] = Totals()
+        totals.add(record)
+
+    def lines(self) -> list[tuple[str, str, int, Decimal, Decimal, Decimal]]:
+        """(group, status, rows, amount, fee, total charged): each status a group has rows
+        in, then the group's `all` line; groups in sorted order."""
+        out: list[tuple[str, str, int, Decimal, Decimal, Decimal]] = []
+        for key in sorted(self.groups):
+            totals = self.groups[key]
+            for status in STATUS_ORDER:
+                if totals.by_status[status]:
+                    out.append(
+                        (
+                            key,
+                            status.value,
+                            totals.by_status[status],
+                            totals.amount_by_status[status],
+                            totals.fee_by_status[status],
+                            totals.charged_by_status[status],
+                        )
+                    )
+            out.append(
+                (key, SUBTOTAL_STATUS_ALL, totals.rows, totals.amount, totals.fee, totals.charged)
+            )
+        return out
+
+
+def subtotals_for(figures: Figures, extra_columns: tuple[str, ...]) -> Subtotals | None:
+    """Subtotals by `figures.group_by`, or None; ConfigError when it is no column of the job."""
+    if figures.group_by is None:
+        return None
+    check_group_by(figures.group_by, extra_columns)
+    return Subtotals(figures.group_by)
+
+
+def check_group_by(column: str, extra_columns: tuple[str, ...]) -> None:
+    """Refuse a --group-by that names no extra column of the job (before anything is sent)."""
+    if column not in extra_columns:
+        have = ", ".join(extra_columns) if extra_columns else "none"
+        raise ConfigError(
+            f"group-by: {column!r} is not a column of the job; its extra columns: {have}"
+        )
 
 
 def _unknown_note(what: str, rows: int) -> str:

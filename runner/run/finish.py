@@ -17,12 +17,14 @@ import structlog
 
 from runner.config import Settings
 from runner.domain import RowStatus, RunInfo
-from runner.errors import LedgerError
+from runner.errors import ConfigError, LedgerError
 from runner.jobs import Job
 from runner.ledger import PendingRow, ProviderEvent, RunFacts, RunSpec, utcnow
 from runner.metrics import RunMetrics, write_metrics
 from runner.providers.base import Applied, Provider, StillPending
-from runner.report import failed_rows_path_for, write_failed_rows, write_report
+from runner.providers.factory import rules_for
+from runner.report import Figures, Seconds, failed_rows_path_for, write_failed_rows, write_report
+from runner.report.rows import Value
 from runner.run.check import busiest
 from runner.run.record import RunRecord, open_for, read_run
 from runner.scheduler import lower_bound
@@ -188,30 +190,32 @@ async def write_outputs(
     output = settings.output or Path(f"{record.run_key}.xlsx")
     lb = ending.lower_bound
     makespan = tally.makespan
-    if record.shared:
-        # Every worker writes the same Summary: the run as all of them did it.
-        whole = lower_bound(
-            len(job.rows), busiest(job.rows), settings.rate_limit, settings.cooldown
-        )
-        spec = RunSpec(
-            record.run_key, settings.provider, "", str(job.path), "", job.extra_columns, 0
-        )
-        facts = await record.facts()
-        info = info_from_facts(spec, facts, (("estimated minimum duration (s)", f"{whole:.1f}"),))
-    else:
-        info = RunInfo(
-            run_key=record.run_key,
-            provider=settings.provider,
-            job_file=str(job.path),
-            started_at=ending.started,
-            finished_at=utcnow(),
-            extra_columns=job.extra_columns,
-            notes=_notes(tally.sent, makespan, lb, ending.stopped),
-        )
+    # The Summary tells the whole run as the ledger has it, whichever process writes it and
+    # however often the run was resumed: the same as `topup-runner report` writes. Only lines
+    # this process alone knows follow, each labelled so.
+    whole = lower_bound(len(job.rows), busiest(job.rows), settings.rate_limit, settings.cooldown)
+    spec = await record.find_run() or RunSpec(
+        record.run_key, settings.provider, "", str(job.path), "", job.extra_columns, 0
+    )
+    facts = await record.facts()
+    info = info_from_facts(spec, facts)
+    own: list[tuple[str, Value]] = [("estimated minimum duration (s)", _seconds(whole))]
+    if not record.shared:
+        # Workers of a shared ledger each write the same Summary: no line of one of them.
+        own.insert(0, ("topups sent by this process", tally.sent))
+        if ending.stopped:
+            own.append(("stopped", ending.stopped))
+    group_by = settings.group_by
+    if group_by is not None and group_by not in job.extra_columns:
+        # The command refuses this before anything is sent; a caller that did not check must
+        # still get its report once money moved, only without the subtotals.
+        log.warning("report.group_by_unknown", group_by=group_by)
+        group_by = None
+    figures = report_figures(spec, facts, group_by, tuple(own))
     # A million-row report takes a while (see the README's performance section): say so.
     log.info("report.writing", report=str(output), rows=len(job.rows))
     writing = clock()
-    await anyio.to_thread.run_sync(write_report, output, record.records(), info)
+    await anyio.to_thread.run_sync(write_report, output, record.records(), info, figures)
     log.info("report.written", report=str(output), seconds=round(clock() - writing, 1))
     failed_file = failed_rows_path_for(output)
     failed = await anyio.to_thread.run_sync(
@@ -252,21 +256,9 @@ async def write_outputs(
     return result
 
 
-def _notes(
-    sent: int, makespan: float | None, lb: float, stopped: str | None
-) -> tuple[tuple[str, str], ...]:
-    notes = [
-        ("topups sent by this process", str(sent)),
-        ("estimated minimum duration (s)", f"{lb:.1f}"),
-    ]
-    if makespan is not None:
-        notes.append(("first to last applied topup (s)", f"{makespan:.1f}"))
-    if stopped:
-        notes.append(("stopped", stopped))
-    return tuple(notes)
-
-
-def rewrite_report(ledger_where: Path | str, run_key: str, output: Path) -> Path:
+def rewrite_report(
+    ledger_where: Path | str, run_key: str, output: Path, group_by: str | None = None
+) -> Path:
     """Write a run's spreadsheet again from the ledger alone."""
     if isinstance(ledger_where, Path) and not ledger_where.exists():
         raise LedgerError(f"ledger {ledger_where}: no such file")
@@ -275,18 +267,14 @@ def rewrite_report(ledger_where: Path | str, run_key: str, output: Path) -> Path
         spec, facts = read_run(record.ledger, run_key)
         if spec is None or facts is None:
             raise LedgerError(f"ledger {record.name}: no run with key {run_key!r}")
-        return write_report(output, record.records(), info_from_facts(spec, facts))
+        figures = report_figures(spec, facts, group_by)
+        return write_report(output, record.records(), info_from_facts(spec, facts), figures)
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
 
 
-def info_from_facts(
-    spec: RunSpec, facts: RunFacts, notes: tuple[tuple[str, str], ...] = ()
-) -> RunInfo:
-    """A Summary from the ledger alone: the same whichever process writes it."""
-    lines = [("topups sent (all processes)", str(facts.sent)), *notes]
-    if facts.first_applied_at is not None and facts.last_applied_at is not None:
-        span = (facts.last_applied_at - facts.first_applied_at).total_seconds()
-        lines.append(("first to last applied topup (s)", f"{span:.1f}"))
+def info_from_facts(spec: RunSpec, facts: RunFacts) -> RunInfo:
+    """What a Summary says of the run from the ledger alone: the same whichever process
+    writes it, and after any number of resumes."""
     return RunInfo(
         run_key=spec.run_key,
         provider=spec.provider,
@@ -294,5 +282,31 @@ def info_from_facts(
         started_at=facts.created_at,
         finished_at=facts.last_finished_at,
         extra_columns=spec.extra_columns,
-        notes=tuple(lines),
     )
+
+
+def report_figures(
+    spec: RunSpec,
+    facts: RunFacts,
+    group_by: str | None,
+    own: tuple[tuple[str, Value], ...] = (),
+) -> Figures:
+    """The run's currency, subtotal column and figures from the ledger (numbers as numbers),
+    then `own`: the lines only the writing process knows."""
+    lines: list[tuple[str, Value]] = [("topups sent (all processes)", facts.sent)]
+    if facts.first_applied_at is not None and facts.last_applied_at is not None:
+        span = (facts.last_applied_at - facts.first_applied_at).total_seconds()
+        lines.append(("first to last applied topup (s)", _seconds(span)))
+    return Figures(currency=_currency(spec.provider), group_by=group_by, lines=(*lines, *own))
+
+
+def _currency(provider: str) -> str:
+    try:
+        return rules_for(provider).currency  # the sandbox's is the provider it simulates
+    except ConfigError:
+        return ""  # a provider this version does not know: no currency rather than a wrong one
+
+
+def _seconds(value: float) -> Seconds:
+    # Durations come from clocks as float seconds; the Summary shows them to a tenth.
+    return Seconds(f"{value:.1f}")

@@ -20,6 +20,7 @@ from runner.preflight import preflight
 from runner.progress import NoProgress
 from runner.providers.base import Provider
 from runner.providers.factory import open_provider
+from runner.report import check_group_by
 from runner.run.attempt import Attempts
 from runner.run.cards import Cards, open_cards
 from runner.run.check import busiest, check_amounts, duplicates, fee_model, fmt
@@ -84,6 +85,8 @@ class JobRun:
     async def run(self, clock: Callable[[], float]) -> RunResult:
         settings, job = self.settings, self.job
         check_amounts(job, settings.provider)
+        if settings.group_by is not None:
+            check_group_by(settings.group_by, job.extra_columns)  # before anything is sent
         with ExitStack() as stack:
             ledger = open_for(ledger_where(settings, self.env, stack), stack)
             record = RunRecord(ledger, self.run_key)
