@@ -22,13 +22,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from runner.errors import ConfigError
+from runner.notify import notify_targets, same_targets
 
 PROVIDERS = ("sandbox", "uncash", "alix")
 # Settings a job file may not choose: where the secrets go (base_url), which files are
 # written (output, metrics_file), the ledger that makes a run exactly-once, and how long
-# a lost answer is given before it is judged not applied (apply_grace). A job file may
-# give them only as the operator did, by command line or environment.
-OPERATOR_ONLY = ("base_url", "metrics_file", "ledger", "output", "apply_grace")
+# a lost answer is given before it is judged not applied (apply_grace), who is told how the
+# run went (notify). A job file may give them only as the operator did (flag or environment).
+OPERATOR_ONLY = ("base_url", "metrics_file", "ledger", "output", "apply_grace", "notify")
 # The providers' published API roots (kept equal to the adapters' by a test: this module
 # imports no adapter). Alix publishes none: its base URL must always be given.
 PUBLIC_BASE_URLS: Mapping[str, str] = {"uncash": "https://api.uncash.io/api/v1"}
@@ -74,6 +75,7 @@ class Settings:
     # Seconds after a request's timeout during which the provider may still apply it: a lost
     # answer is judged "not applied" only after timeout + apply_grace.
     apply_grace: float = 30.0
+    notify: tuple[str, ...] = ()  # Apprise URLs told when the run ends (runner.notify)
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -169,6 +171,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "fee_rate": _fraction,
     "lease": _number(float),
     "apply_grace": _number(float),
+    "notify": notify_targets,
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 
@@ -181,7 +184,8 @@ def _convert(name: str, value: object, source: str) -> Any:
     try:
         return _CONVERT[name](value)
     except (ValueError, ArithmeticError) as exc:
-        raise ConfigError(f"{source}: {value!r} is not valid for {name}: {exc}") from None
+        shown = "the value" if name == "notify" else repr(value)  # URLs hold tokens
+        raise ConfigError(f"{source}: {shown} is not valid for {name}: {exc}") from None
 
 
 def resolve_settings(
@@ -230,6 +234,7 @@ _WHY_OPERATOR_ONLY = {
     "output": "it names a file the run writes",
     "ledger": "the ledger is what makes a run exactly-once",
     "apply_grace": "it decides when a lost answer is judged not applied",
+    "notify": "it sends the run's figures to the hosts it names",
 }
 
 
@@ -263,6 +268,8 @@ def _same_setting(name: str, first: object, second: object) -> bool:
             return normalize_base_url(str(first).strip()) == normalize_base_url(str(second).strip())
         if name == "apply_grace":
             return bool(_number(float)(first) == _number(float)(second))
+        if name == "notify":
+            return same_targets(first, second)
         a, b = str(first).strip(), str(second).strip()
         if name == "ledger" and (a.startswith(_DATABASE_URLS) or b.startswith(_DATABASE_URLS)):
             return a == b
