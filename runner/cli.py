@@ -149,7 +149,11 @@ def _tell_exit(code: int | str | None) -> None:
     if end.notify:
         from runner.notify import notice_of, send_notice
 
-        for problem in send_notice(end.notify, notice_of(end, exit_code)):
+        try:
+            problems = send_notice(end.notify, notice_of(end, exit_code))
+        except KeyboardInterrupt:  # Ctrl-C while waiting for receivers: let them go
+            problems = ["interrupted"]
+        for problem in problems:
             say(f"topup-runner: warning: notification not delivered: {problem}",
                 event="notify.failed", err=True)  # fmt: skip
 

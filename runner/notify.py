@@ -28,6 +28,10 @@ _TARGET = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}://\S+")
 # TOPUP_NOTIFY holds several URLs apart by whitespace, or by a comma that a new URL follows (a
 # comma inside one URL, as in a list of mail recipients, stays).
 _BETWEEN = re.compile(r"\s+|,\s*(?=[A-Za-z][A-Za-z0-9+.-]{0,31}://)")
+# Apprise schemes whose host part is a server's name or address, not a token: shown in logs.
+_HOST_IS_A_SERVER = frozenset(
+    ("json", "jsons", "xml", "xmls", "form", "forms", "mailto", "mailtos", "gotify", "gotifys")
+)
 # What each exit code says about the run, in the contract's words.
 _MEANINGS = {
     0: "every row succeeded or is pending",
@@ -41,15 +45,24 @@ _MEANINGS = {
 
 
 def describe(url: str) -> str:
-    """`url` as logs may show it: scheme and host only, never user, password, path or query."""
+    """`url` as logs may show it: the scheme, and the host only where the scheme's host is a
+    server (json://host...). Never a user, password, path or query; and not the host of
+    schemes that keep a token there (tgram://bottoken/..., slack://TokenA/...)."""
     scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme not in _HOST_IS_A_SERVER:
+        return f"{scheme}://…"
     try:
         parts = urlsplit(f"x://{rest}")
         host = parts.hostname or ""
         port = f":{parts.port}" if parts.port is not None and host else ""
     except ValueError:
         host = port = ""
-    return f"{scheme.lower()}://{host}{port}"
+    return f"{scheme}://{host}{port}" if host else f"{scheme}://…"
+
+
+def _named(position: int, url: str) -> str:
+    return f"target {position} ({describe(url)})"
 
 
 def notify_targets(value: object) -> tuple[str, ...]:
@@ -103,25 +116,26 @@ def _apprise() -> ModuleType:
 
 
 def _instances(urls: Sequence[str], deadline: float) -> tuple[list[tuple[str, Any]], list[str]]:
-    """Apprise's sender for each URL, and a line for each URL it does not take."""
+    """Apprise's sender for each URL (with the name logs show it by), and a line for each
+    URL it does not take."""
     apprise = _apprise()
     asset = apprise.AppriseAsset(plugin_paths=[], storage_mode="memory", async_mode=False)
     senders: list[tuple[str, Any]] = []
     refused: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for url in urls:
+        for position, url in enumerate(urls, 1):
             try:
                 sender = apprise.Apprise.instantiate(url, asset=asset)
             except Exception:  # an Apprise bug on a strange URL: that target only
                 sender = None
             if sender is None:
-                refused.append(f"{describe(url)}: not a URL Apprise can send to")
+                refused.append(f"{_named(position, url)}: not a URL Apprise can send to")
                 continue
             # A receiver that hangs is let go at the deadline: its sockets need not outlive it.
             sender.socket_connect_timeout = min(sender.socket_connect_timeout, deadline)
             sender.socket_read_timeout = min(sender.socket_read_timeout, deadline)
-            senders.append((url, sender))
+            senders.append((_named(position, url), sender))
     return senders, refused
 
 
@@ -228,7 +242,7 @@ def send_notice(urls: Sequence[str], notice: Notice, deadline: float = DEADLINE)
         thread.start()
     for thread in threads:
         thread.join(max(0.0, started + deadline - time.monotonic()))
-    for n, (url, _) in enumerate(senders):
+    for n, (name, _) in enumerate(senders):
         result = delivered.get(n)
         if result is True:
             continue
@@ -239,5 +253,5 @@ def send_notice(urls: Sequence[str], notice: Notice, deadline: float = DEADLINE)
             if result is False
             else result
         )
-        problems.append(f"{describe(url)}: {why}")
+        problems.append(f"{name}: {why}")
     return problems

@@ -177,7 +177,7 @@ async def test_a_receiver_that_hangs_or_refuses_changes_nothing(tmp_path: Path, 
     assert took < 20
     warning = [line for line in done.stderr.splitlines() if "notification" in line]
     assert len(warning) == 1, done.stderr
-    assert f"json://127.0.0.1:{port}" in warning[0]
+    assert f"target 1 (json://127.0.0.1:{port})" in warning[0]
     for secret in ("pw-s3cret", "tok3n-in-path", "qu3ry", "ops:"):
         assert secret not in done.stdout + done.stderr
 
@@ -229,8 +229,9 @@ async def test_a_scheme_apprise_does_not_know_is_exit_2(tmp_path: Path) -> None:
         "--log-format", "console", cwd=tmp_path,
     )  # fmt: skip
     assert done.code == 2
-    assert "nosuchservice://example.invalid" in done.stderr
+    assert "target 1 (nosuchservice://…)" in done.stderr
     assert "pw-s3cret" not in done.stderr
+    assert "example.invalid" not in done.stderr
 
 
 # -- in process -----------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ async def test_sending_is_bounded_by_its_deadline() -> None:
         problems = send_notice([f"json://127.0.0.1:{port}/x"], notice, deadline=0.5)
         took = time.monotonic() - started
     assert took < 2.0
-    assert problems == [f"json://127.0.0.1:{port}: no answer within 0.5 s"]
+    assert problems == [f"target 1 (json://127.0.0.1:{port}): no answer within 0.5 s"]
 
 
 def test_notify_urls_from_the_environment_are_split() -> None:
@@ -289,16 +290,19 @@ def test_settings_take_notify_from_flag_and_environment() -> None:
     assert "secret-token-here" not in str(caught.value)
 
 
-def test_describe_shows_scheme_and_host_only() -> None:
-    assert describe("slack://T0/B0/tok3n") == "slack://t0"
+def test_describe_shows_scheme_and_a_server_host_only() -> None:
+    """A host is shown only where it names a server; Telegram and Slack keep tokens there."""
+    assert describe("slack://T0kenA/B0/tok3n") == "slack://…"
+    assert describe("tgram://123:b0ttoken/456") == "tgram://…"
     assert describe("json://u:pw@127.0.0.1:8/p?q=1") == "json://127.0.0.1:8"
-    assert describe("json://[::1") == "json://"
+    assert describe("json://[::1") == "json://…"
 
 
 def test_check_targets_refuses_what_apprise_does_not_take() -> None:
     assert check_targets(["json://127.0.0.1:1/x"]) == ("json://127.0.0.1:1/x",)
-    with pytest.raises(ConfigError, match="nosuch://h"):
-        check_targets(["nosuch://h/p"])
+    with pytest.raises(ConfigError, match="target 2 \\(nosuch://…\\)") as caught:
+        check_targets(["json://127.0.0.1:1/x", "nosuch://h0st/p"])
+    assert "h0st" not in str(caught.value)
 
 
 def test_notice_of_a_refusal_names_nothing_paid() -> None:
