@@ -268,12 +268,12 @@ def _run_end(job_file: str, opts: dict[str, Any]) -> RunEnd:
     and the notifications of an exit 2 for a job or an option that cannot be used."""
     from runner.notify import notify_targets
 
-    def given(name: str) -> str | None:
+    def given(name: str) -> str:
         value = opts.get(name)
         return str(value) if value else os.environ.get(f"TOPUP_{name.upper()}", "").strip()
 
     try:
-        notify = notify_targets(opts.get("notify") or given("notify") or ())
+        notify = notify_targets(opts.get("notify") or given("notify"))
     except ValueError:
         notify = ()  # refused with the settings, exit 2, and told to no one
     metrics = given("metrics_file")
