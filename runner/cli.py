@@ -27,9 +27,10 @@ from runner.config import (
     resolve_settings,
     sandbox_ledger_path,
 )
-from runner.errors import JobInvalid, RunnerError
+from runner.errors import JobInvalid, RunnerError, leaves, most_telling
 from runner.jobs import Job, load_job
 from runner.logs import configure_logging
+from runner.metrics import RunEnd, write_metrics
 from runner.progress import LazyStderr, NoProgress, RichProgress
 
 if TYPE_CHECKING:
@@ -75,19 +76,14 @@ def _fail(exc: RunnerError) -> NoReturn:
                 event="job.problem", err=True)  # fmt: skip
         say("topup-runner: the job is invalid: nothing was sent",
             event="job.invalid", err=True, exit_code=code)  # fmt: skip
+        _note_error(f"the job is invalid: {_without_secrets(str(exc))}: nothing was sent")
     else:
         say(f"topup-runner: error: {_without_secrets(str(exc))}", event="run.error", err=True,
             error_type=type(exc).__name__, exit_code=code)  # fmt: skip
+        _note_error(_without_secrets(str(exc)))
     sys.exit(code)
 
 
-# Which of several RunnerErrors raised together (a task group's) is reported: the one whose
-# exit code comes first here. A configuration, job or credentials error (2) is the cause
-# the operator must fix and proves nothing was sent; then a held lock (75), a preflight
-# refusal (3), and last a provider failing (1), often only the echo of the first in the
-# other tasks. Within one code the most derived class wins (AuthenticationFailed over
-# ProviderError), then the first found.
-_EXIT_CODE_RANK = (2, 75, 3, 1)
 # Environment variables whose values are secrets: never printed, whatever carries them.
 _SECRET_VARIABLES = (
     "UNCASH_API_TOKEN",
@@ -98,25 +94,6 @@ _SECRET_VARIABLES = (
 )
 _USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 _INTERNAL_MESSAGE_LIMIT = 300
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    """The exceptions in `group` and its nested groups, depth first."""
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
-
-
-def _reported(errors: list[RunnerError]) -> RunnerError:
-    """The one of several runner errors raised together that the command reports."""
-
-    def rank(exc: RunnerError) -> tuple[int, int]:
-        code = exc.exit_code
-        order = _EXIT_CODE_RANK.index(code) if code in _EXIT_CODE_RANK else len(_EXIT_CODE_RANK)
-        return order, -len(type(exc).__mro__)
-
-    return min(errors, key=rank)  # min keeps the first of equals
 
 
 def _without_secrets(text: str) -> str:
@@ -141,12 +118,53 @@ def _internal_error(exc: BaseException) -> NoReturn:
         event="run.internal_error",
         err=True,
     )
+    _note_error(f"internal error: {type(exc).__name__}: {detail}")
     sys.exit(1)
 
 
 def _interrupted() -> NoReturn:
     say("topup-runner: interrupted", event="run.interrupted", err=True)
+    _note_error("interrupted")
     sys.exit(130)
+
+
+# The run whose every exit is told to monitoring and to people (see `watch_exit`).
+_WATCHED: list[RunEnd] = []
+
+
+def watch_exit(end: RunEnd) -> None:
+    """Make the running command's exit, whatever its code, rewrite `end`'s metrics file and
+    send its notifications (`guarded` does it as the command exits)."""
+    _WATCHED[:] = [end]
+
+
+def _note_error(message: str) -> None:
+    if _WATCHED:
+        _WATCHED[0].error = message
+
+
+def _tell_exit(code: int | str | None) -> None:
+    """Rewrite the watched run's metrics and notify: neither changes the exit code."""
+    if not _WATCHED:
+        return
+    end = _WATCHED.pop()
+    exit_code = code if isinstance(code, int) else 0 if code is None else 1
+    if end.metrics_file is not None:
+        try:
+            write_metrics(end.metrics_file, end.metrics(exit_code))
+        except OSError as exc:
+            say(f"topup-runner: warning: metrics file {end.metrics_file} was not written: "
+                f"{exc.strerror or exc}", event="metrics.unwritable", err=True)  # fmt: skip
+    if end.notify:
+        from runner.notify import notice_of, send_notice
+
+        try:
+            problems = send_notice(end.notify, notice_of(end, exit_code))
+        except KeyboardInterrupt:  # Ctrl-C while waiting for receivers: let them go
+            problems = ["interrupted"]
+        for problem in problems:
+            say(f"topup-runner: warning: notification not delivered: {problem}",
+                event="notify.failed", err=True)  # fmt: skip
 
 
 def guarded(func: F) -> F:
@@ -154,11 +172,25 @@ def guarded(func: F) -> F:
 
     Errors raised in a task group arrive wrapped in an ExceptionGroup: an interrupt among
     them is an interrupt (130), runner errors among them are reported as one (see
-    _EXIT_CODE_RANK), and only a group of nothing else is an internal error.
+    runner.errors.EXIT_CODE_RANK), and only a group of nothing else is an internal error.
+    Whatever the exit, a run given to `watch_exit` is then told to monitoring and people.
     """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _WATCHED.clear()
+        try:
+            result = _exits(*args, **kwargs)
+        except SystemExit as done:
+            _tell_exit(done.code)
+            raise
+        except BaseException:  # TOPUP_DEBUG's traceback: still an exit 1
+            _tell_exit(1)
+            raise
+        _tell_exit(0)
+        return result
+
+    def _exits(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except RunnerError as exc:
@@ -166,13 +198,13 @@ def guarded(func: F) -> F:
         except KeyboardInterrupt:
             _interrupted()
         except BaseExceptionGroup as group:
-            leaves = _leaves(group)
-            if any(isinstance(exc, KeyboardInterrupt) for exc in leaves):
+            found = leaves(group)
+            if any(isinstance(exc, KeyboardInterrupt) for exc in found):
                 _interrupted()
-            errors = [exc for exc in leaves if isinstance(exc, RunnerError)]
+            errors = [exc for exc in found if isinstance(exc, RunnerError)]
             if errors:
-                _fail(_reported(errors))
-            exits = [exc for exc in leaves if isinstance(exc, SystemExit)]
+                _fail(most_telling(errors))
+            exits = [exc for exc in found if isinstance(exc, SystemExit)]
             if exits:
                 raise exits[0] from None
             if os.environ.get("TOPUP_DEBUG"):
@@ -249,8 +281,31 @@ def run_options(func: F) -> F:
     return func
 
 
+def _run_end(job_file: str, opts: dict[str, Any]) -> RunEnd:
+    """What the operator named for the run's exit before the job is read: the metrics file
+    and the notifications of an exit 2 for a job or an option that cannot be used."""
+    from runner.notify import notify_targets
+
+    def given(name: str) -> str:
+        value = opts.get(name)
+        return str(value) if value else os.environ.get(f"TOPUP_{name.upper()}", "").strip()
+
+    try:
+        notify = notify_targets(opts.get("notify") or given("notify"))
+    except ValueError:
+        notify = ()  # refused with the settings, exit 2, and told to no one
+    metrics = given("metrics_file")
+    return RunEnd(
+        job=Path(job_file).stem,
+        provider=given("provider") or "unknown",
+        metrics_file=Path(metrics).expanduser() if metrics else None,
+        notify=notify,
+    )
+
+
 def _settings(job: Job, opts: dict[str, Any]) -> Settings:
     cli = {k: v for k, v in opts.items() if k != "no_progress"}
+    cli["notify"] = cli.get("notify") or None  # click gives () when --notify is not given
     cli["progress"] = False if opts.get("no_progress") else None
     settings = resolve_settings(
         cli,
@@ -288,13 +343,24 @@ def main() -> None:
 @main.command()
 @click.argument("job_file", metavar="JOB")
 @run_options
+@click.option(
+    "--notify",
+    multiple=True,
+    metavar="URL",
+    help="Apprise URL to notify when the run ends, is refused or fails (repeatable).",
+)
 @guarded
 def run(job_file: str, **opts: Any) -> None:
     """Execute a job: topups, retries, report."""
+    from runner.notify import check_targets
     from runner.run import run_job
 
+    end = _run_end(job_file, opts)
+    watch_exit(end)
     job = load_job(job_file)
     settings = _settings(job, opts)
+    end.provider, end.metrics_file = settings.provider, settings.metrics_file
+    end.notify = check_targets(settings.notify)
     show_progress = settings.progress if settings.progress is not None else sys.stderr.isatty()
     configure_logging(
         provider=settings.provider,
@@ -304,7 +370,8 @@ def run(job_file: str, **opts: Any) -> None:
     )
     label = "sandbox" if settings.is_sandbox else settings.provider
     with RichProgress(label) if show_progress else NoProgress() as progress:
-        result = anyio.run(run_job, job, settings, progress, backend_options=LOOP)
+        go = functools.partial(run_job, end=end)
+        result = anyio.run(go, job, settings, progress, backend_options=LOOP)
     _say_summary(settings, result)
     sys.exit(result.exit_code)
 

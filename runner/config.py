@@ -44,12 +44,13 @@ __all__ = [
     "sandbox_ledger_path",
     "target_of",
 ]
+from runner.notify import notify_targets, same_targets
 
 # Settings a job file may not choose: where the secrets go (base_url), which files are
 # written (output, metrics_file), the ledger that makes a run exactly-once, and how long
-# a lost answer is given before it is judged not applied (apply_grace). A job file may
-# give them only as the operator did, by command line or environment.
-OPERATOR_ONLY = ("base_url", "metrics_file", "ledger", "output", "apply_grace")
+# a lost answer is given before it is judged not applied (apply_grace), who is told how the
+# run went (notify). A job file may give them only as the operator did (flag or environment).
+OPERATOR_ONLY = ("base_url", "metrics_file", "ledger", "output", "apply_grace", "notify")
 LOG_FORMATS = ("console", "json")
 _RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
 
@@ -91,6 +92,7 @@ class Settings:
     apply_grace: float = 30.0
     # An extra job column the report's Summary subtotals by (checked against the job).
     group_by: str | None = None
+    notify: tuple[str, ...] = ()  # Apprise URLs told when the run ends (runner.notify)
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -236,6 +238,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "lease": _number(float),
     "apply_grace": _number(float),
     "group_by": lambda v: str(v).strip() or None,
+    "notify": notify_targets,
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 _FIELD_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in fields(Settings)}
@@ -249,7 +252,8 @@ def _convert(name: str, value: object, source: str) -> Any:
     try:
         return _CONVERT[name](value)
     except (ValueError, ArithmeticError) as exc:
-        raise ConfigError(f"{source}: {value!r} is not valid for {name}: {exc}") from None
+        shown = "the value" if name == "notify" else repr(value)  # URLs hold tokens
+        raise ConfigError(f"{source}: {shown} is not valid for {name}: {exc}") from None
 
 
 def resolve_settings(
@@ -298,6 +302,7 @@ _WHY_OPERATOR_ONLY = {
     "output": "it names a file the run writes",
     "ledger": "the ledger is what makes a run exactly-once",
     "apply_grace": "it decides when a lost answer is judged not applied",
+    "notify": "it sends the run's figures to the hosts it names",
 }
 
 
@@ -331,6 +336,8 @@ def _same_setting(name: str, first: object, second: object) -> bool:
             return normalize_base_url(str(first).strip()) == normalize_base_url(str(second).strip())
         if name == "apply_grace":
             return bool(_number(float)(first) == _number(float)(second))
+        if name == "notify":
+            return same_targets(first, second)
         a, b = str(first).strip(), str(second).strip()
         if name == "ledger" and (a.startswith(_DATABASE_URLS) or b.startswith(_DATABASE_URLS)):
             return a == b

@@ -11,11 +11,12 @@
     │   ├── AuthenticationFailed (exit 2)
     │   │   └── AccessTokenRejected  Alix answered 401: refused at the door, nothing applied
     │   └── NotDocumented            the provider documents no endpoint for an operation
+    ├── ProviderUnavailable (exit 69) a ProviderError met before this process sent a topup
     ├── WebhookRejected (exit 1)     a webhook that must change nothing (forged, malformed)
     └── RunStopped (exit 1)          any of the above after topups were sent: never exit 2 then
 
-Exit 2 and 3 promise that nothing was sent. Once a run has sent a topup, whatever stops it is
-raised as `RunStopped` (exit 1), which carries the error that stopped it as `cause`.
+Exit 2, 3, 69 and 75 promise that nothing was sent. Once a run has sent a topup, whatever stops
+it is raised as `RunStopped` (exit 1), which carries the error that stopped it as `cause`.
 
 A single row's refusal, retry or unknown outcome is *not* an exception: it is a value of
 `runner.providers.base.Outcome`. Exceptions here stop a command; the CLI catches only
@@ -137,6 +138,19 @@ class NotDocumented(ProviderError):
         super().__init__(f"{provider} documents no {operation} endpoint", provider=provider)
 
 
+class ProviderUnavailable(RunnerError):
+    """The provider could not be used (unreachable: refused, DNS, TLS, timeouts; or answering
+    nonsense) before this process sent a single topup: sysexits' EX_UNAVAILABLE, not the
+    "rows failed" of exit 1. Raised only by the run, which knows nothing was sent; `cause` is
+    the ProviderError."""
+
+    exit_code = 69
+
+    def __init__(self, cause: ProviderError) -> None:
+        self.cause = cause
+        super().__init__(f"{cause}: the provider cannot be used, nothing was sent")
+
+
 class WebhookRejected(RunnerError):
     """A webhook that must change nothing: forged, malformed or not a TopupCard event."""
 
@@ -160,3 +174,43 @@ class RunStopped(RunnerError):
             f"{cause} (the run stopped after {sent} topup(s) were sent: rerun the same "
             f"command, or --run-key {run_key}, to resume it; nothing is paid twice)"
         )
+
+
+# Which of several RunnerErrors raised together (a task group's) is reported: the one whose
+# exit code comes first here. A configuration, job or credentials error (2) is the cause
+# the operator must fix and proves nothing was sent; then a held lock (75), a preflight
+# refusal (3), a provider out of reach before sending (69), and last a provider failing (1),
+# often only the echo of the first in the other tasks. Within one code the most derived
+# class wins (AuthenticationFailed over ProviderError), then the first found.
+EXIT_CODE_RANK = (2, 75, 3, 69, 1)
+
+
+def most_telling(errors: Sequence[RunnerError]) -> RunnerError:
+    """The one of several runner errors raised together that a command reports."""
+
+    def rank(exc: RunnerError) -> tuple[int, int]:
+        code = exc.exit_code
+        order = EXIT_CODE_RANK.index(code) if code in EXIT_CODE_RANK else len(EXIT_CODE_RANK)
+        return order, -len(type(exc).__mro__)
+
+    return min(errors, key=rank)  # min keeps the first of equals
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions in `group` and its nested groups, depth first."""
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def runner_error_of(exc: BaseException) -> RunnerError | None:
+    """`exc` as the one RunnerError it stands for: itself, or the most telling of a group
+    made of runner errors only; None for anything else (a bug, an interrupt)."""
+    if isinstance(exc, RunnerError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = leaves(exc)
+        if found and all(isinstance(leaf, RunnerError) for leaf in found):
+            return most_telling([leaf for leaf in found if isinstance(leaf, RunnerError)])
+    return None

@@ -1,23 +1,32 @@
 """Prometheus text-format metrics of a run, for node_exporter's textfile collector.
 
-Written atomically (temporary file, then rename) so the collector never reads half a file;
-the last success time is carried over from the previous file when this run did not succeed.
+Written atomically (temporary file, then rename) so the collector never reads half a file,
+at every exit of `run` whatever its code; the last success time is carried over from the
+previous file when this run did not succeed (read bounded: a damaged file is only replaced).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
 from runner.domain import RowStatus
 
-_LAST_SUCCESS = re.compile(r"^topup_runner_last_success_timestamp_seconds(?:\{[^}]*\})? (\S+)$")
+_LAST_SUCCESS = re.compile(
+    rb"^topup_runner_last_success_timestamp_seconds(?:\{[^\n]*\})? ([0-9]{1,12}(?:\.[0-9]{1,9})?)$",
+    re.MULTILINE,
+)
+# The previous file is read no further than this: ours are a few kB; whatever is longer was
+# not written by us, and the sample we look for comes near the end of ours.
+_PREVIOUS_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +44,16 @@ def _label(value: str) -> str:
 
 
 def _previous_success(path: Path) -> str | None:
+    """The last-success time in the file a previous run wrote, if it holds a plain one."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
+        with path.open("rb") as handle:
+            text = handle.read(_PREVIOUS_LIMIT)
+    except (OSError, ValueError):
         return None
-    for line in text.splitlines():
-        if match := _LAST_SUCCESS.match(line):
-            return match.group(1)
-    return None
+    match = _LAST_SUCCESS.search(text)
+    if match is None or not math.isfinite(float(match.group(1))):
+        return None
+    return match.group(1).decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +63,47 @@ class RunMetrics:
     job: str
     provider: str
     run_key: str
-    totals: Mapping[RowStatus, StatusTotals]
+    totals: Mapping[RowStatus, StatusTotals] | None  # None: the rows are not known
     duration: float
     exit_code: int
     finished: datetime
 
 
+@dataclass(slots=True)
+class RunEnd:
+    """What is known of a run when its command exits, however it exits: filled in as the run
+    goes (the command's options, then its settings, then the ledger), read by the exit's
+    metrics and notifications. `totals` None: the run's rows could not be read."""
+
+    job: str
+    provider: str = "unknown"
+    run_key: str | None = None
+    metrics_file: Path | None = None
+    notify: tuple[str, ...] = ()
+    totals: Mapping[RowStatus, StatusTotals] | None = None
+    sent: int | None = None
+    makespan: float | None = None
+    report: Path | None = None
+    stopped: str | None = None
+    error: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def metrics(self, exit_code: int) -> RunMetrics:
+        """The metrics of this run ending now with `exit_code`."""
+        return RunMetrics(
+            job=self.job,
+            provider=self.provider,
+            run_key=self.run_key or "",
+            totals=self.totals,
+            duration=time.monotonic() - self.started,
+            exit_code=exit_code,
+            finished=datetime.now(UTC),
+        )
+
+
 def render_metrics(run: RunMetrics, last_success: str | None) -> str:
     base = f'job="{_label(run.job)}",provider="{_label(run.provider)}"'
-    totals = run.totals
+    totals = run.totals or {}
     lines = [
         "# HELP topup_runner_run_info The run these metrics describe.",
         "# TYPE topup_runner_run_info gauge",
@@ -74,14 +117,15 @@ def render_metrics(run: RunMetrics, last_success: str | None) -> str:
             value = getattr(totals.get(status, StatusTotals()), value_of)
             lines.append(f'{name}{{{base},status="{status.value}"}} {value}')
 
-    family("topup_runner_rows", "Rows of the last run by status.", "rows")
-    family("topup_runner_amount", "Sum of the amounts of the last run by status.", "amount")
-    family("topup_runner_fee", "Sum of the fees of the last run by status.", "fee")
-    family(
-        "topup_runner_total_charged",
-        "Sum of what the wallet was charged in the last run by status.",
-        "total_charged",
-    )
+    if run.totals is not None:  # rows that cannot be read are left out, not shown as zero
+        family("topup_runner_rows", "Rows of the last run by status.", "rows")
+        family("topup_runner_amount", "Sum of the amounts of the last run by status.", "amount")
+        family("topup_runner_fee", "Sum of the fees of the last run by status.", "fee")
+        family(
+            "topup_runner_total_charged",
+            "Sum of what the wallet was charged in the last run by status.",
+            "total_charged",
+        )
     stamp = f"{run.finished.timestamp():.3f}"
     success = stamp if run.exit_code == 0 else last_success
     lines += [

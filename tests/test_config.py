@@ -33,7 +33,9 @@ def refused(job: dict[str, object], cli: dict[str, object | None] | None = None,
 class TestOperatorOnly:
     def test_the_tuple(self) -> None:
         """The settings a job file may not choose, by name."""
-        assert set(OPERATOR_ONLY) == {"base_url", "metrics_file", "ledger", "output", "apply_grace"}
+        assert set(OPERATOR_ONLY) == {
+            "base_url", "metrics_file", "ledger", "output", "apply_grace", "notify"
+        }  # fmt: skip
         assert "provider" not in OPERATOR_ONLY
         assert "run_key" not in OPERATOR_ONLY
 

@@ -7,14 +7,24 @@ import asyncio
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from dataclasses import replace
 
 import structlog
 
 from runner.config import Settings
 from runner.domain import RowStatus
-from runner.errors import ConfigError, LedgerError, RunnerError, RunStopped
+from runner.errors import (
+    ConfigError,
+    LedgerError,
+    ProviderError,
+    ProviderUnavailable,
+    RunnerError,
+    RunStopped,
+    runner_error_of,
+)
 from runner.jobs import Job
 from runner.ledger import RunSpec, utcnow
+from runner.metrics import RunEnd
 from runner.money import format_amount
 from runner.preflight import preflight
 from runner.progress import NoProgress
@@ -56,14 +66,18 @@ async def run_job(
     *,
     env: Mapping[str, str] | None = None,
     clock: Callable[[], float] | None = None,
+    end: RunEnd | None = None,
 ) -> RunResult:
     """Run `job` as `settings` say: every row topped up at most once, the report written.
 
     `env` holds the secrets (default: the process's environment); `clock` is the run's
     monotonic clock in seconds (default: the event loop's), the one its cooldowns, rate and
-    waits are measured on.
+    waits are measured on. `end` is filled in with what the command's exit tells (its
+    metrics and notifications), however the run ends; the metrics file is written there,
+    once, with the exit code.
     """
-    run = JobRun(job, settings, progress or NoProgress(), os.environ if env is None else env)
+    env = os.environ if env is None else env
+    run = JobRun(job, settings, progress or NoProgress(), env, end or RunEnd(job.path.stem))
     return await run.run(clock or asyncio.get_running_loop().time)
 
 
@@ -71,14 +85,21 @@ class JobRun:
     """One run of one job against one provider; `await run()` once."""
 
     def __init__(
-        self, job: Job, settings: Settings, progress: RunProgress, env: Mapping[str, str]
+        self,
+        job: Job,
+        settings: Settings,
+        progress: RunProgress,
+        env: Mapping[str, str],
+        end: RunEnd,
     ) -> None:
         self.job = job
         self.settings = settings
+        self.end = end
         self.env = env
         self.progress = progress
         self.tally = Tally(progress)
         self.run_key = settings.run_key or derive_run_key(job, settings)
+        end.provider, end.run_key = settings.provider, self.run_key
         self.workers: Workers | None = None
         self.fatal: RunnerError | None = None
 
@@ -104,16 +125,42 @@ class JobRun:
                     message="this job already ran on this target under this key: resuming it, "
                     "so nothing is paid twice (pass a new --run-key to pay it again on purpose)",
                 )
+            self.end.run_key = self.run_key
             record.lock()
             structlog.contextvars.bind_contextvars(run_key=self.run_key)
             try:
                 return await self._run_locked(record, clock)
-            except RunnerError as exc:
-                if self.tally.sent and not isinstance(exc, RunStopped):
-                    # Exit 2 and 3 say nothing was sent: not true any more.
-                    raise RunStopped(exc, sent=self.tally.sent, run_key=self.run_key) from exc
-                raise
+            except (RunnerError, ExceptionGroup) as exc:
+                error = runner_error_of(exc)
+                if error is None:
+                    raise
+                await self._note_end(record)
+                exit_error = self._exit_error(error)
+                if exit_error is exc:
+                    raise
+                raise exit_error from exc
         raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
+
+    def _exit_error(self, error: RunnerError) -> RunnerError:
+        """The error the run exits with: once a topup was sent, whatever stopped the run is
+        RunStopped (exit 1); before, a provider that cannot be used is ProviderUnavailable
+        (69), not the "rows failed" of a ProviderError's 1."""
+        if self.tally.sent:
+            if isinstance(error, RunStopped):
+                return error
+            # Exit 2, 3 and 69 say nothing was sent: not true any more.
+            return RunStopped(error, sent=self.tally.sent, run_key=self.run_key)
+        if isinstance(error, ProviderError) and error.exit_code == ProviderError.exit_code:
+            return ProviderUnavailable(error)
+        return error
+
+    async def _note_end(self, record: RunRecord) -> None:
+        """What the exit tells of a run stopped by an error: its rows as the ledger has them."""
+        self.end.sent = self.tally.sent
+        try:
+            self.end.totals = await record.totals()
+        except (RunnerError, OSError):
+            self.end.totals = None  # the error being raised matters more than these figures
 
     async def _run_locked(self, record: RunRecord, clock: Callable[[], float]) -> RunResult:
         settings, job = self.settings, self.job
@@ -150,7 +197,12 @@ class JobRun:
             self.fatal = self.fatal or exc
         stopped = None if workers is None else workers.stopping
         ending = Ending(started, lb, stopped, complete=not stopped and self.fatal is None)
-        result = await write_outputs(record, job, settings, self.tally, ending, clock)
+        # The metrics are written by the command's exit, with its exit code (runner.cli).
+        quiet = replace(settings, metrics_file=None)
+        result = await write_outputs(record, job, quiet, self.tally, ending, clock)
+        end = self.end
+        end.report, end.makespan, end.stopped = result.report, result.makespan, result.stopped
+        await self._note_end(record)
         if self.fatal is not None:
             raise self.fatal
         return result
