@@ -32,7 +32,8 @@ def summary(
     lines = [
         f"{label} {result.run_key}",
         f"{sum(result.counts.values())} rows: {counts}",
-        f"{result.sent} topups sent" + (f"; stopped: {result.stopped}" if result.stopped else ""),
+        f"{result.sent} topups sent by this process"
+        + (f"; stopped: {result.stopped}" if result.stopped else ""),
     ]
     if result.sent == 0 and result.exit_code == 0 and not result.stopped:
         lines += [

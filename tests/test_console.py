@@ -235,7 +235,7 @@ class TestFirstRun:
         first = await run_cli(*args, cwd=tmp_path, env=env)
         second = await run_cli(*args, cwd=tmp_path, env=env)
         assert (first.code, second.code) == (0, 0), second.stderr
-        assert "0 topups sent" in second.stdout
+        assert "0 topups sent by this process" in second.stdout
         assert "--run-key" in second.stdout
 
     @pytest.mark.anyio

@@ -318,7 +318,7 @@ async def test_second_run_of_a_finished_key_sends_nothing(tmp_path: Path) -> Non
         second = await run_cli("run", str(job), *uncash_args(sb, tmp_path), cwd=tmp_path, env=env)
         assert len(sb.state.topup_arrivals) == arrivals == 4
     assert (first.code, second.code) == (0, 0), second.stderr
-    assert "0 topups sent" in second.stdout
+    assert "0 topups sent by this process" in second.stdout
     assert {r["status"] for r in read_csv_report(tmp_path / "report.csv")} == {"succeeded"}
 
 
