@@ -15,11 +15,19 @@ import numpy as np
 
 from runner.config import Settings
 from runner.domain import JobRow
-from runner.errors import JobInvalid, Problem
+from runner.errors import JobInvalid, Problem, RunnerError
 from runner.jobs import Job
 from runner.ledger import is_postgres_url
 from runner.money import format_amount
-from runner.preflight import FeeModel, check_amount_rules, duplicate_rows, fit_fee_model, preflight
+from runner.preflight import (
+    FeeModel,
+    PreflightReport,
+    check_amount_rules,
+    duplicate_rows,
+    fit_fee_model,
+    preflight,
+)
+from runner.providers.base import Provider
 from runner.providers.factory import open_provider, rules_for
 from runner.run.record import default_ledger_path, fee_samples, open_for
 from runner.run.resume import choose_run_key, derive_run_key
@@ -105,6 +113,18 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
         # preflight: for a million rows, a second of the wait for its card listing.
         stats.append(await anyio.to_thread.run_sync(_job_stats, job.rows))
 
+    verdict: list[PreflightReport | RunnerError] = []
+
+    async def judge(provider: Provider) -> None:
+        # The refusal travels out of the task group as a value and is raised as itself below,
+        # as `run` raises it: out of a task group it would be an ExceptionGroup.
+        try:
+            verdict.append(
+                await preflight(provider, job.rows, allow_partial=settings.allow_partial, fees=fees)
+            )
+        except RunnerError as exc:
+            verdict.append(exc)
+
     pacer = Pacer(settings.rate_limit)
     async with (
         open_provider(settings, (r.card_id for r in job.rows), pacer) as (
@@ -114,9 +134,10 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(describe)
-        report = await preflight(
-            provider, job.rows, allow_partial=settings.allow_partial, fees=fees
-        )
+        tg.start_soon(judge, provider)
+    report = verdict[0]
+    if isinstance(report, RunnerError):
+        raise report
     most, cards, groups = stats[0]
     lb = lower_bound(len(job.rows), most, settings.rate_limit, settings.cooldown)
     label = "SANDBOX (no real money moves)" if settings.is_sandbox else settings.provider
