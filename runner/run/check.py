@@ -4,6 +4,7 @@ shape of the job (cards, busiest card, rows pasted twice) and the lines `check` 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Sequence
 from contextlib import ExitStack
 from decimal import Decimal
@@ -15,7 +16,7 @@ import numpy as np
 
 from runner.config import Settings
 from runner.domain import JobRow
-from runner.errors import JobInvalid, Problem, RunnerError
+from runner.errors import ConfigError, JobInvalid, Problem, RunnerError
 from runner.jobs import Job
 from runner.ledger import is_postgres_url
 from runner.money import format_amount
@@ -29,6 +30,7 @@ from runner.preflight import (
 )
 from runner.providers.base import Provider
 from runner.providers.factory import open_provider, rules_for
+from runner.report import failed_rows_path_for, summary_path_for
 from runner.run.record import default_ledger_path, fee_samples, open_for
 from runner.run.resume import choose_run_key, derive_run_key
 from runner.scheduler import Pacer, lower_bound
@@ -43,6 +45,52 @@ def check_amounts(job: Job, provider: str) -> None:
             [Problem(str(job.path), why, row.row, "amount") for row, why in bad[:50]],
             truncated=max(0, len(bad) - 50),
         )
+
+
+def output_path(settings: Settings, run_key: str) -> Path:
+    """Where the run's report goes: --output, else `<run key>.xlsx` in the current folder."""
+    return settings.output or Path(f"{run_key}.xlsx")
+
+
+def check_outputs(settings: Settings, run_key: str) -> None:
+    """Refuse the run (exit 2) if a file it writes at the end could not be written: the report
+    (with a CSV's summary), its failed-rows job and the metrics file. Found after the topups,
+    the report would be lost with the money already moved."""
+    report = output_path(settings, run_key)
+    targets = [("--output", report, report), ("--output", report, failed_rows_path_for(report))]
+    if report.suffix.lower() == ".csv":
+        targets.append(("--output", report, summary_path_for(report)))
+    if settings.metrics_file is not None:
+        metrics = settings.metrics_file
+        targets.append(("--metrics-file", metrics, metrics))
+    folders: dict[Path, tuple[str, Path]] = {}
+    for option, given, target in targets:
+        if target.is_dir():
+            what = "" if target == given else f"{target}, the file written beside it, "
+            raise ConfigError(f"{option} {given}: {what}is a folder: name a file")
+        if target.exists() and not target.is_file():
+            raise ConfigError(f"{option} {given}: {target} is not a regular file")
+        folders.setdefault(target.parent, (option, given))
+    for folder, (option, given) in folders.items():
+        _check_folder(option, given, folder)
+
+
+def _check_folder(option: str, given: Path, folder: Path) -> None:
+    """`folder` exists, is a folder, and takes a new file (tried: permissions, a read-only
+    mount and root's bypass of permissions all show only when a file is made)."""
+    place = folder if str(folder) not in ("", ".") else Path.cwd()
+    if not place.exists():
+        raise ConfigError(f"{option} {given}: the folder {place} does not exist: create it first")
+    if not place.is_dir():
+        raise ConfigError(f"{option} {given}: {place} is not a folder")
+    probe = place / f".topup-runner-probe.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {given}: cannot write in the folder {place}: {exc.strerror or exc}"
+        ) from None
 
 
 def fee_model(settings: Settings, samples: list[tuple[Decimal, Decimal]]) -> FeeModel | None:
@@ -105,6 +153,7 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
             samples = await fee_samples(ledger, settings.provider)
             # The key `run` would take: an earlier run of this job is resumed, not repaid.
             run_key = await choose_run_key(ledger, job, settings)
+    check_outputs(settings, run_key)
     fees = fee_model(settings, samples)
     stats: list[tuple[int, int, list[list[int]]]] = []
 
