@@ -150,9 +150,10 @@ def render_metrics(run: RunMetrics, last_success: str | None) -> str:
 
 
 def write_metrics(path: Path, run: RunMetrics) -> None:
-    """Render and atomically replace `path`."""
+    """Render and atomically replace `path`. Its folder is not made: a run refuses a metrics
+    file it could not write before sending anything, and an exit refused for it must not
+    make the folder that refusal named."""
     text = render_metrics(run, _previous_success(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -14,7 +14,7 @@ from decimal import ROUND_CEILING, Decimal
 import anyio
 
 from runner.domain import JobRow
-from runner.errors import PreflightRefused
+from runner.errors import PreflightRefused, RunnerError
 from runner.money import format_amount
 from runner.providers.base import CardState, CardStatus, Provider
 
@@ -113,16 +113,25 @@ async def snapshot_cards(provider: Provider, card_ids: Iterable[str]) -> dict[st
     found = {card: listed[_card_key(card)] for card in wanted if _card_key(card) in listed}
     missing = sorted(wanted - set(found))
     limiter = anyio.CapacityLimiter(_LOOKUP_CONCURRENCY)
+    failed: list[RunnerError] = []
 
-    async def lookup(card: str) -> None:
+    async def lookup(card: str, scope: anyio.CancelScope) -> None:
         async with limiter:
-            state = await provider.get_card(card)
+            try:
+                state = await provider.get_card(card)
+            except RunnerError as exc:
+                # Raised below, as itself: out of a task group it would be an ExceptionGroup.
+                failed.append(exc)
+                scope.cancel()
+                return
         if state is not None:
             found[card] = state
 
     async with anyio.create_task_group() as tg:
         for card in missing:
-            tg.start_soon(lookup, card)
+            tg.start_soon(lookup, card, tg.cancel_scope)
+    if failed:
+        raise failed[0]
     return found
 
 

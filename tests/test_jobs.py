@@ -6,6 +6,7 @@ import codecs
 import dataclasses
 import gc
 import os
+import re
 import tempfile
 import threading
 import time
@@ -271,6 +272,20 @@ class TestCsvRefuses:
         problem = only_problem(write(tmp_path, "job.csv", text))
         assert (problem.row, problem.column) == (2, "amount")
 
+    @pytest.mark.parametrize(
+        ("amount", "value"),
+        [("12.345", None), ("1.250", None), ("nan", None), ("1,2345", None),
+         ("2e3", "2000.00"), ("1 250.5", "1250.50"), ("12,5", "12.50")],
+    )  # fmt: skip
+    def test_amount_hint_is_the_amount_written(
+        self, tmp_path: Path, amount: str, value: str | None
+    ) -> None:
+        """The refusal's figures, past the quoted cell, are the cell's own value or none."""
+        problem = only_problem(write(tmp_path, "job.csv", f'card_id,amount\nc,"{amount}"\n'))
+        rest = problem.message.split(f'"{amount}"', 1)[1]
+        figures = set(re.findall(r"[0-9]+(?:\.[0-9]+)?", rest))
+        assert figures <= ({value} if value is not None else set()), problem.message
+
     def test_ambiguous_amount_message(self, tmp_path: Path) -> None:
         """The message for a European amount reads as the contract's example."""
         path = write(tmp_path, "job.csv", 'card_id,amount\nc,"1.250,00"\n')
@@ -515,6 +530,15 @@ class TestYamlRefuses:
         assert problem.message == (
             '250.5 is a YAML float, which cannot hold cents exactly: quote it as "250.5"'
         )
+
+    @pytest.mark.parametrize("amount", ["12.345", "1.250", "2.5e+3", ".nan", "0x10", "0250"])
+    def test_amount_hint_proposes_no_other_amount(self, tmp_path: Path, amount: str) -> None:
+        """A YAML amount's refusal proposes no example figure and no thousandfold reading."""
+        problem = self.yaml_problem(tmp_path, f"{{card_id: c, amount: {amount}}}")
+        assert "250.00" not in problem.message
+        assert "12345" not in problem.message
+        assert "1250" not in problem.message
+        assert "quote" in problem.message
 
     @pytest.mark.parametrize("amount", ["0250", "0x10", "1_000", "1:30", "+5"])
     def test_integer_amount_yaml_reads_differently(self, tmp_path: Path, amount: str) -> None:

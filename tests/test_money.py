@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
-from decimal import Decimal
+import re
+import unicodedata
+from decimal import Decimal, InvalidOperation
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from runner.money import (
     MAX_INTEGER_DIGITS,
+    AmountError,
     format_amount,
     parse_amount,
     parse_provider_decimal,
@@ -103,8 +106,8 @@ class TestParseAmountRefuses:
             ("250 €", "currency"),
             ("USD 250.00", "currency"),
             ("1 250.00", "inside"),
-            (".5", "plain decimal"),
-            ("5.", "plain decimal"),
+            (".5", "write 0.50"),
+            ("5.", "write 5.00"),
             ("abc", "plain decimal"),
             ("٢٥٠", "plain decimal"),
             ("1" * (MAX_INTEGER_DIGITS + 1), "too large"),
@@ -246,3 +249,88 @@ class TestParseProviderDecimal:
         """bool, float, null, NaN, infinities and non-numbers raise ValueError."""
         with pytest.raises(ValueError, match="expected"):
             parse_provider_decimal(value)
+
+
+# -- what a refusal may suggest -------------------------------------------------------------
+
+_CODES = re.compile(r"^(?!(?:nan|inf)\b)[a-z]{3}\s*|\s*(?!(?:nan|inf)$)[a-z]{3}$", re.IGNORECASE)
+_SPACED = re.compile(r"[0-9]{1,3}([ '_\u00a0][0-9]{3})+(\.[0-9]+)?")
+
+
+def meaning(text: str) -> Decimal | None:
+    """The one value `text` clearly denotes, worked out independently of the parser: "." is
+    the decimal point, "," groups thousands, unless a "," comes last after "." groups (then
+    it is the decimal point, as in 1.250,00) or alone before one or two digits (12,5). None
+    when there is no single clear value."""
+    s = text.strip().strip("\u200b\u200c\u200d\u2060\ufeff").strip()
+    s = "".join(c for c in s if unicodedata.category(c) != "Sc").strip()
+    s = _CODES.sub("", s).strip()
+    if s.startswith("+"):
+        s = s[1:].strip()
+    if _SPACED.fullmatch(s):
+        s = re.sub(r"[ '_\u00a0]", "", s)
+    if not re.fullmatch(r"[0-9.,eE]+", s):
+        return None
+    dots, commas = s.count("."), s.count(",")
+    if commas and dots and s.rfind(",") > s.rfind("."):
+        whole, _, cents = s.rpartition(",")
+        if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{3})*", whole):
+            return None
+        s = whole.replace(".", "") + "." + cents
+    elif commas:
+        whole, _, rest = s.partition(".")
+        if re.fullmatch(r"[0-9]{1,3}(,[0-9]{3})+", whole):
+            s = whole.replace(",", "") + ("." + rest if dots else "")
+        elif commas == 1 and not dots and re.fullmatch(r"[0-9]+,[0-9]{1,2}", s):
+            s = s.replace(",", ".")
+        else:
+            return None
+    try:
+        value = Decimal(s)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None
+
+
+_PIECES = [
+    "0", "1", "5", "12", "250", "345", "000", "1250", ".", ".", ",", ",", " ", "'", "_", "e",
+    "E", "-", "+", "$", "\u20ac", "USD", "eur", "nan", "inf", "\u00a0",
+]  # fmt: skip
+_NUMBER = re.compile(r"[0-9](?:[0-9,.]*[0-9])?")
+
+
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=8).map("".join))
+@example("12.345")
+@example("1.250")
+@example("1e3")
+@example("2E3")
+@example("1 250.50")
+@example("1.250,00")
+@example("12,5")
+@example("$1,250")
+@example("nan")
+@example("1,2345")
+@example("." + "5")
+@example("1" * (MAX_INTEGER_DIGITS + 1))
+def test_a_refusal_never_suggests_another_amount(text: str) -> None:
+    """Whatever is refused, a number the message suggests is the value written, or none is."""
+    try:
+        parse_amount(text)
+    except AmountError as exc:
+        message, shown, suggestion = str(exc), exc.shown, exc.suggestion
+    else:
+        return
+    assert message.startswith(shown)
+    said = {Decimal(n.replace(",", "")) for n in _NUMBER.findall(message[len(shown) :])}
+    assert said <= ({suggestion} if suggestion is not None else set()), message
+    if suggestion is not None:
+        assert suggestion == meaning(text), message
+        assert parse_amount(format_amount(suggestion)) == suggestion
+
+
+def test_three_decimals_are_not_read_as_thousands() -> None:
+    """12.345 is refused without proposing 12345.00, a thousand times the amount."""
+    with pytest.raises(AmountError) as caught:
+        parse_amount("12.345")
+    assert caught.value.suggestion is None
+    assert "12345" not in str(caught.value)

@@ -343,3 +343,251 @@ class TestGuarded:
         assert "internal error" in err
         assert TOKEN not in err
         assert "pw123456" not in err
+
+
+# -- the files a run writes at its end are checked before its first topup --------------------
+
+import os  # noqa: E402  (this section's own imports: the file is appended to, not edited)
+
+
+def _output_case(tmp_path: Path, case: str) -> tuple[list[str], str]:
+    """The options of one unwritable-output case and a fragment of its refusal."""
+    out = tmp_path / "out.csv"
+    if case == "report folder missing":
+        return ["--output", str(tmp_path / "nowhere" / "out.csv")], "does not exist"
+    if case == "report folder is a file":
+        (tmp_path / "afile").write_text("x", encoding="utf-8")
+        return ["--output", str(tmp_path / "afile" / "out.csv")], "is not a folder"
+    if case == "report is a folder":
+        out.mkdir()
+        return ["--output", str(out)], "is a folder"
+    if case == "failed-rows job is a folder":
+        (tmp_path / "out.failed.csv").mkdir()
+        return ["--output", str(out)], "out.failed.csv, the file written beside it, is a folder"
+    if case == "metrics folder missing":
+        metrics = tmp_path / "none" / "m.prom"
+        return ["--output", str(out), "--metrics-file", str(metrics)], "does not exist"
+    if case == "metrics file is a folder":
+        (tmp_path / "m.prom").mkdir()
+        return ["--output", str(out), "--metrics-file", str(tmp_path / "m.prom")], "is a folder"
+    assert case == "report folder not writable"
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return ["--output", str(folder / "out.csv")], "cannot write in the folder"
+
+
+OUTPUT_CASES = [
+    "report folder missing",
+    "report folder is a file",
+    "report is a folder",
+    "failed-rows job is a folder",
+    "metrics folder missing",
+    "metrics file is a folder",
+    pytest.param(
+        "report folder not writable",
+        marks=pytest.mark.skipif(
+            hasattr(os, "geteuid") and os.geteuid() == 0,
+            reason="running as root: permissions are not enforced",
+        ),
+    ),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+async def test_unwritable_outputs_are_refused_before_any_topup(tmp_path: Path, case: str) -> None:
+    """A report, failed-rows job or metrics file that cannot be written: exit 2 from run and
+    from check, the same line, and the provider gets no topup."""
+    options, fragment = _output_case(tmp_path, case)
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "A")])
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.2)) as sb:
+        done = {}
+        for command in ("run", "check"):
+            done[command] = await run_cli(
+                command, str(job), "--provider", "uncash", "--base-url", sb.base_url,
+                "--ledger", str(tmp_path / "l.sqlite"), "--log-format", "console", *options,
+                cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+            )  # fmt: skip
+        assert not sb.state.applied
+    errors = {c: [x for x in d.stderr.splitlines() if "error:" in x] for c, d in done.items()}
+    assert (done["run"].code, done["check"].code) == (2, 2), (done["run"].stderr, done["check"].stdout, done["check"].stderr)
+    assert errors["run"] == errors["check"]
+    assert len(errors["run"]) == 1
+    assert fragment in errors["run"][0]
+
+
+@pytest.mark.anyio
+async def test_a_report_lost_at_the_end_says_how_to_write_it_again(tmp_path: Path) -> None:
+    """The report folder vanishes during the run: exit 1, and the command the message gives
+    writes the report from the ledger."""
+    from runner.config import Settings
+    from runner.errors import RunnerError
+    from runner.jobs import load_job
+    from runner.run import run_job
+
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    output = folder / "out.csv"
+
+    class FolderThief:
+        """A progress watcher that, once a row is done, puts a file where the folder was."""
+
+        def start(self, total: int, done: int) -> None:
+            return None
+
+        def row_final(self, status: RowStatus) -> None:
+            if folder.is_dir():
+                folder.rmdir()
+                folder.write_text("not a folder any more", encoding="utf-8")
+
+    job = load_job(write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "A")]))
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.2)) as sb:
+        settings = Settings(
+            provider="uncash", base_url=sb.base_url, ledger=str(tmp_path / "l.sqlite"),
+            output=output, run_key="lost-report", cooldown=0.2, timeout=5.0, apply_grace=0.2,
+        )  # fmt: skip
+        with pytest.raises(RunnerError) as caught:
+            await run_job(job, settings, FolderThief(), env={"UNCASH_API_TOKEN": TOKEN})
+        assert len(sb.state.applied) == 1
+    message = str(caught.value)
+    assert caught.value.exit_code == 1
+    again = f"topup-runner report --run-key lost-report --output {output} --ledger "
+    assert again in message
+    folder.unlink()
+    folder.mkdir()
+    hint = message.split("`")[1].split()
+    assert hint[0] == "topup-runner"
+    rewritten = await run_cli(*hint[1:], cwd=tmp_path)
+    assert rewritten.code == 0, rewritten.stderr
+    assert [r["status"] for r in read_csv_report(output)] == ["succeeded"]
+
+
+# -- a row's status, attempts and error never contradict each other ---------------------------
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+
+from tests.e2e import command, until  # noqa: E402
+
+# Every fault kind but the slow ones, which would hold a test for seconds per fault.
+FAST_FAULTS = (
+    "drop_before",
+    "drop_after",
+    "error_before",
+    "error_after",
+    "rate_limited",
+    "cooldown",
+)
+MONEY_FIELDS = ("fee", "total_charged", "card_balance_after", "transaction_id", "invoice_id")
+
+
+def contradictions(row: dict[str, str]) -> list[str]:
+    """What in a report row contradicts its status (empty: the row holds together).
+
+    attempts counts the requests sent; a row with none has no start time; a row that moved
+    money has no error and its money; a row that did not has none, and any request it sent
+    is explained in its error."""
+    status, error, started = row["status"], row["error"], row["started_at"]
+    attempts = int(row["attempts"])
+    found = []
+    if (attempts == 0) != (started == ""):
+        found.append(f"attempts {attempts} but started_at {started!r}")
+    if status in ("succeeded", "pending"):
+        if attempts < 1:
+            found.append(f"{status} with no request sent")
+        if error:
+            found.append(f"{status} with an error")
+    elif status in ("failed", "needs_review"):
+        if not error:
+            found.append(f"{status} without an error")
+        if status == "needs_review" and attempts < 1:
+            found.append("needs_review with no request sent")
+    else:
+        assert status == "not_attempted", status
+        if attempts and f"{attempts} request" not in error:
+            found.append(f"not_attempted after {attempts} requests, error {error!r}")
+        if not attempts and error:
+            found.append(f"not_attempted, nothing sent, error {error!r}")
+    if status in ("failed", "not_attempted"):
+        found.extend(f"{status} with {name}" for name in MONEY_FIELDS if row[name])
+    return found
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"status": "not_attempted", "attempts": "3", "started_at": "t", "error": ""},
+        {"status": "succeeded", "attempts": "0", "started_at": "", "error": ""},
+        {"status": "failed", "attempts": "1", "started_at": "t", "error": ""},
+        {"status": "needs_review", "attempts": "0", "started_at": "", "error": "x"},
+        {"status": "not_attempted", "attempts": "0", "started_at": "t", "error": ""},
+    ],
+)
+def test_the_row_invariants_catch_contradictions(row: dict[str, str]) -> None:
+    """The checker itself: each of these rows contradicts its status."""
+    assert contradictions({**dict.fromkeys(MONEY_FIELDS, ""), **row})
+
+
+@pytest.mark.anyio
+async def test_rows_stopped_after_wait_refusals_say_so(tmp_path: Path) -> None:
+    """SIGTERM while a row is refused with "wait" again and again: the row stays
+    not_attempted (no money moved, the rerun sends it) and its error says how many requests
+    were refused with "wait"; every row of the report holds together."""
+    card = str(uuid.uuid4())
+    job = write_job(tmp_path / "job.csv", [(card, "10.00", "A"), (card, "11.00", "B")])
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.2)) as sb:
+        sb.faults.script("cooldown", card, count=1000)
+        with (tmp_path / "runner.log").open("ab") as log:
+            process = await anyio.open_process(
+                command(
+                    "run", str(job), "--provider", "uncash", "--base-url", sb.base_url,
+                    "--ledger", str(tmp_path / "l.sqlite"), "--output", str(tmp_path / "r.csv"),
+                    "--cooldown", "0.2", "--log-format", "json",
+                ),
+                cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        await until(lambda: len(sb.state.topup_arrivals) >= 3)
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(20):
+            code = await process.wait()
+        assert not sb.state.applied
+    assert code == 1
+    first, second = read_csv_report(tmp_path / "r.csv")
+    assert first["status"] == "not_attempted"
+    assert int(first["attempts"]) >= 3
+    assert f'{first["attempts"]} refused with "wait"' in first["error"]
+    assert "rerun the same run key" in first["error"]
+    assert (second["status"], second["attempts"], second["error"]) == ("not_attempted", "0", "")
+    assert [contradictions(row) for row in (first, second)] == [[], []]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_every_report_row_holds_together(tmp_path: Path, seed: int) -> None:
+    """Faults of every kind, a refusal, a card set aside by preflight, a stop: whatever each
+    row went through, its status, attempts, start time and error agree."""
+    cards = [str(uuid.uuid4()) for _ in range(6)]
+    frozen = str(uuid.uuid4())
+    rows = [(cards[n % 6], f"{5 + n}.00", f"R{n}") for n in range(30)]
+    rows += [(frozen, "7.00", "F"), (cards[0], "600.00", "L")]
+    job = write_job(tmp_path / "job.csv", rows)
+    from runner.sandbox.config import SandboxCard
+
+    config = SandboxConfig(
+        token=TOKEN, cooldown=0.2, fault_rate=0.4, seed=seed, fault_kinds=FAST_FAULTS,
+        default_card_limit=Decimal("500.00"), cards=(SandboxCard(frozen, status="frozen"),),
+    )  # fmt: skip
+    async with serve_sandbox(config) as sb:
+        done = await run_cli(
+            "run", str(job), "--provider", "uncash", "--base-url", sb.base_url,
+            "--ledger", str(tmp_path / "l.sqlite"), "--output", str(tmp_path / "r.csv"),
+            "--cooldown", "0.2", "--rate-limit", "200", "--allow-partial", "--max-attempts", "2",
+            "--timeout", "2",
+            "--log-format", "json", cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+        )  # fmt: skip
+    assert done.code in (0, 1), done.stderr[-2000:]
+    report = read_csv_report(tmp_path / "r.csv")
+    assert {r["status"] for r in report} >= {"succeeded", "failed"}
+    assert {r["row"]: contradictions(r) for r in report if contradictions(r)} == {}

@@ -342,17 +342,16 @@ def _yaml_cell(value: object, column: str) -> tuple[str, str | None]:
         if isinstance(value.value, int):
             if _PLAIN_INT.fullmatch(source):
                 return source, None
-            return "", f'{source} is read by YAML as {value.value}: quote it, such as "250.00"'
+            # No example figure in these messages: it could be taken for the amount to write.
+            return "", f"{source} is read by YAML as {value.value}: quote it"
         if not math.isfinite(value.value):
-            return "", f'{source} is not a number: expected an amount such as "250.00"'
+            return "", f"{source} is not a number: write the amount in digits, quoted"
+        why = "YAML float, which cannot hold cents exactly"
         try:
             parse_amount(source)
-            suggestion = f'"{source}"'
-        except ValueError:
-            suggestion = 'a plain decimal such as "250.00"'
-        return "", (
-            f"{source} is a YAML float, which cannot hold cents exactly: quote it as {suggestion}"
-        )
+        except ValueError as exc:
+            return "", f"{source} is a {why}; quoted, it would still be refused: {exc}"
+        return "", f'{source} is a {why}: quote it as "{source}"'
     return "", f"must be a single value, not {_kind(value)}"
 
 

@@ -4,6 +4,7 @@ shape of the job (cards, busiest card, rows pasted twice) and the lines `check` 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Sequence
 from contextlib import ExitStack
 from decimal import Decimal
@@ -15,12 +16,29 @@ import numpy as np
 
 from runner.config import Settings
 from runner.domain import JobRow
-from runner.errors import JobInvalid, Problem
+from runner.errors import (
+    ConfigError,
+    JobInvalid,
+    Problem,
+    ProviderError,
+    ProviderUnavailable,
+    RunnerError,
+    runner_error_of,
+)
 from runner.jobs import Job
 from runner.ledger import is_postgres_url
 from runner.money import format_amount
-from runner.preflight import FeeModel, check_amount_rules, duplicate_rows, fit_fee_model, preflight
+from runner.preflight import (
+    FeeModel,
+    PreflightReport,
+    check_amount_rules,
+    duplicate_rows,
+    fit_fee_model,
+    preflight,
+)
+from runner.providers.base import Provider
 from runner.providers.factory import open_provider, rules_for
+from runner.report import failed_rows_path_for, summary_path_for
 from runner.run.record import default_ledger_path, fee_samples, open_for
 from runner.run.resume import choose_run_key, derive_run_key
 from runner.scheduler import Pacer, lower_bound
@@ -35,6 +53,52 @@ def check_amounts(job: Job, provider: str) -> None:
             [Problem(str(job.path), why, row.row, "amount") for row, why in bad[:50]],
             truncated=max(0, len(bad) - 50),
         )
+
+
+def output_path(settings: Settings, run_key: str) -> Path:
+    """Where the run's report goes: --output, else `<run key>.xlsx` in the current folder."""
+    return settings.output or Path(f"{run_key}.xlsx")
+
+
+def check_outputs(settings: Settings, run_key: str) -> None:
+    """Refuse the run (exit 2) if a file it writes at the end could not be written: the report
+    (with a CSV's summary), its failed-rows job and the metrics file. Found after the topups,
+    the report would be lost with the money already moved."""
+    report = output_path(settings, run_key)
+    targets = [("--output", report, report), ("--output", report, failed_rows_path_for(report))]
+    if report.suffix.lower() == ".csv":
+        targets.append(("--output", report, summary_path_for(report)))
+    if settings.metrics_file is not None:
+        metrics = settings.metrics_file
+        targets.append(("--metrics-file", metrics, metrics))
+    folders: dict[Path, tuple[str, Path]] = {}
+    for option, given, target in targets:
+        if target.is_dir():
+            what = "" if target == given else f"{target}, the file written beside it, "
+            raise ConfigError(f"{option} {given}: {what}is a folder: name a file")
+        if target.exists() and not target.is_file():
+            raise ConfigError(f"{option} {given}: {target} is not a regular file")
+        folders.setdefault(target.parent, (option, given))
+    for folder, (option, given) in folders.items():
+        _check_folder(option, given, folder)
+
+
+def _check_folder(option: str, given: Path, folder: Path) -> None:
+    """`folder` exists, is a folder, and takes a new file (tried: permissions, a read-only
+    mount and root's bypass of permissions all show only when a file is made)."""
+    place = folder if str(folder) not in ("", ".") else Path.cwd()
+    if not place.exists():
+        raise ConfigError(f"{option} {given}: the folder {place} does not exist: create it first")
+    if not place.is_dir():
+        raise ConfigError(f"{option} {given}: {place} is not a folder")
+    probe = place / f".topup-runner-probe.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {given}: cannot write in the folder {place}: {exc.strerror or exc}"
+        ) from None
 
 
 def fee_model(settings: Settings, samples: list[tuple[Decimal, Decimal]]) -> FeeModel | None:
@@ -82,7 +146,24 @@ def fmt(value: Decimal | None) -> str | None:
 
 
 async def check_job(job: Job, settings: Settings) -> list[str]:
-    """Validate and preflight a job without sending a topup; the lines `check` prints."""
+    """Validate and preflight a job without sending a topup; the lines `check` prints.
+
+    Errors are `run`'s, with its exit codes: `check` never sends, so a provider that cannot be
+    used is ProviderUnavailable (69), as it is for `run` before its first topup."""
+    try:
+        return await _check_job(job, settings)
+    except (RunnerError, BaseExceptionGroup) as exc:
+        error = runner_error_of(exc)
+        if error is None:
+            raise
+        if isinstance(error, ProviderError) and error.exit_code == ProviderError.exit_code:
+            raise ProviderUnavailable(error) from exc
+        if error is exc:
+            raise
+        raise error from exc
+
+
+async def _check_job(job: Job, settings: Settings) -> list[str]:
     check_amounts(job, settings.provider)
     samples: list[tuple[Decimal, Decimal]] = []
     where: Path | str | None = settings.ledger
@@ -97,6 +178,7 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
             samples = await fee_samples(ledger, settings.provider)
             # The key `run` would take: an earlier run of this job is resumed, not repaid.
             run_key = await choose_run_key(ledger, job, settings)
+    check_outputs(settings, run_key)
     fees = fee_model(settings, samples)
     stats: list[tuple[int, int, list[list[int]]]] = []
 
@@ -104,6 +186,18 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
         # What needs no provider is worked out on a thread while the provider answers
         # preflight: for a million rows, a second of the wait for its card listing.
         stats.append(await anyio.to_thread.run_sync(_job_stats, job.rows))
+
+    verdict: list[PreflightReport | RunnerError] = []
+
+    async def judge(provider: Provider) -> None:
+        # The refusal travels out of the task group as a value and is raised as itself below,
+        # as `run` raises it: out of a task group it would be an ExceptionGroup.
+        try:
+            verdict.append(
+                await preflight(provider, job.rows, allow_partial=settings.allow_partial, fees=fees)
+            )
+        except RunnerError as exc:
+            verdict.append(exc)
 
     pacer = Pacer(settings.rate_limit)
     async with (
@@ -114,9 +208,10 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(describe)
-        report = await preflight(
-            provider, job.rows, allow_partial=settings.allow_partial, fees=fees
-        )
+        tg.start_soon(judge, provider)
+    report = verdict[0]
+    if isinstance(report, RunnerError):
+        raise report
     most, cards, groups = stats[0]
     lb = lower_bound(len(job.rows), most, settings.rate_limit, settings.cooldown)
     label = "SANDBOX (no real money moves)" if settings.is_sandbox else settings.provider

@@ -1,10 +1,11 @@
 """How a run ends: pending rows settled, rows in doubt marked, then the report, the failed-rows
-job and the metrics written from the ledger, and the result the command exits with."""
+job written from the ledger, and the result the command exits with."""
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,16 +17,16 @@ import anyio.to_thread
 import structlog
 
 from runner.config import Settings
-from runner.domain import RowStatus, RunInfo
-from runner.errors import ConfigError, LedgerError
+from runner.domain import JobRow, RowStatus, RunInfo
+from runner.errors import ConfigError, LedgerError, RunnerError
 from runner.jobs import Job
-from runner.ledger import PendingRow, ProviderEvent, RunFacts, RunSpec, utcnow
-from runner.metrics import RunMetrics, write_metrics
+from runner.ledger import PendingRow, ProviderEvent, RunFacts, RunSpec, redact
 from runner.providers.base import Applied, Provider, StillPending
 from runner.providers.factory import rules_for
 from runner.report import Figures, Seconds, failed_rows_path_for, write_failed_rows, write_report
 from runner.report.rows import Value
 from runner.run.check import busiest
+from runner.run.policy import RowState
 from runner.run.record import RunRecord, open_for, read_run
 from runner.scheduler import lower_bound
 
@@ -33,6 +34,26 @@ log = structlog.get_logger("runner.run")
 
 # How often rows the provider accepted as pending are polled while --wait-settle lasts (s).
 SETTLE_POLL = 1.0
+
+
+class ReportNotWritten(RunnerError):
+    """The run is recorded but its report could not be written at the end (exit 1: topups may
+    have been sent); the message says how to write it again from the ledger."""
+
+    exit_code = 1
+
+    def __init__(
+        self, why: str, run_key: str, output: Path, ledger: str | None, kept: bool
+    ) -> None:
+        self.run_key, self.output = run_key, output
+        where = f" --ledger {shlex.quote(redact(ledger))}" if ledger else ""
+        again = (
+            f"the run is in the ledger: write its report with `topup-runner report "
+            f"--run-key {run_key} --output {shlex.quote(str(output))}{where}`"
+            if kept
+            else "the sandbox's ledger was temporary: run again with --ledger PATH to keep one"
+        )
+        super().__init__(f"{why} ({again})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +179,58 @@ async def _poll_settlement(
         tally.row_final(status)
 
 
+IN_DOUBT = "outcome unknown when the run stopped: rerun the same run key to settle it"
+
+
 async def mark_in_doubt(record: RunRecord, rows: Iterable[int]) -> None:
     """Rows whose last answer was lost when the run stopped: the resume will settle them."""
-    why = "outcome unknown when the run stopped: rerun the same run key to settle it"
-    await record.close_untouched(((row, why) for row in rows), RowStatus.NEEDS_REVIEW, None)
+    await record.close_untouched(((row, IN_DOUBT) for row in rows), RowStatus.NEEDS_REVIEW, None)
+
+
+async def mark_stopped(
+    record: RunRecord, in_doubt: Iterable[int], unsent: Sequence[JobRow | RowState]
+) -> None:
+    """Give every row the stop left behind a status, attempts and error that agree.
+
+    A row with an attempt still open may have moved money: `needs_review` (the resume
+    reconciles it). A row whose requests were all answered without moving money (refused with
+    "wait", failed before applying, found not applied) stays `not_attempted`, to go out on the
+    rerun, and its error says how many were sent and why none applied. `unsent` is what the
+    workers still held when they stopped.
+    """
+    states = {item.job_row.row: item for item in unsent if isinstance(item, RowState)}
+    rows = {item.row if isinstance(item, JobRow) else item.job_row.row for item in unsent}
+    doubt = set(in_doubt)
+    if rows:
+        doubt |= rows & {a.row for a in await record.open_attempts()}
+    await mark_in_doubt(record, doubt)
+    if not rows:
+        return
+
+    def sent_before_stop() -> list[tuple[int, int]]:
+        return [
+            (r.row, r.attempts)
+            for r in record.records(RowStatus.NOT_ATTEMPTED)
+            if r.attempts and r.row in rows and r.row not in doubt
+        ]
+
+    stopped = await anyio.to_thread.run_sync(sent_before_stop)
+    errors = ((row, stopped_error(sent, states.get(row))) for row, sent in stopped)
+    await record.close_untouched(errors, RowStatus.NOT_ATTEMPTED, None)
+
+
+def stopped_error(sent: int, state: RowState | None) -> str:
+    """The error of a `not_attempted` row whose `sent` requests moved no money: how many were
+    sent, why none applied as far as this process saw, and what to do."""
+    requests = f"{sent} request{'s' if sent != 1 else ''} sent, none applied"
+    why = []
+    if state is not None:
+        if state.waits:
+            why.append(f'{state.waits} refused with "wait" by the provider')
+        if state.spent:
+            why.append(f"{state.spent} failed before applying or found not applied")
+    reason = f" ({'; '.join(why)})" if why else ""
+    return f"{requests}{reason}; stopped before sending it again: rerun the same run key to send it"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,8 +251,8 @@ async def write_outputs(
     ending: Ending,
     clock: Callable[[], float],
 ) -> RunResult:
-    """Close the run in the ledger if nothing is left, then write its report, the job of its
-    failed rows and its metrics; log `run.finished`."""
+    """Close the run in the ledger if nothing is left, then write its report and the job of its
+    failed rows; log `run.finished`. (The metrics are written at the command's exit.)"""
     counts = await record.status_counts()
     if ending.complete and counts[RowStatus.NOT_ATTEMPTED] == 0:
         await record.finish_run()
@@ -215,12 +284,19 @@ async def write_outputs(
     # A million-row report takes a while (see the README's performance section): say so.
     log.info("report.writing", report=str(output), rows=len(job.rows))
     writing = clock()
-    await anyio.to_thread.run_sync(write_report, output, record.records(), info, figures)
-    log.info("report.written", report=str(output), seconds=round(clock() - writing, 1))
     failed_file = failed_rows_path_for(output)
-    failed = await anyio.to_thread.run_sync(
-        write_failed_rows, failed_file, record.records(RowStatus.FAILED), job.extra_columns
-    )
+    try:
+        await anyio.to_thread.run_sync(write_report, output, record.records(), info, figures)
+        log.info("report.written", report=str(output), seconds=round(clock() - writing, 1))
+        failed = await anyio.to_thread.run_sync(
+            write_failed_rows, failed_file, record.records(RowStatus.FAILED), job.extra_columns
+        )
+    except (OSError, RunnerError) as exc:
+        why = str(exc)
+        if isinstance(exc, OSError):
+            why = f"{failed_file}: cannot write the failed-rows job: {exc.strerror or exc}"
+        kept = not settings.is_sandbox or settings.ledger is not None
+        raise ReportNotWritten(why, record.run_key, output, settings.ledger, kept) from exc
     result = RunResult(
         run_key=record.run_key,
         provider=settings.provider,
@@ -242,17 +318,6 @@ async def write_outputs(
         failed_rows_job=str(failed_file) if failed else None,
         **{f"rows_{s.value}": n for s, n in counts.items()},
     )
-    if settings.metrics_file is not None:
-        metrics = RunMetrics(
-            job=job.path.stem,
-            provider=settings.provider,
-            run_key=record.run_key,
-            totals=await record.totals(),
-            duration=(utcnow() - ending.started).total_seconds(),
-            exit_code=result.exit_code,
-            finished=utcnow(),
-        )
-        await anyio.to_thread.run_sync(write_metrics, settings.metrics_file, metrics)
     return result
 
 

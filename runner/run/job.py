@@ -7,7 +7,6 @@ import asyncio
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import replace
 
 import structlog
 
@@ -33,13 +32,20 @@ from runner.providers.factory import open_provider
 from runner.report import check_group_by
 from runner.run.attempt import Attempts
 from runner.run.cards import Cards, open_cards
-from runner.run.check import busiest, check_amounts, duplicates, fee_model, fmt
+from runner.run.check import (
+    busiest,
+    check_amounts,
+    check_outputs,
+    duplicates,
+    fee_model,
+    fmt,
+)
 from runner.run.finish import (
     Ending,
     RunProgress,
     RunResult,
     Tally,
-    mark_in_doubt,
+    mark_stopped,
     settle_pending,
     write_outputs,
 )
@@ -118,6 +124,7 @@ class JobRun:
                     "--provider uncash --base-url)"
                 )
             record.run_key = self.run_key = await choose_run_key(ledger, job, settings)
+            check_outputs(settings, self.run_key)  # before any topup: exit 2, nothing sent
             if self.run_key != (settings.run_key or derive_run_key(job, settings)):
                 log.warning(
                     "run.same_job_found",
@@ -190,7 +197,8 @@ class JobRun:
                 await self._send(record, provider, cards, left, spec, existing is None, clock)
         workers = self.workers
         try:
-            await mark_in_doubt(record, () if workers is None else workers.in_doubt)
+            if workers is not None:
+                await mark_stopped(record, workers.in_doubt, workers.unsent)
         except LedgerError as exc:
             # A ledger that stopped taking writes (a full disk) keeps the attempts open: the
             # next run reconciles them all the same. The report is still worth writing.
@@ -198,8 +206,7 @@ class JobRun:
         stopped = None if workers is None else workers.stopping
         ending = Ending(started, lb, stopped, complete=not stopped and self.fatal is None)
         # The metrics are written by the command's exit, with its exit code (runner.cli).
-        quiet = replace(settings, metrics_file=None)
-        result = await write_outputs(record, job, quiet, self.tally, ending, clock)
+        result = await write_outputs(record, job, settings, self.tally, ending, clock)
         end = self.end
         end.report, end.makespan, end.stopped = result.report, result.makespan, result.stopped
         await self._note_end(record)

@@ -55,6 +55,8 @@ class Workers:
         self.in_flight = 0
         # Rows whose last answer was lost and that are not back in the queue: in doubt.
         self.in_doubt: dict[int, RowState] = {}
+        # What was still queued when the run stopped (rows taken before come as RowStates).
+        self.unsent: list[JobRow | RowState] = []
         self._changed: anyio.Event | None = None  # set when the waiting chooser should look
         # asyncio's lock, not anyio's: taken once a topup, and anyio's looks the current task
         # up twice each time (a few percent of an unlimited run's CPU).
@@ -92,8 +94,8 @@ class Workers:
                 for _ in range(self.concurrency):
                     workers.start_soon(self._work_loop)
             outer.cancel_scope.cancel()
-        # Whatever is still queued was never sent: it stays not_attempted in the ledger.
-        self.dispatcher.drain()
+        # Whatever is still queued was not sent again: the end of the run marks it.
+        self.unsent = self.dispatcher.drain()
         await self.cards.release()
 
     def stop(self, reason: str) -> None:
