@@ -327,3 +327,46 @@ def test_last_success_is_carried_from_a_file_written_before(tmp_path: Path) -> N
     text = prom.read_text()
     assert metric(text, "topup_runner_last_success_timestamp_seconds") == f"{WHEN.timestamp():.3f}"
     assert metric(text, "topup_runner_exit_code") == "130"
+
+
+# -- click's own usage errors are one line and exit 2 too ------------------------------------
+
+USAGE_ERRORS = {
+    "unknown option": (["run", "job.csv", "--bogus"], "No such option '--bogus'"),
+    "missing argument": (["run"], "Missing argument 'JOB'"),
+    "unknown command": (["nosuch"], "No such command 'nosuch'"),
+    "sandbox port not a number": (["sandbox", "--port", "abc"], "'abc' is not a valid integer"),
+    "webhook port not a number": (["webhook", "--port", "x"], "'x' is not a valid integer"),
+    "bad choice": (["run", "job.csv", "--provider", "paypal"], "'paypal' is not one of"),
+    "option without its value": (["report", "--run-key"], "requires an argument"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_errors_are_one_line_and_exit_2(
+    case: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An option, argument or command click cannot parse: one line naming the command's
+    --help, exit 2; not click's usage block of four lines."""
+    from runner.cli import main
+
+    argv, said = USAGE_ERRORS[case]
+    monkeypatch.setenv("TOPUP_LOG_FORMAT", "console")
+    with pytest.raises(SystemExit) as done:
+        main.main(argv, prog_name="topup-runner")
+    out, err = capsys.readouterr()
+    assert done.value.code == 2
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("topup-runner: error: ")
+    assert said in err
+    assert "--help`" in err
+    assert "Usage:" not in err
+
+
+def test_help_and_version_still_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    from runner.cli import main
+
+    for argv in (["--help"], ["run", "--help"], ["--version"]):
+        assert main.main(argv, prog_name="topup-runner") == 0
+    assert "Usage: topup-runner run" in capsys.readouterr().out

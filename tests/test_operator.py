@@ -411,7 +411,11 @@ async def test_unwritable_outputs_are_refused_before_any_topup(tmp_path: Path, c
             )  # fmt: skip
         assert not sb.state.applied
     errors = {c: [x for x in d.stderr.splitlines() if "error:" in x] for c, d in done.items()}
-    assert (done["run"].code, done["check"].code) == (2, 2), (done["run"].stderr, done["check"].stdout, done["check"].stderr)
+    assert (done["run"].code, done["check"].code) == (2, 2), (
+        done["run"].stderr,
+        done["check"].stdout,
+        done["check"].stderr,
+    )
     assert errors["run"] == errors["check"]
     assert len(errors["run"]) == 1
     assert fragment in errors["run"][0]
