@@ -191,7 +191,7 @@ def _currency_problems(
         declared = _declared_currency(r)
         if declared is None or r.row in set_aside:
             continue
-        held = cards[r.card_id].currency.upper()
+        held = cards[r.card_id].currency.strip().upper()
         if held != declared:
             other.setdefault(declared, {})[r.card_id] = held
             set_aside[r.row] = f"preflight: card holds {held}, the job declares {declared}"
