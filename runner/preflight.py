@@ -1,7 +1,8 @@
 """Before anything is sent: the provider's state against the job (wallet, cards, amounts).
 
 Returns the card snapshots the run starts from, or refuses the job with every problem
-found. With `allow_partial`, rows whose card cannot take a topup are set aside instead.
+found. With `allow_partial`, rows whose card cannot take a topup (unknown, inactive, in
+another currency than the job declares) are set aside instead.
 """
 
 from __future__ import annotations
@@ -161,6 +162,47 @@ def _card_problems(
     return problems
 
 
+def _declared_currency(row: JobRow) -> str | None:
+    """The currency the job declares for `row` (runner.jobs puts it last in `extra`)."""
+    for name, value in reversed(row.extra):
+        if name == "currency":
+            return value
+    return None
+
+
+def _currency_problems(
+    rows: Sequence[JobRow],
+    cards: Mapping[str, CardState],
+    provider: Provider,
+    set_aside: dict[int, str],
+) -> tuple[list[str], list[str]]:
+    """Rows whose card holds another currency than the job declares: set aside, and the
+    problems they make; then the problems no row can be set aside for (cards the provider
+    documents no way to read hold its own currency, so a mismatch is the whole job's)."""
+    rules = provider.rules
+    if not rules.reads_cards:
+        codes = {code for r in rows if (code := _declared_currency(r)) is not None}
+        return [], [
+            f"the job declares {code} but {provider.name} pays in {rules.currency}"
+            for code in sorted(codes - {rules.currency.upper()})
+        ]
+    other: dict[str, dict[str, str]] = {}  # declared -> card -> the card's currency
+    for r in rows:
+        declared = _declared_currency(r)
+        if declared is None or r.row in set_aside:
+            continue
+        held = cards[r.card_id].currency.strip().upper()
+        if held != declared:
+            other.setdefault(declared, {})[r.card_id] = held
+            set_aside[r.row] = f"preflight: card holds {held}, the job declares {declared}"
+    problems = [
+        f"{len(found)} card(s) hold another currency than the job's {declared}: "
+        + _name([f"{card} ({found[card]})" for card in sorted(found)])
+        for declared, found in sorted(other.items())
+    ]
+    return problems, []
+
+
 def _spread(amounts: Sequence[Decimal], most: int = 20) -> list[Decimal]:
     """Up to `most` of the sorted distinct amounts, the smallest and largest included."""
     if len(amounts) <= most:
@@ -179,7 +221,9 @@ async def preflight(
     """Refuse (exit 3) a job the provider cannot take, before a single topup is sent.
 
     What the provider documents no way to read (Alix: wallet, cards) is not checked; a fee
-    the provider quotes in advance (Alix's topup-check) beats any estimate.
+    the provider quotes in advance (Alix's topup-check) beats any estimate. A job that
+    declares a currency is checked against each card's (or, where cards cannot be read, the
+    provider's): a card in another currency would be paid a sum meant in another money.
     """
     rules = provider.rules
     wallet = await provider.wallet_balance() if rules.reads_wallet else None
@@ -190,6 +234,8 @@ async def preflight(
         fees = fit_fee_model(list(quoted.items()), source) or fees
     set_aside: dict[int, str] = {}
     problems = _card_problems(rows, cards, set_aside) if rules.reads_cards else []
+    mismatched, whole_job = _currency_problems(rows, cards, provider, set_aside)
+    problems += mismatched + whole_job
 
     going = [r for r in rows if r.row not in set_aside]
     total = sum((r.amount for r in going), Decimal("0"))
@@ -205,7 +251,8 @@ async def preflight(
             f"wallet balance {format_amount(wallet)} cannot cover the amounts "
             f"{format_amount(total)} ({fee_words})"
         )
-    if problems and not (allow_partial and (wallet is None or needed <= wallet)):
+    partial = allow_partial and not whole_job and (wallet is None or needed <= wallet)
+    if problems and not partial:
         raise PreflightRefused("preflight refused the job: " + "; ".join(problems), problems)
     return PreflightReport(
         wallet, cards, total, set_aside, estimated, fees.source if fees else "unknown"

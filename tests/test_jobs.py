@@ -937,3 +937,98 @@ def test_one_card_in_two_spellings_is_refused(tmp_path: Path) -> None:
     assert problem.row == 2
     assert problem.column == "card_id"
     assert card in problem.message
+
+
+class TestCurrency:
+    """A job may declare the currency its cards hold: a `currency` column or setting."""
+
+    def test_csv_column_declares_the_currency(self, tmp_path: Path) -> None:
+        """A currency column, any case, becomes the job's currency, upper-cased, on every row."""
+        text = "card_id,amount,Currency\nc-1,5,usd\nc-2,6,USD\n"
+        job = load_job(write(tmp_path, "job.csv", text))
+        assert job.currency == "USD"
+        assert [r.extra for r in job.rows] == [(("currency", "USD"),)] * 2
+
+    def test_currency_is_not_an_extra_column(self, tmp_path: Path) -> None:
+        """The declared currency is checked, not echoed: the report has its own currency column."""
+        path = write(tmp_path, "job.csv", "card_id,amount,currency,name\nc-1,5,USDT,Ann\n")
+        job = load_job(path)
+        assert job.extra_columns == ("name",)
+        assert job.rows[0].extra == (("name", "Ann"), ("currency", "USDT"))
+
+    def test_blank_cells_take_the_job_currency(self, tmp_path: Path) -> None:
+        """A blank currency cell is the job's one currency, not a row left unchecked."""
+        job = load_job(write(tmp_path, "job.csv", "card_id,amount,currency\nc-1,5,EUR\nc-2,6,\n"))
+        assert job.currency == "EUR"
+        assert job.rows[1].extra == (("currency", "EUR"),)
+
+    def test_no_declaration_no_currency(self, tmp_path: Path) -> None:
+        """Without a column or setting the job declares nothing, and the rows carry nothing."""
+        job = load_job(write(tmp_path, "job.csv", "card_id,amount\nc-1,5\n"))
+        assert job.currency is None
+        assert job.rows[0].extra == ()
+
+    def test_an_empty_column_declares_nothing(self, tmp_path: Path) -> None:
+        """A currency column left blank on every row declares nothing."""
+        job = load_job(write(tmp_path, "job.csv", "card_id,amount,currency\nc-1,5,\n"))
+        assert job.currency is None
+        assert job.rows[0].extra == ()
+
+    @pytest.mark.parametrize("code", ["US", "DOLLARS", "US$", "U S D", "€", "ＵＳＤ", "12"])
+    def test_malformed_code_is_refused_with_row_and_column(self, tmp_path: Path, code: str) -> None:
+        """A code that is not 3 to 5 ASCII letters is refused at its row and column."""
+        path = write(tmp_path, "job.csv", f'card_id,amount,currency\nc-1,5,USD\nc-2,6,"{code}"\n')
+        problem = only_problem(path)
+        assert (problem.row, problem.column) == (2, "currency")
+        assert "3 to 5 letters" in problem.message
+
+    def test_rows_in_two_currencies_are_refused(self, tmp_path: Path) -> None:
+        """One job pays in one currency: a row declaring another is refused, naming both."""
+        path = write(tmp_path, "job.csv", "card_id,amount,currency\nc-1,5,USD\nc-2,6,eur\n")
+        problem = only_problem(path)
+        assert (problem.row, problem.column) == (2, "currency")
+        assert "EUR differs from the job's USD (row 1)" in problem.message
+
+    def test_currency_does_not_change_the_digest(self, tmp_path: Path) -> None:
+        """Declaring a currency moves no money: the same rows resume the same run."""
+        plain = load_job(write(tmp_path, "a.csv", "card_id,amount\nc-1,5\n"))
+        declared = load_job(write(tmp_path, "b.csv", "card_id,amount,currency\nc-1,5,USD\n"))
+        assert plain.content_digest == declared.content_digest
+
+    def test_repeated_currency_column_is_refused(self, tmp_path: Path) -> None:
+        """Two currency columns are ambiguous: refused like any repeated known column."""
+        path = write(tmp_path, "job.csv", "card_id,amount,currency,CURRENCY\nc-1,5,USD,EUR\n")
+        assert only_problem(path).column == "currency"
+
+    def test_yaml_setting_declares_the_currency(self, tmp_path: Path) -> None:
+        """settings.currency declares it for every row and is not passed on as a run setting."""
+        text = "settings: {currency: usdt, concurrency: 2}\n" + SIMPLE_YAML
+        job = load_job(write(tmp_path, "job.yaml", text))
+        assert job.currency == "USDT"
+        assert dict(job.settings) == {"concurrency": 2}
+        assert all(dict(r.extra)["currency"] == "USDT" for r in job.rows)
+        assert job.extra_columns == ("name",)
+
+    def test_yaml_row_currency(self, tmp_path: Path) -> None:
+        """A row of a YAML job may declare it too."""
+        text = 'topups:\n  - {card_id: "c-1", amount: "5", currency: "eur"}\n'
+        assert load_job(write(tmp_path, "job.yaml", text)).currency == "EUR"
+
+    def test_yaml_row_against_the_setting_is_refused(self, tmp_path: Path) -> None:
+        """A row declaring another currency than settings.currency is refused at that row."""
+        text = (
+            "settings: {currency: USD}\n"
+            'topups:\n  - {card_id: "c-1", amount: "5"}\n'
+            '  - {card_id: "c-2", amount: "5", currency: "EUR"}\n'
+        )
+        problem = only_problem(write(tmp_path, "job.yaml", text))
+        assert (problem.row, problem.column) == (2, "currency")
+        assert "settings.currency" in problem.message
+
+    @pytest.mark.parametrize("value", ["123", "true", "[USD]", '""', "U-S-D"])
+    def test_yaml_setting_malformed_is_refused(self, tmp_path: Path, value: str) -> None:
+        """settings.currency must be 3 to 5 letters of text: anything else is exit 2."""
+        text = f"settings: {{currency: {value}}}\n" + SIMPLE_YAML
+        problem = only_problem(write(tmp_path, "job.yaml", text))
+        assert "settings.currency" in problem.message
+        assert problem.row is None

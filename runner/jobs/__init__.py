@@ -1,8 +1,9 @@
 """Job files in, validated rows out: a CSV or YAML job becomes a `Job` of `JobRow`s, or a
 `JobInvalid` listing every problem found, each with its file, row and column.
 
-Reading bytes (`source`), CSV (`csvfile`), YAML (`yamlfile`), judging the cells (`validate`) and
-the content digest (`digest`) each have a module; this one puts them together.
+Reading bytes (`source`), CSV (`csvfile`), YAML (`yamlfile`), judging the cells (`validate`),
+the declared currency (`currency`) and the content digest (`digest`) each have a module; this
+one puts them together.
 Provider limits, wallet balance and duplicate rows are preflight's business, not this package's.
 """
 
@@ -49,6 +50,11 @@ class Job:
     # sha256 of the rows' canonical form: the same rows give the same digest whatever the
     # file format, line endings or byte-order mark. Row numbers are implied by the order.
     content_digest: str
+    # The currency the job declares its cards hold (a `currency` column or YAML setting),
+    # upper-cased; None: no declaration, nothing to check. It also rides on each row's
+    # `extra` as ("currency", code), where preflight reads it, but is not one of the
+    # `extra_columns` the report echoes: the report has a currency column of its own.
+    currency: str | None = None
 
 
 def load_job(path: str | Path) -> Job:
@@ -77,7 +83,7 @@ def load_job(path: str | Path) -> Job:
     problems.raise_if_any()
     # Every None above came with a problem, so raise_if_any has raised.
     assert result is not None
-    rows, digest = result
+    rows, digest, currency = result
     return Job(
         path=job_path,
         rows=rows,
@@ -86,6 +92,7 @@ def load_job(path: str | Path) -> Job:
         settings=settings,
         extra_columns=extra_columns,
         content_digest=digest,
+        currency=currency,
     )
 
 

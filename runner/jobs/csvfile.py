@@ -73,6 +73,7 @@ def read_csv(text: str, problems: Problems) -> Table | None:
         card_id=column("card_id"),
         amount=column("amount"),
         reference=column("reference") if "reference" in keys else None,
+        currency=column("currency") if "currency" in keys else None,
         extras=[
             (names[j], frame[j])
             for j, key in enumerate(keys)

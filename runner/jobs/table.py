@@ -15,7 +15,8 @@ from runner.errors import JobInvalid, Problem
 
 MAX_PROBLEMS = 50
 REQUIRED_COLUMNS = ("card_id", "amount")
-KNOWN_COLUMNS = ("card_id", "amount", "reference")
+# `currency` is a declaration checked against the cards, not a value carried to the report.
+KNOWN_COLUMNS = ("card_id", "amount", "reference", "currency")
 
 
 class Problems:
@@ -48,21 +49,25 @@ class Table:
     `noted` holds what reading already found wrong, by 0-based position: a `None` column means
     the whole row is unusable (its cells are not judged further); `judged` lists cells whose
     problem is already noted. `unnamed` are CSV columns with no header name (by 1-based number).
+    `currency` is the optional currency column; `currency_setting` a YAML job's
+    `settings.currency`, already checked.
     """
 
     card_id: pd.Series[str]
     amount: pd.Series[str]
     reference: pd.Series[str] | None
     extras: list[tuple[str, pd.Series[str]]]
+    currency: pd.Series[str] | None = None
+    currency_setting: str | None = None
     unnamed: list[tuple[int, pd.Series[str]]] = field(default_factory=list)
     noted: dict[int, list[tuple[str | None, str]]] = field(default_factory=dict)
     judged: set[tuple[int, str]] = field(default_factory=set)
     drop_blank_rows: bool = False
 
     def columns(self) -> list[pd.Series[str]]:
-        known = [self.card_id, self.amount] + (
-            [self.reference] if self.reference is not None else []
-        )
+        known = [self.card_id, self.amount] + [
+            values for values in (self.reference, self.currency) if values is not None
+        ]
         return known + [values for _, values in self.extras + self.unnamed]
 
     def keeping(self, keep: npt.NDArray[np.bool_]) -> Table:
@@ -77,6 +82,8 @@ class Table:
             amount=take(self.amount),
             reference=take(self.reference) if self.reference is not None else None,
             extras=[(name, take(values)) for name, values in self.extras],
+            currency=take(self.currency) if self.currency is not None else None,
+            currency_setting=self.currency_setting,
             unnamed=[(number, take(values)) for number, values in self.unnamed],
             judged=self.judged,
             drop_blank_rows=self.drop_blank_rows,

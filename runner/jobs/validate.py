@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from runner.domain import JobRow
+from runner.jobs.currency import CURRENCY_COLUMN, declared_currency
 from runner.jobs.digest import canonical_card_ids, content_digest
 from runner.jobs.table import KNOWN_COLUMNS, Problems, Table
 from runner.money import CENTS, parse_amount
@@ -44,8 +45,11 @@ _SHARED_AMOUNTS = 4_096
 _FEW_DISTINCT_FROM = 10_000
 
 
-def validate(holder: list[Table], problems: Problems) -> tuple[tuple[JobRow, ...], str] | None:
-    """The job's rows and content digest, or None with every problem added to `problems`.
+def validate(
+    holder: list[Table], problems: Problems
+) -> tuple[tuple[JobRow, ...], str, str | None] | None:
+    """The job's rows, content digest and declared currency, or None with every problem
+    added to `problems`.
 
     The table comes in a list, taken out here, so that the parsed columns can be let go of
     before the rows are built: a million rows would otherwise be held twice.
@@ -91,6 +95,7 @@ def validate(holder: list[Table], problems: Problems) -> tuple[tuple[JobRow, ...
         found.sort(key=lambda note: order.get(note[0], len(order)))
         for column, message in found:
             problems.add(message, row=position + 1, column=column)
+    currency = declared_currency(table.currency, table.currency_setting, problems)
     if problems.found:
         return None
 
@@ -102,8 +107,13 @@ def validate(holder: list[Table], problems: Problems) -> tuple[tuple[JobRow, ...
         [(name, value) for value in values] for name, values in zip(names, extras, strict=True)
     ]
     del extras
+    # A declared currency rides on every row, last, for preflight to check against the
+    # card; it is not among the job's extra columns, so the report does not echo it.
+    declared = () if currency is None else ((CURRENCY_COLUMN, currency),)
+    if declared and pairs:
+        pairs.append([declared[0]] * count)
     extra_rows: Iterable[tuple[tuple[str, str], ...]] = (
-        zip(*pairs, strict=True) if pairs else [()] * count
+        zip(*pairs, strict=True) if pairs else [declared] * count
     )
     # A card's rows share one id string and equal amounts one Decimal: a million rows of a
     # few hundred thousand cards and a handful of amounts are held once each, not per row.
@@ -139,7 +149,7 @@ def validate(holder: list[Table], problems: Problems) -> tuple[tuple[JobRow, ...
     # Only what moves money counts: fixing a typo in a name column must resume the run,
     # not start a new one that pays everyone a second time.
     digest = content_digest([canonical, amounts, references])
-    return tuple(rows), digest
+    return tuple(rows), digest, currency
 
 
 def _respelled_cards(card_ids: list[str], canonical: list[str], problems: Problems) -> bool:

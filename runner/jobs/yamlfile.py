@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from runner.jobs.currency import parse_currency
 from runner.jobs.table import KNOWN_COLUMNS, REQUIRED_COLUMNS, Problems, Table
 from runner.money import parse_amount
 
@@ -210,7 +211,13 @@ def read_yaml(
             problems.add(f"unknown top-level key {_show_key(key)}: expected {', '.join(YAML_KEYS)}")
     run_key = _optional_text(document, "run_key", problems)
     provider = _optional_text(document, "provider", problems)
-    settings = _settings(document.get("settings"), problems)
+    raw_settings = document.get("settings")
+    currency = None
+    if isinstance(raw_settings, dict) and "currency" in raw_settings:
+        # A declaration about the job's cards, not a run setting: checked here, kept apart.
+        raw_settings = dict(raw_settings)
+        currency = _currency_setting(raw_settings.pop("currency"), problems)
+    settings = _settings(raw_settings, problems)
 
     topups = document.get("topups")
     table = None
@@ -222,6 +229,7 @@ def read_yaml(
         problems.add(f"topups must be a list of mappings, found {_kind(topups)}")
     else:
         table = _yaml_table(topups, loader.repeated)
+        table.currency_setting = currency
     # Whatever is left is repeated inside settings or deeper: still a mistake worth stopping for.
     for repeated in loader.repeated.values():
         for key, line in repeated:
@@ -241,6 +249,26 @@ def _optional_text(document: dict[Any, Any], key: str, problems: Problems) -> st
         problems.add(f'{key} must be text: quote it as "{value.source}"')
     else:
         problems.add(f"{key} must be text, found {_kind(value)}")
+    return None
+
+
+def _currency_setting(value: object, problems: Problems) -> str | None:
+    """The code `settings.currency` declares, or None with the problem added."""
+    if value is None:
+        problems.add("settings.currency is empty: leave it out or give a code such as USD")
+        return None
+    if isinstance(value, str | _Typed):
+        text = value if isinstance(value, str) else value.source
+        try:
+            code = parse_currency(text)
+        except ValueError as exc:
+            problems.add(f"settings.currency: {exc}")
+            return None
+        if isinstance(value, str):
+            return code
+        problems.add(f"settings.currency: {text} is read by YAML as {_kind(value)}: quote it")
+        return None
+    problems.add(f"settings.currency must be one code such as USD, not {_kind(value)}")
     return None
 
 
@@ -316,6 +344,7 @@ def _yaml_table(topups: list[Any], repeated: dict[int, list[tuple[str, int]]]) -
         card_id=series(columns["card_id"]),
         amount=series(columns["amount"]),
         reference=series(columns["reference"]),
+        currency=series(columns["currency"]),
         extras=[
             (spelling, series(cells.get(name, "") for cells in extra_cells))
             for name, spelling in extra_names.items()

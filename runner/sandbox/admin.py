@@ -32,6 +32,9 @@ _ADMIN_ALIX_FAULTS = web.AppKey("admin_alix_faults", FaultPlan)
 ALIX_FAULT_KINDS = tuple(kind for kind in FaultKind if kind is not FaultKind.COOLDOWN)
 
 
+_CARD_FIELDS = frozenset({"card_id", "status", "limit", "balance", "deposit", "name", "currency"})
+
+
 class _BadAdminRequest(ValueError):
     pass
 
@@ -182,7 +185,7 @@ async def _admin_cards(request: web.Request) -> web.Response:
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("card_id"), str):
             raise _BadAdminRequest("each card needs a card_id string")
-        unknown = sorted(set(item) - {"card_id", "status", "limit", "balance", "deposit", "name"})
+        unknown = sorted(set(item) - _CARD_FIELDS)
         if unknown:
             raise _BadAdminRequest(f"unknown card fields: {', '.join(unknown)}")
         try:
@@ -194,6 +197,7 @@ async def _admin_cards(request: web.Request) -> web.Response:
                     deposit=_money_or_none(item, "deposit"),
                     limit=_money_or_none(item, "limit"),
                     name=item.get("name"),
+                    currency=item.get("currency"),
                 )
             )
         except ValueError as exc:
@@ -235,6 +239,7 @@ def _card_json(card: CardAccount) -> JSON:
         "balance": str(card.balance),
         "deposit": str(card.deposit),
         "limit": str(card.limit),
+        "currency": card.currency,
         "last_applied_at": card.last_applied_at,
     }
 

@@ -85,6 +85,9 @@ def _check_seconds(name: str, value: float) -> None:
         raise ValueError(f"{name} must be at least 0 seconds, got {value!r}")
 
 
+_CURRENCY = re.compile(r"[A-Za-z]{3,5}", re.ASCII)
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxCard:
     """A card the sandbox knows from the start (any id); `limit` None: the default."""
@@ -95,6 +98,8 @@ class SandboxCard:
     deposit: Decimal = Decimal("0.00")
     limit: Decimal | None = None
     name: str = ""
+    # What GET /cards answers as the card's currency; a job declaring another is refused.
+    currency: str = "USD"
 
     def __post_init__(self) -> None:
         if not isinstance(self.card_id, str) or not self.card_id.strip():
@@ -108,6 +113,11 @@ class SandboxCard:
             )
         if not isinstance(self.name, str):
             raise ValueError(f"card {self.card_id}: name must be a string, got {self.name!r}")
+        if not isinstance(self.currency, str) or not _CURRENCY.fullmatch(self.currency):
+            raise ValueError(
+                f"card {self.card_id}: currency must be 3 to 5 letters, got {self.currency!r}"
+            )
+        object.__setattr__(self, "currency", self.currency.upper())
         object.__setattr__(self, "card_id", canonical_card_id(self.card_id))
         for money_field in ("balance", "deposit"):
             value = to_money(f"card {self.card_id}: {money_field}", getattr(self, money_field))

@@ -110,6 +110,7 @@ class CardAccount:
     created_at: float
     updated_at: float
     last_applied_at: float | None = None
+    currency: str = "USD"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +267,7 @@ class SandboxState:
         deposit: Decimal | None = None,
         limit: Decimal | None = None,
         name: str | None = None,
+        currency: str | None = None,
     ) -> SandboxCard:
         """The validated spec of `card_id` with the given changes (ValueError if invalid)."""
         current = self._cards.get(canonical_card_id(card_id))
@@ -279,6 +281,7 @@ class SandboxState:
                 current.deposit,
                 current.limit,
                 current.name,
+                current.currency,
             )
         )
         return SandboxCard(
@@ -288,6 +291,7 @@ class SandboxState:
             base.deposit if deposit is None else deposit,
             base.limit if limit is None else limit,
             base.name if name is None else name,
+            base.currency if currency is None else currency,
         )
 
     def put_card(self, spec: SandboxCard) -> CardAccount:
@@ -297,12 +301,14 @@ class SandboxState:
         card = self._cards.get(spec.card_id)
         if card is None:
             card = CardAccount(
-                spec.card_id, spec.name, spec.status, spec.balance, spec.deposit, limit, now, now
-            )
+                spec.card_id, spec.name, spec.status, spec.balance, spec.deposit, limit, now, now,
+                currency=spec.currency,
+            )  # fmt: skip
             self._cards[spec.card_id] = card
             self._missing.discard(spec.card_id)
         else:
             card.name, card.status, card.limit = spec.name, spec.status, limit
+            card.currency = spec.currency
             card.balance, card.deposit, card.updated_at = spec.balance, spec.deposit, now
         return card
 

@@ -165,7 +165,7 @@ def card_data(state: SandboxState, card: CardAccount, version: Version) -> dict[
         "status": card.status,
         "balance": card.balance,
         "deposit": card.deposit,
-        "currency": "USD",
+        "currency": card.currency,
         "category": _CATEGORY,
         "masked_PAN": _masked_pan(card.card_id),
         "bin_id": _BIN_ID,
