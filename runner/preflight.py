@@ -162,15 +162,8 @@ def _card_problems(
     return problems
 
 
-def _declared_currency(row: JobRow) -> str | None:
-    """The currency the job declares for `row` (runner.jobs puts it last in `extra`)."""
-    for name, value in reversed(row.extra):
-        if name == "currency":
-            return value
-    return None
-
-
 def _currency_problems(
+    declared: str,
     rows: Sequence[JobRow],
     cards: Mapping[str, CardState],
     provider: Provider,
@@ -181,26 +174,23 @@ def _currency_problems(
     documents no way to read hold its own currency, so a mismatch is the whole job's)."""
     rules = provider.rules
     if not rules.reads_cards:
-        codes = {code for r in rows if (code := _declared_currency(r)) is not None}
-        return [], [
-            f"the job declares {code} but {provider.name} pays in {rules.currency}"
-            for code in sorted(codes - {rules.currency.upper()})
-        ]
-    other: dict[str, dict[str, str]] = {}  # declared -> card -> the card's currency
+        if declared == rules.currency.upper():
+            return [], []
+        return [], [f"the job declares {declared} but {provider.name} pays in {rules.currency}"]
+    found: dict[str, str] = {}  # card -> the currency it holds
     for r in rows:
-        declared = _declared_currency(r)
-        if declared is None or r.row in set_aside:
+        if r.row in set_aside:
             continue
         held = cards[r.card_id].currency.strip().upper()
         if held != declared:
-            other.setdefault(declared, {})[r.card_id] = held
+            found[r.card_id] = held
             set_aside[r.row] = f"preflight: card holds {held}, the job declares {declared}"
-    problems = [
-        f"{len(found)} card(s) hold another currency than the job's {declared}: "
-        + _name([f"{card} ({found[card]})" for card in sorted(found)])
-        for declared, found in sorted(other.items())
-    ]
-    return problems, []
+    if not found:
+        return [], []
+    problem = f"{len(found)} card(s) hold another currency than the job's {declared}: " + _name(
+        [f"{card} ({found[card]})" for card in sorted(found)]
+    )
+    return [problem], []
 
 
 def _spread(amounts: Sequence[Decimal], most: int = 20) -> list[Decimal]:
@@ -217,12 +207,13 @@ async def preflight(
     *,
     allow_partial: bool = False,
     fees: FeeModel | None = None,
+    currency: str | None = None,
 ) -> PreflightReport:
     """Refuse (exit 3) a job the provider cannot take, before a single topup is sent.
 
     What the provider documents no way to read (Alix: wallet, cards) is not checked; a fee
     the provider quotes in advance (Alix's topup-check) beats any estimate. A job that
-    declares a currency is checked against each card's (or, where cards cannot be read, the
+    declares a `currency` is checked against each card's (or, where cards cannot be read, the
     provider's): a card in another currency would be paid a sum meant in another money.
     """
     rules = provider.rules
@@ -234,7 +225,11 @@ async def preflight(
         fees = fit_fee_model(list(quoted.items()), source) or fees
     set_aside: dict[int, str] = {}
     problems = _card_problems(rows, cards, set_aside) if rules.reads_cards else []
-    mismatched, whole_job = _currency_problems(rows, cards, provider, set_aside)
+    mismatched, whole_job = (
+        ([], [])
+        if currency is None
+        else _currency_problems(currency, rows, cards, provider, set_aside)
+    )
     problems += mismatched + whole_job
 
     going = [r for r in rows if r.row not in set_aside]

@@ -14,6 +14,7 @@ import pytest
 
 from runner.domain import JobRow
 from runner.errors import PreflightRefused
+from runner.jobs import load_job
 from runner.preflight import preflight
 from runner.providers.base import CardState, CardStatus, ProviderRules
 from runner.sandbox.config import SandboxCard, SandboxConfig
@@ -51,9 +52,8 @@ class FakeProvider:
         return self.cards.get(card_id)
 
 
-def rows(cards: Sequence[str], currency: str | None = "USD") -> list[JobRow]:
-    extra = () if currency is None else (("currency", currency),)
-    return [JobRow(n, card, Decimal("10.00"), f"R{n}", extra) for n, card in enumerate(cards, 1)]
+def rows(cards: Sequence[str]) -> list[JobRow]:
+    return [JobRow(n, card, Decimal("10.00"), f"R{n}") for n, card in enumerate(cards, 1)]
 
 
 class TestPreflight:
@@ -62,7 +62,7 @@ class TestPreflight:
         the provider says is in "usd" holds the USD declared."""
         provider = FakeProvider({"a": "usd", "b": "EUR"})
         with pytest.raises(PreflightRefused) as refused:
-            await preflight(provider, rows(["a", "b"]))  # type: ignore[arg-type]
+            await preflight(provider, rows(["a", "b"]), currency="USD")  # type: ignore[arg-type]
         assert refused.value.problems == (
             "1 card(s) hold another currency than the job's USD: b (EUR)",
         )
@@ -70,10 +70,10 @@ class TestPreflight:
     async def test_only_a_declaration_is_checked(self) -> None:
         """The same cards pass when the job declares no currency (as before), not when it does."""
         provider = FakeProvider({"a": "EUR"})
-        report = await preflight(provider, rows(["a"], None))  # type: ignore[arg-type]
+        report = await preflight(provider, rows(["a"]))  # type: ignore[arg-type]
         assert report.set_aside == {}
         with pytest.raises(PreflightRefused):
-            await preflight(provider, rows(["a"], "USD"))  # type: ignore[arg-type]
+            await preflight(provider, rows(["a"]), currency="USD")  # type: ignore[arg-type]
 
     async def test_allow_partial_sets_the_card_aside_saying_why(self) -> None:
         """With --allow-partial the row goes aside, its error saying both currencies."""
@@ -82,6 +82,7 @@ class TestPreflight:
             provider,  # type: ignore[arg-type]
             rows(["a", "b"]),
             allow_partial=True,
+            currency="USD",
         )
         assert report.set_aside == {2: "preflight: card holds EUR, the job declares USD"}
 
@@ -90,7 +91,7 @@ class TestPreflight:
         cards = [f"c{n:02d}" for n in range(12)]
         provider = FakeProvider(dict.fromkeys(cards, "EUR"))
         with pytest.raises(PreflightRefused) as refused:
-            await preflight(provider, rows(cards))  # type: ignore[arg-type]
+            await preflight(provider, rows(cards), currency="USD")  # type: ignore[arg-type]
         (problem,) = refused.value.problems
         assert problem.startswith("12 card(s) hold another currency than the job's USD: c00 (EUR)")
         assert problem.endswith("c09 (EUR) and 2 more")
@@ -104,9 +105,10 @@ class TestPreflight:
                 provider,  # type: ignore[arg-type]
                 rows(["a", "b"]),
                 allow_partial=True,
+                currency="USD",
             )
         assert refused.value.problems == ("the job declares USD but fake pays in USDT",)
-        report = await preflight(provider, rows(["a"], "USDT"))  # type: ignore[arg-type]
+        report = await preflight(provider, rows(["a"]), currency="USDT")  # type: ignore[arg-type]
         assert report.set_aside == {}
 
 
@@ -202,6 +204,10 @@ async def test_allow_partial_pays_the_cards_in_the_declared_currency(tmp_path: P
     assert report[1]["error"] == "preflight: card holds EUR, the job declares USD"
     header = (tmp_path / "out.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
     assert [name for name in header if "currency" in name] == ["currency"]
+    # The failed-rows job declares the currency too: rerun, the EUR card is refused again.
+    failed = load_job(str(tmp_path / "out.failed.csv"))
+    assert failed.currency == "USD"
+    assert [r.card_id for r in failed.rows] == [EUR]
 
 
 async def test_a_job_in_another_currency_than_every_card_is_refused(tmp_path: Path) -> None:

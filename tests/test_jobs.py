@@ -943,24 +943,26 @@ class TestCurrency:
     """A job may declare the currency its cards hold: a `currency` column or setting."""
 
     def test_csv_column_declares_the_currency(self, tmp_path: Path) -> None:
-        """A currency column, any case, becomes the job's currency, upper-cased, on every row."""
+        """A currency column, any case, becomes the job's currency, upper-cased; the rows
+        carry none of it (`Job.currency` is what preflight checks)."""
         text = "card_id,amount,Currency\nc-1,5,usd\nc-2,6,USD\n"
         job = load_job(write(tmp_path, "job.csv", text))
         assert job.currency == "USD"
-        assert [r.extra for r in job.rows] == [(("currency", "USD"),)] * 2
+        assert [r.extra for r in job.rows] == [()] * 2
 
     def test_currency_is_not_an_extra_column(self, tmp_path: Path) -> None:
         """The declared currency is checked, not echoed: the report has its own currency column."""
         path = write(tmp_path, "job.csv", "card_id,amount,currency,name\nc-1,5,USDT,Ann\n")
         job = load_job(path)
         assert job.extra_columns == ("name",)
-        assert job.rows[0].extra == (("name", "Ann"), ("currency", "USDT"))
+        assert job.currency == "USDT"
+        assert job.rows[0].extra == (("name", "Ann"),)
 
     def test_blank_cells_take_the_job_currency(self, tmp_path: Path) -> None:
         """A blank currency cell is the job's one currency, not a row left unchecked."""
         job = load_job(write(tmp_path, "job.csv", "card_id,amount,currency\nc-1,5,EUR\nc-2,6,\n"))
         assert job.currency == "EUR"
-        assert job.rows[1].extra == (("currency", "EUR"),)
+        assert job.rows[1].extra == ()
 
     def test_no_declaration_no_currency(self, tmp_path: Path) -> None:
         """Without a column or setting the job declares nothing, and the rows carry nothing."""
@@ -1006,7 +1008,7 @@ class TestCurrency:
         job = load_job(write(tmp_path, "job.yaml", text))
         assert job.currency == "USDT"
         assert dict(job.settings) == {"concurrency": 2}
-        assert all(dict(r.extra)["currency"] == "USDT" for r in job.rows)
+        assert all("currency" not in dict(r.extra) for r in job.rows)
         assert job.extra_columns == ("name",)
 
     def test_yaml_row_currency(self, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from runner.domain import JobRow
-from runner.jobs.currency import CURRENCY_COLUMN, declared_currency
+from runner.jobs.currency import declared_currency
 from runner.jobs.digest import canonical_card_ids, content_digest
 from runner.jobs.table import KNOWN_COLUMNS, Problems, Table
 from runner.money import CENTS, parse_amount
@@ -107,13 +107,10 @@ def validate(
         [(name, value) for value in values] for name, values in zip(names, extras, strict=True)
     ]
     del extras
-    # A declared currency rides on every row, last, for preflight to check against the
-    # card; it is not among the job's extra columns, so the report does not echo it.
-    declared = () if currency is None else ((CURRENCY_COLUMN, currency),)
-    if declared and pairs:
-        pairs.append([declared[0]] * count)
+    # A declared currency is the job's (`Job.currency`, checked by preflight against the
+    # cards), not one of its extra columns: the report does not echo it.
     extra_rows: Iterable[tuple[tuple[str, str], ...]] = (
-        zip(*pairs, strict=True) if pairs else [declared] * count
+        zip(*pairs, strict=True) if pairs else [()] * count
     )
     # A card's rows share one id string and equal amounts one Decimal: a million rows of a
     # few hundred thousand cards and a handful of amounts are held once each, not per row.

@@ -129,19 +129,26 @@ def failed_rows_path_for(path: Path) -> Path:
 
 
 def write_failed_rows(
-    path: Path, records: Iterable[RowRecord], extra_columns: tuple[str, ...]
+    path: Path,
+    records: Iterable[RowRecord],
+    extra_columns: tuple[str, ...],
+    currency: str | None = None,
 ) -> int:
     """Write the `failed` rows as a job file ready to rerun under a new run key.
 
     Only `failed` rows: nothing of theirs was applied. `needs_review` rows are left out on
     purpose, since their money may have moved. Returns how many rows were written; with
     none, no file is left behind (a stale one from an earlier attempt is removed). Text
-    cells carry the CSV formula guard, which the CSV job reader takes off again.
+    cells carry the CSV formula guard, which the CSV job reader takes off again. A job that
+    declared a `currency` passes it on, so the rerun's preflight checks the cards again.
     """
+    declared = () if currency is None else ("currency",)
+    declares = () if currency is None else (currency,)
     written = 0
     with replacing(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         out = csv.writer(handle)
-        names = ["card_id", "amount", "reference", *extra_columns, "original_row", "original_error"]
+        names = ["card_id", "amount", "reference", *declared, *extra_columns, "original_row",
+                 "original_error"]  # fmt: skip
         out.writerow([neutralise(name) for name in names])
         for record in records:
             if record.status is not RowStatus.FAILED:
@@ -151,6 +158,7 @@ def write_failed_rows(
                 record.card_id,
                 format_amount(record.amount),
                 record.reference or "",
+                *declares,
                 *(extras.get(name) or "" for name in extra_columns),
                 str(record.row),
                 record.error or "",

@@ -194,7 +194,13 @@ async def _check_job(job: Job, settings: Settings) -> list[str]:
         # as `run` raises it: out of a task group it would be an ExceptionGroup.
         try:
             verdict.append(
-                await preflight(provider, job.rows, allow_partial=settings.allow_partial, fees=fees)
+                await preflight(
+                    provider,
+                    job.rows,
+                    allow_partial=settings.allow_partial,
+                    fees=fees,
+                    currency=job.currency,
+                )
             )
         except RunnerError as exc:
             verdict.append(exc)

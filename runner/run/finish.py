@@ -289,7 +289,11 @@ async def write_outputs(
         await anyio.to_thread.run_sync(write_report, output, record.records(), info, figures)
         log.info("report.written", report=str(output), seconds=round(clock() - writing, 1))
         failed = await anyio.to_thread.run_sync(
-            write_failed_rows, failed_file, record.records(RowStatus.FAILED), job.extra_columns
+            write_failed_rows,
+            failed_file,
+            record.records(RowStatus.FAILED),
+            job.extra_columns,
+            job.currency,
         )
     except (OSError, RunnerError) as exc:
         why = str(exc)

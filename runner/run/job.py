@@ -231,7 +231,9 @@ class JobRun:
         if twice:
             log.warning("job.duplicates", rows=twice[:20], groups=len(twice))
         fees = fee_model(settings, await record.fee_samples(settings.provider))
-        report = await preflight(provider, fresh, allow_partial=settings.allow_partial, fees=fees)
+        report = await preflight(
+            provider, fresh, allow_partial=settings.allow_partial, fees=fees, currency=job.currency
+        )
         # Preflight's own dict when it is one (it is not used again): no second copy of a
         # snapshot per card.
         snapshots = report.cards if isinstance(report.cards, dict) else dict(report.cards)
