@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import click
@@ -158,7 +159,21 @@ def _with_ledger(settings: Settings) -> Settings:
 
 class Commands(click.Group):
     """click's group, whose usage errors (an unknown option, a missing argument, a value of
-    the wrong kind) are one line and exit 2 like every other error: not click's four."""
+    the wrong kind) are one line and exit 2 like every other error: not click's four.
+
+    `sandbox` is loaded only when it is the command: the simulator's modules would cost every
+    other command's start a seventh of a second."""
+
+    LAZY: ClassVar[dict[str, str]] = {"sandbox": "runner.sandbox.command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            module = importlib.import_module(self.LAZY[cmd_name])
+            self.add_command(getattr(module, cmd_name))
+        return super().get_command(ctx, cmd_name)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -322,12 +337,3 @@ def _say_summary(settings: Settings, result: RunResult) -> None:
     else:
         for line in lines:
             click.echo(line)
-
-
-def _register_sandbox() -> None:
-    from runner.sandbox.command import sandbox
-
-    main.add_command(sandbox)
-
-
-_register_sandbox()
