@@ -588,7 +588,8 @@ async def test_every_report_row_holds_together(tmp_path: Path, seed: int) -> Non
             "run", str(job), "--provider", "uncash", "--base-url", sb.base_url,
             "--ledger", str(tmp_path / "l.sqlite"), "--output", str(tmp_path / "r.csv"),
             "--cooldown", "0.2", "--rate-limit", "200", "--allow-partial", "--max-attempts", "2",
-            "--timeout", "2",
+            # The sandbox applies before it answers or not at all, never later: a short grace.
+            "--timeout", "2", "--apply-grace", "0.5",
             "--log-format", "json", cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
         )  # fmt: skip
     assert done.code in (0, 1), done.stderr[-2000:]
