@@ -210,13 +210,19 @@ async def test_allow_partial_pays_the_cards_in_the_declared_currency(tmp_path: P
     assert [r.card_id for r in failed.rows] == [EUR]
 
 
-async def test_a_job_in_another_currency_than_every_card_is_refused(tmp_path: Path) -> None:
-    """A YAML job declaring EUR (lower case, as a setting) against USD cards: exit 3."""
+def yaml_job(tmp_path: Path, currency: str) -> Path:
+    """A YAML job of one topup of the USD card, declaring `currency` as a setting."""
     job = tmp_path / "job.yaml"
     job.write_text(
-        f'settings: {{currency: eur}}\ntopups:\n  - {{card_id: "{USD}", amount: "10"}}\n',
+        f'settings: {{currency: {currency}}}\ntopups:\n  - {{card_id: "{USD}", amount: "10"}}\n',
         encoding="utf-8",
     )
+    return job
+
+
+async def test_a_job_in_another_currency_than_every_card_is_refused(tmp_path: Path) -> None:
+    """A YAML job declaring EUR (lower case, as a setting) against USD cards: exit 3."""
+    job = yaml_job(tmp_path, "eur")
     async with serve_sandbox(MIXED_CARDS) as sb:
         ran = await cli("run", tmp_path, job, sb.base_url)
         assert not sb.state.applied
@@ -236,11 +242,7 @@ async def test_a_malformed_code_is_exit_2(tmp_path: Path) -> None:
 
 async def test_a_yaml_setting_in_the_cards_currency_runs(tmp_path: Path) -> None:
     """settings.currency matching the cards runs: it is not taken for an unknown setting."""
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        f'settings: {{currency: USD}}\ntopups:\n  - {{card_id: "{USD}", amount: "10"}}\n',
-        encoding="utf-8",
-    )
+    job = yaml_job(tmp_path, "USD")
     async with serve_sandbox(MIXED_CARDS) as sb:
         ran = await cli("run", tmp_path, job, sb.base_url)
         applied = [topup.card_id for topup in sb.state.applied]
