@@ -115,6 +115,28 @@ async def test_provider_out_of_reach_before_sending_exits_69(tmp_path: Path, how
     assert TOKEN not in done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("command", ["run", "check"])
+async def test_alix_out_of_reach_is_69_before_any_row_is_tried(
+    tmp_path: Path, alix_env: dict[str, str], command: str
+) -> None:
+    """Alix documents no wallet or card read, so its access token is where preflight learns
+    the provider cannot be used: exit 69 from run and check alike. Before, `check` passed
+    with a warning and `run` tried every row until each failed (exit 1)."""
+    job = write_job(
+        tmp_path / "job.csv", [(str(uuid.uuid4()), f"{10 + n}.00", "A") for n in range(3)]
+    )
+    done = await run_cli(
+        command, str(job), "--provider", "alix",
+        "--base-url", f"http://127.0.0.1:{closed_port()}/api/v2",
+        "--ledger", str(tmp_path / "l.sqlite"), "--output", str(tmp_path / "r.csv"),
+        "--timeout", "2", "--log-format", "json", cwd=tmp_path, env=alix_env,
+    )  # fmt: skip
+    assert done.code == UNAVAILABLE, done.stderr[-2000:]
+    assert "nothing was sent" in done.stderr
+    assert "check passed" not in done.stdout
+    assert not (tmp_path / "r.csv").exists()
+
+
 async def test_dns_failure_before_sending_is_provider_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -266,6 +266,10 @@ class AlixProvider(AlixSession):
     async def fee_estimates(self, amounts: Sequence[Decimal]) -> Mapping[Decimal, Decimal]:
         """The fee topup-check quotes for each amount. A quote is advice for preflight: one
         that fails is logged and left out rather than stopping the run."""
+        # The token first, and not as advice: with no other documented read, this is where
+        # preflight learns whether Alix can be used at all (unreachable: exit 69, nothing
+        # sent; credentials refused: exit 2), rather than from every row failing to connect.
+        await self.tokens.current()
         fees: dict[Decimal, Decimal] = {}
         refused: list[AuthenticationFailed] = []
         limiter = anyio.CapacityLimiter(_QUOTE_CONCURRENCY)
