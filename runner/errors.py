@@ -73,6 +73,15 @@ class ConfigError(RunnerError):
     exit_code = 2
 
 
+class OutputRefused(ConfigError):
+    """A file the run would write at its end cannot be written, or would write over what
+    must be kept; `options` names the options whose files these are."""
+
+    def __init__(self, message: str, *options: str) -> None:
+        super().__init__(message)
+        self.options = options
+
+
 class PreflightRefused(RunnerError):
     """The provider's state (wallet, cards, limits) cannot take the job: nothing was sent."""
 

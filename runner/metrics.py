@@ -7,6 +7,7 @@ previous file when this run did not succeed (read bounded: a damaged file is onl
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -41,6 +42,26 @@ class StatusTotals:
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# What every metrics file this program writes holds near its start: a file without it is
+# not one of ours, and is never written over.
+_OWN_MARK = b"topup_runner_"
+_MARK_WITHIN = 1 << 16
+
+
+def foreign_file(path: Path) -> bool:
+    """Whether `path` holds something other than a metrics file of ours (the job file, a
+    report, the ledger, anything else): such a file is never written over, damaged metrics
+    or not. Missing, empty, or not readable as a regular file is not foreign."""
+    try:
+        if not path.is_file():
+            return False
+        with path.open("rb") as handle:
+            start = handle.read(_MARK_WITHIN)
+    except OSError:
+        return False
+    return bool(start) and _OWN_MARK not in start
 
 
 def _previous_success(path: Path) -> str | None:
@@ -153,6 +174,10 @@ def write_metrics(path: Path, run: RunMetrics) -> None:
     """Render and atomically replace `path`. Its folder is not made: a run refuses a metrics
     file it could not write before sending anything, and an exit refused for it must not
     make the folder that refusal named."""
+    if foreign_file(path):
+        raise FileExistsError(
+            errno.EEXIST, "it holds something else than topup-runner's metrics: left as it is"
+        )
     text = render_metrics(run, _previous_success(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

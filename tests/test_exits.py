@@ -323,10 +323,9 @@ def test_internal_error_and_interrupt_rewrite_the_metrics(
 @pytest.mark.parametrize(
     "damage",
     [
-        b"\x00\xff\xfe garbage \x80\x81\n",
         b'topup_runner_last_success_timestamp_seconds{job="pay"} not-a-number\n',
         b'topup_runner_last_success_timestamp_seconds{job="pay"} nan\n',
-        b"# just a comment\n" * 300_000,  # 5 MB: read no further than a bound
+        b'\x00\xff topup_runner_exit_code{job="pay"} 0\n' + b"# pad\n" * 300_000,  # 2 MB
     ],
 )
 def test_a_damaged_metrics_file_is_replaced(tmp_path: Path, damage: bytes) -> None:
@@ -337,6 +336,31 @@ def test_a_damaged_metrics_file_is_replaced(tmp_path: Path, damage: bytes) -> No
     text = prom.read_text()
     assert metric(text, "topup_runner_exit_code") == "2"
     assert metric(text, "topup_runner_last_success_timestamp_seconds") is None
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        b"card_id,amount\n6f1c...,10.00\n",  # the job file
+        b"SQLite format 3\x00" + bytes(4080),  # the ledger
+        b"\x00\xff\xfe garbage \x80\x81\n",
+        b"# just a comment\n" * 300_000,  # 5 MB: read no further than a bound
+    ],
+)
+def test_a_file_that_is_not_our_metrics_is_never_written_over(
+    tmp_path: Path, foreign: bytes
+) -> None:
+    """Whatever `--metrics-file` names, a file without our metrics in it stays byte for byte
+    as it was: the exit's writer refuses it (and the run refuses it before any topup)."""
+    prom = tmp_path / "m.prom"
+    prom.write_bytes(foreign)
+    with pytest.raises(FileExistsError):
+        write_metrics(prom, RunMetrics("pay", "sandbox", "k", {}, 1.0, 2, WHEN))
+    assert prom.read_bytes() == foreign
+    empty = tmp_path / "empty.prom"
+    empty.touch()
+    write_metrics(empty, RunMetrics("pay", "sandbox", "k", {}, 1.0, 2, WHEN))
+    assert metric(empty.read_text(), "topup_runner_exit_code") == "2"
 
 
 def test_last_success_is_carried_from_a_file_written_before(tmp_path: Path) -> None:

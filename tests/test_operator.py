@@ -596,3 +596,89 @@ async def test_every_report_row_holds_together(tmp_path: Path, seed: int) -> Non
     report = read_csv_report(tmp_path / "r.csv")
     assert {r["status"] for r in report} >= {"succeeded", "failed"}
     assert {r["row"]: contradictions(r) for r in report if contradictions(r)} == {}
+
+
+# -- nothing a run writes may land on the job file, the ledger or another of its files ------
+
+
+def _overwrite_case(tmp_path: Path, case: str, job: Path, ledger: Path) -> list[str]:
+    """The options of one case: a file the run writes named as one it must keep."""
+    out = tmp_path / "out.csv"
+    if case == "report is the job file":
+        return ["--output", str(job)]
+    if case == "report is the job file through a symlink":
+        (tmp_path / "link.csv").symlink_to(job)
+        return ["--output", str(tmp_path / "link.csv")]
+    if case == "report is a hard link of the job file":
+        os.link(job, tmp_path / "hard.csv")
+        return ["--output", str(tmp_path / "hard.csv")]
+    if case == "metrics file is the job file":
+        return ["--output", str(out), "--metrics-file", str(tmp_path / "sub" / ".." / job.name)]
+    if case == "metrics file is the ledger":
+        return ["--output", str(out), "--metrics-file", str(ledger)]
+    if case == "metrics file is the ledger's WAL":
+        return ["--output", str(out), "--metrics-file", f"{ledger}-wal"]
+    assert case == "metrics file is the report's failed-rows job"
+    return ["--output", str(out), "--metrics-file", str(tmp_path / "out.failed.csv")]
+
+
+OVERWRITE_CASES = [
+    "report is the job file",
+    "report is the job file through a symlink",
+    "report is a hard link of the job file",
+    "metrics file is the job file",
+    "metrics file is the ledger",
+    "metrics file is the ledger's WAL",
+    "metrics file is the report's failed-rows job",
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", OVERWRITE_CASES)
+async def test_no_output_overwrites_the_job_the_ledger_or_another_output(
+    tmp_path: Path, case: str
+) -> None:
+    """Exit 2 before any topup, one line, and the job file and the ledger byte for byte as
+    they were: before, the report or the exit's metrics replaced the approved job file."""
+    job = write_job(tmp_path / "job.csv", [(str(uuid.uuid4()), "10.00", "A")])
+    ledger = tmp_path / "l.sqlite"
+    (tmp_path / "sub").mkdir()
+    common = ["--provider", "uncash", "--ledger", str(ledger), "--log-format", "console"]
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.2)) as sb:
+        env = clean_env(UNCASH_API_TOKEN=TOKEN)
+        first = await run_cli(
+            "check", str(job), *common, "--base-url", sb.base_url, cwd=tmp_path, env=env
+        )  # fmt: skip  (makes nothing, reads)
+        assert first.code == 0, first.stderr
+        seed = await run_cli(
+            "run",
+            str(write_job(tmp_path / "other.csv", [(str(uuid.uuid4()), "11.00", "B")])),
+            *common,
+            "--base-url",
+            sb.base_url,
+            "--output",
+            str(tmp_path / "other-report.csv"),
+            cwd=tmp_path,
+            env=env,
+        )  # fmt: skip  (the ledger now exists, with a run in it)
+        assert seed.code == 0, seed.stderr
+        before = (job.read_bytes(), ledger.read_bytes())
+        applied = len(sb.state.applied)
+        options = _overwrite_case(tmp_path, case, job, ledger)
+        done = await run_cli("run", str(job), *common, "--base-url", sb.base_url, *options,
+                             cwd=tmp_path, env=env)  # fmt: skip
+        assert len(sb.state.applied) == applied
+    assert done.code == 2, done.stderr
+    assert (job.read_bytes(), ledger.read_bytes()) == before
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, done.stderr
+    assert (
+        "would overwrite" in errors[0]
+        or "name the same file" in errors[0]
+        or ("holds something else" in errors[0])
+    )
+    assert _existing(Path(f"{ledger}-wal"), tmp_path / "out.failed.csv") == []
+
+
+def _existing(*paths: Path) -> list[Path]:
+    return [path for path in paths if path.exists()]

@@ -17,8 +17,8 @@ import numpy as np
 from runner.config import Settings
 from runner.domain import JobRow
 from runner.errors import (
-    ConfigError,
     JobInvalid,
+    OutputRefused,
     Problem,
     ProviderError,
     ProviderUnavailable,
@@ -27,6 +27,7 @@ from runner.errors import (
 )
 from runner.jobs import Job
 from runner.ledger import is_postgres_url
+from runner.metrics import foreign_file
 from runner.money import format_amount
 from runner.preflight import (
     FeeModel,
@@ -38,7 +39,7 @@ from runner.preflight import (
 )
 from runner.providers.base import Provider
 from runner.providers.factory import open_provider, rules_for
-from runner.report import failed_rows_path_for, summary_path_for
+from runner.report import failed_rows_path_for, subtotals_path_for, summary_path_for
 from runner.run.record import default_ledger_path, fee_samples, open_for
 from runner.run.resume import choose_run_key, derive_run_key
 from runner.scheduler import Pacer, lower_bound
@@ -60,27 +61,82 @@ def output_path(settings: Settings, run_key: str) -> Path:
     return settings.output or Path(f"{run_key}.xlsx")
 
 
-def check_outputs(settings: Settings, run_key: str) -> None:
+def check_outputs(settings: Settings, run_key: str, job_file: Path | None = None) -> None:
     """Refuse the run (exit 2) if a file it writes at the end could not be written: the report
-    (with a CSV's summary), its failed-rows job and the metrics file. Found after the topups,
-    the report would be lost with the money already moved."""
+    (with a CSV's summary and subtotals), its failed-rows job and the metrics file. Found after
+    the topups, the report would be lost with the money already moved. None of them may be
+    the job file, the ledger or one another: the approved file, or the run's own record,
+    would be overwritten."""
     report = output_path(settings, run_key)
     targets = [("--output", report, report), ("--output", report, failed_rows_path_for(report))]
     if report.suffix.lower() == ".csv":
         targets.append(("--output", report, summary_path_for(report)))
+        if settings.group_by is not None:
+            targets.append(("--output", report, subtotals_path_for(report)))
     if settings.metrics_file is not None:
         metrics = settings.metrics_file
         targets.append(("--metrics-file", metrics, metrics))
+        if foreign_file(metrics):
+            raise OutputRefused(
+                f"--metrics-file {metrics}: the file holds something else than topup-runner's "
+                "metrics: name a new file or one an earlier run wrote",
+                "--metrics-file",
+            )
+    _refuse_overwrites(targets, _kept_files(settings, job_file))
     folders: dict[Path, tuple[str, Path]] = {}
     for option, given, target in targets:
         if target.is_dir():
             what = "" if target == given else f"{target}, the file written beside it, "
-            raise ConfigError(f"{option} {given}: {what}is a folder: name a file")
+            raise OutputRefused(f"{option} {given}: {what}is a folder: name a file", option)
         if target.exists() and not target.is_file():
-            raise ConfigError(f"{option} {given}: {target} is not a regular file")
+            raise OutputRefused(f"{option} {given}: {target} is not a regular file", option)
         folders.setdefault(target.parent, (option, given))
     for folder, (option, given) in folders.items():
         _check_folder(option, given, folder)
+
+
+def _kept_files(settings: Settings, job_file: Path | None) -> list[tuple[str, Path]]:
+    """The files a run must never write over: the job file, and a SQLite ledger with the
+    files SQLite keeps beside it."""
+    kept = [] if job_file is None else [("the job file", job_file)]
+    ledger: str | Path | None = settings.ledger
+    if ledger is None and not settings.is_sandbox:
+        ledger = default_ledger_path(os.environ)
+    if ledger is not None and not is_postgres_url(str(ledger)):
+        path = Path(ledger).expanduser()
+        kept += [("the ledger", Path(f"{path}{end}")) for end in ("", "-wal", "-shm", "-journal")]
+    return kept
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file however spelled: through links and `..`, or a second hard link."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _refuse_overwrites(
+    targets: Sequence[tuple[str, Path, Path]], kept: Sequence[tuple[str, Path]]
+) -> None:
+    written: list[tuple[str, Path, Path]] = []
+    for option, given, target in targets:
+        for what, path in kept:
+            if _same_file(target, path):
+                beside = "" if target == given else f" ({target}, written beside it)"
+                raise OutputRefused(
+                    f"{option} {given}{beside} would overwrite {what} {path}", option
+                )
+        for other_option, other, earlier in written:
+            if _same_file(target, earlier):
+                raise OutputRefused(
+                    f"{option} {given} and {other_option} {other} name the same file {target}",
+                    option,
+                    other_option,
+                )
+        written.append((option, given, target))
 
 
 def _check_folder(option: str, given: Path, folder: Path) -> None:
@@ -88,16 +144,18 @@ def _check_folder(option: str, given: Path, folder: Path) -> None:
     mount and root's bypass of permissions all show only when a file is made)."""
     place = folder if str(folder) not in ("", ".") else Path.cwd()
     if not place.exists():
-        raise ConfigError(f"{option} {given}: the folder {place} does not exist: create it first")
+        raise OutputRefused(
+            f"{option} {given}: the folder {place} does not exist: create it first", option
+        )
     if not place.is_dir():
-        raise ConfigError(f"{option} {given}: {place} is not a folder")
+        raise OutputRefused(f"{option} {given}: {place} is not a folder", option)
     probe = place / f".topup-runner-probe.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(
-            f"{option} {given}: cannot write in the folder {place}: {exc.strerror or exc}"
+        raise OutputRefused(
+            f"{option} {given}: cannot write in the folder {place}: {exc.strerror or exc}", option
         ) from None
 
 
@@ -178,7 +236,7 @@ async def _check_job(job: Job, settings: Settings) -> list[str]:
             samples = await fee_samples(ledger, settings.provider)
             # The key `run` would take: an earlier run of this job is resumed, not repaid.
             run_key = await choose_run_key(ledger, job, settings)
-    check_outputs(settings, run_key)
+    check_outputs(settings, run_key, job.path)
     fees = fee_model(settings, samples)
     stats: list[tuple[int, int, list[list[int]]]] = []
 

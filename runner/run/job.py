@@ -15,6 +15,7 @@ from runner.domain import RowStatus
 from runner.errors import (
     ConfigError,
     LedgerError,
+    OutputRefused,
     ProviderError,
     ProviderUnavailable,
     RunnerError,
@@ -124,7 +125,12 @@ class JobRun:
                     "--provider uncash --base-url)"
                 )
             record.run_key = self.run_key = await choose_run_key(ledger, job, settings)
-            check_outputs(settings, self.run_key)  # before any topup: exit 2, nothing sent
+            try:
+                check_outputs(settings, self.run_key, job.path)  # before any topup: exit 2
+            except OutputRefused as exc:
+                if "--metrics-file" in exc.options:
+                    self.end.metrics_file = None  # refused: not written at the exit either
+                raise
             if self.run_key != (settings.run_key or derive_run_key(job, settings)):
                 log.warning(
                     "run.same_job_found",
