@@ -150,14 +150,23 @@ class NotDocumented(ProviderError):
 class ProviderUnavailable(RunnerError):
     """The provider could not be used (unreachable: refused, DNS, TLS, timeouts; or answering
     nonsense) before this process sent a single topup: sysexits' EX_UNAVAILABLE, not the
-    "rows failed" of exit 1. Raised only by the run, which knows nothing was sent; `cause` is
-    the ProviderError."""
+    "rows failed" of exit 1. Made only by `as_nothing_sent`, for `run` and `check`, which know
+    nothing was sent; `cause` is the ProviderError."""
 
     exit_code = 69
 
     def __init__(self, cause: ProviderError) -> None:
         self.cause = cause
         super().__init__(f"{cause}: the provider cannot be used, nothing was sent")
+
+
+def as_nothing_sent(error: RunnerError) -> RunnerError:
+    """The error to exit with when this process sent no topup: a provider that cannot be
+    used is ProviderUnavailable (69), not the "rows failed" of a ProviderError's 1; any
+    other error stands."""
+    if isinstance(error, ProviderError) and error.exit_code == ProviderError.exit_code:
+        return ProviderUnavailable(error)
+    return error
 
 
 class WebhookRejected(RunnerError):

@@ -20,9 +20,8 @@ from runner.errors import (
     JobInvalid,
     OutputRefused,
     Problem,
-    ProviderError,
-    ProviderUnavailable,
     RunnerError,
+    as_nothing_sent,
     runner_error_of,
 )
 from runner.jobs import Job
@@ -214,11 +213,10 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
         error = runner_error_of(exc)
         if error is None:
             raise
-        if isinstance(error, ProviderError) and error.exit_code == ProviderError.exit_code:
-            raise ProviderUnavailable(error) from exc
-        if error is exc:
+        exit_error = as_nothing_sent(error)
+        if exit_error is exc:
             raise
-        raise error from exc
+        raise exit_error from exc
 
 
 async def _check_job(job: Job, settings: Settings) -> list[str]:

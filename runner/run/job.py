@@ -16,10 +16,9 @@ from runner.errors import (
     ConfigError,
     LedgerError,
     OutputRefused,
-    ProviderError,
-    ProviderUnavailable,
     RunnerError,
     RunStopped,
+    as_nothing_sent,
     runner_error_of,
 )
 from runner.jobs import Job
@@ -163,9 +162,7 @@ class JobRun:
                 return error
             # Exit 2, 3 and 69 say nothing was sent: not true any more.
             return RunStopped(error, sent=self.tally.sent, run_key=self.run_key)
-        if isinstance(error, ProviderError) and error.exit_code == ProviderError.exit_code:
-            return ProviderUnavailable(error)
-        return error
+        return as_nothing_sent(error)
 
     async def _note_end(self, record: RunRecord) -> None:
         """What the exit tells of a run stopped by an error: its rows as the ledger has them."""
