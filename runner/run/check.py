@@ -25,7 +25,6 @@ from runner.errors import (
     runner_error_of,
 )
 from runner.jobs import Job
-from runner.ledger import is_postgres_url
 from runner.metrics import foreign_file
 from runner.money import format_amount
 from runner.preflight import (
@@ -39,7 +38,7 @@ from runner.preflight import (
 from runner.providers.base import Provider
 from runner.providers.factory import open_provider, rules_for
 from runner.report import failed_rows_path_for, subtotals_path_for, summary_path_for
-from runner.run.record import default_ledger_path, fee_samples, open_for
+from runner.run.record import fee_samples, named_ledger, open_for
 from runner.run.resume import choose_run_key, derive_run_key
 from runner.scheduler import Pacer, lower_bound
 
@@ -98,12 +97,9 @@ def _kept_files(settings: Settings, job_file: Path | None) -> list[tuple[str, Pa
     """The files a run must never write over: the job file, and a SQLite ledger with the
     files SQLite keeps beside it."""
     kept = [] if job_file is None else [("the job file", job_file)]
-    ledger: str | Path | None = settings.ledger
-    if ledger is None and not settings.is_sandbox:
-        ledger = default_ledger_path(os.environ)
-    if ledger is not None and not is_postgres_url(str(ledger)):
-        path = Path(ledger).expanduser()
-        kept += [("the ledger", Path(f"{path}{end}")) for end in ("", "-wal", "-shm", "-journal")]
+    ledger = named_ledger(settings, os.environ)
+    if isinstance(ledger, Path):
+        kept += [("the ledger", Path(f"{ledger}{end}")) for end in ("", "-wal", "-shm", "-journal")]
     return kept
 
 
@@ -222,11 +218,7 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
 async def _check_job(job: Job, settings: Settings) -> list[str]:
     check_amounts(job, settings.provider)
     samples: list[tuple[Decimal, Decimal]] = []
-    where: Path | str | None = settings.ledger
-    if where is not None and not is_postgres_url(str(where)):
-        where = Path(where).expanduser()  # noqa: ASYNC240  (no I/O: the home folder's name)
-    if where is None and not settings.is_sandbox:
-        where = default_ledger_path(os.environ)
+    where = named_ledger(settings, os.environ)
     run_key = settings.run_key or derive_run_key(job, settings)
     if where is not None and (not isinstance(where, Path) or where.exists()):
         with ExitStack() as stack:

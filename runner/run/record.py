@@ -37,17 +37,24 @@ def default_ledger_path(env: Mapping[str, str]) -> Path:
     return Path(state) / "topup-runner" / "ledger.sqlite"
 
 
-def ledger_where(settings: Settings, env: Mapping[str, str], stack: ExitStack) -> str | Path:
-    """The ledger's path, or its URL when it is a database server's."""
+def named_ledger(settings: Settings, env: Mapping[str, str]) -> str | Path | None:
+    """The ledger the settings name: its path, or its URL when it is a database server's;
+    None for a sandbox run given none (its ledger is a throwaway, see `ledger_where`)."""
     if settings.ledger:
         if is_postgres_url(settings.ledger):
             return settings.ledger
         return Path(settings.ledger).expanduser()
-    if settings.is_sandbox:
-        # A sandbox's state dies with the run, so its ledger does too unless asked to keep it.
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="topup-sandbox-"))
-        return Path(tmp) / "ledger.sqlite"
-    return default_ledger_path(env)
+    return None if settings.is_sandbox else default_ledger_path(env)
+
+
+def ledger_where(settings: Settings, env: Mapping[str, str], stack: ExitStack) -> str | Path:
+    """The ledger's path, or its URL when it is a database server's."""
+    named = named_ledger(settings, env)
+    if named is not None:
+        return named
+    # A sandbox's state dies with the run, so its ledger does too unless asked to keep it.
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="topup-sandbox-"))
+    return Path(tmp) / "ledger.sqlite"
 
 
 def open_for(where: str | Path, stack: ExitStack, *, readonly: bool = False) -> Ledger:
