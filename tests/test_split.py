@@ -15,15 +15,18 @@ from collections import defaultdict
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import anyio
 import anyio.abc
+import openpyxl
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.domain import JobRow, RowRecord, RowStatus
-from runner.errors import JobInvalid
+from runner.domain import JobRow, RowRecord, RowStatus, RunInfo
+from runner.errors import JobInvalid, LedgerError
 from runner.jobs import load_job
 from runner.jobs.split import (
     MAX_CHUNKS,
@@ -34,9 +37,13 @@ from runner.jobs.split import (
     split_job,
     without_split,
 )
+from runner.ledger import RunSpec
 from runner.providers.base import CardState, CardStatus
 from runner.providers.uncash import RULES as UNCASH_RULES
-from runner.report.chunks import job_rows, row_status
+from runner.report import Figures
+from runner.report.chunks import job_rows, row_status, write_run_report
+from runner.run.record import RunRecord
+from runner.run.resume import same_run_or_refuse
 from runner.sandbox.config import SandboxConfig
 from runner.sandbox.server import RunningSandbox, serve_sandbox
 from tests.e2e import TOKEN, clean_env, command, read_csv_report, run_cli, until, write_job
@@ -339,3 +346,35 @@ def test_chunks_keep_their_rows_reference_and_columns(tmp_path: Path) -> None:
     first = split_job(job, UNCASH_RULES).rows[0]
     assert (first.card_id, first.reference, first.amount) == ("c1", "A", Decimal("10000.00"))
     assert replace(first, extra=without_split(first.extra)).extra == (("team", "value-0"),)
+
+
+def test_a_split_runs_workbook_has_one_results_line_per_row_and_a_chunks_sheet(
+    tmp_path: Path,
+) -> None:
+    """Results joins the chunks; Chunks lists each with its own transaction id and fee."""
+    records = [
+        chunk(1, 1, 2, "5000.01", RowStatus.SUCCEEDED),
+        chunk(1, 2, 2, "5000.00", RowStatus.SUCCEEDED),
+    ]
+    info = RunInfo("k", "uncash", "j.csv")
+    split = write_run_report(tmp_path / "r.xlsx", lambda: iter(records), info, Figures("USD"))
+    workbook = openpyxl.load_workbook(tmp_path / "r.xlsx", read_only=True)
+    results = list(workbook["Results"].iter_rows(values_only=True))
+    chunks = list(workbook["Chunks"].iter_rows(values_only=True))
+    assert split
+    assert len(results) == 2
+    assert results[1][:3] == (1, "c1", 10000.01)
+    assert [(c[1], c[5], c[7], c[10]) for c in chunks[1:]] == [
+        (1, 5000.01, 1.0, "t1"),
+        (2, 5000.0, 1.0, "t2"),
+    ]
+
+
+def test_a_run_recorded_with_other_ledger_rows_is_not_resumed() -> None:
+    """Same job, same target, other chunks: refused, never mixed into one run."""
+    recorded = RunSpec("k", "uncash", "uncash:x", "j.csv", "digest", (), 3)
+    now = replace(recorded, row_count=6)
+    record = cast(RunRecord, SimpleNamespace(run_key="k", name="ledger.sqlite"))
+    same_run_or_refuse(record, recorded, recorded, "")
+    with pytest.raises(LedgerError, match="--split-over-max"):
+        same_run_or_refuse(record, recorded, now, "")
