@@ -378,3 +378,46 @@ def test_a_run_recorded_with_other_ledger_rows_is_not_resumed() -> None:
     same_run_or_refuse(record, recorded, recorded, "")
     with pytest.raises(LedgerError, match="--split-over-max"):
         same_run_or_refuse(record, recorded, now, "")
+
+
+@pytest.mark.anyio
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_two_workers_on_a_shared_ledger_pay_each_chunk_once(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two workers, one split job, one PostgreSQL ledger: each chunk paid once, the reports
+    of both workers and `report` from the ledger alike."""
+    cards = [str(uuid.uuid4()) for _ in range(4)]
+    rows = [(card, "25000.00", f"E{n}") for n, card in enumerate(cards)]
+    rows += [(cards[0], "10000.01", "X")]
+    job = write_job(tmp_path / "j.csv", rows)
+    config = SandboxConfig(
+        token=TOKEN, cooldown=COOLDOWN, fault_rate=0.2, slow_seconds=1.0, seed=6,
+        default_card_limit=Decimal("100000.00"),
+    )  # fmt: skip
+    async with serve_sandbox(config) as sb:
+        workers = []
+        for name in ("w0", "w1"):
+            more = ("--ledger", pg_url, "--run-key", "shared", "--output", f"{name}.csv",
+                    "--split-over-max", "--timeout", "0.5", "--max-attempts", "20",
+                    "--apply-grace", "0.5", "--lease", "1.5")  # fmt: skip
+            workers.append(await start(job, sb, tmp_path, *more))
+        with anyio.fail_after(90):
+            codes = [await w.wait() for w in workers]
+        rewritten = await run_cli(
+            "report", "--ledger", pg_url, "--run-key", "shared",
+            "--output", str(tmp_path / "again.csv"), cwd=tmp_path,
+        )  # fmt: skip
+        applied = list(sb.state.applied)
+    assert rewritten.code == 0, rewritten.stderr
+    assert codes == [0, 0], (tmp_path / "runner.log").read_text()[-2000:]
+    amounts = sorted(t.amount for t in applied)
+    assert len(amounts) == 14
+    assert sum(amounts) == Decimal("110000.01")
+    assert amounts.count(Decimal("8333.34")) == 4
+    reports = [read_csv_report(tmp_path / f"{name}.csv") for name in ("w0", "w1")]
+    assert reports[0] == reports[1] == read_csv_report(tmp_path / "again.csv")
+    assert [r["status"] for r in reports[0]] == ["succeeded"] * 5
+    chunks = read_csv_report(tmp_path / "again.chunks.csv")
+    assert len({c["ledger_row"] for c in chunks}) == len(applied)
