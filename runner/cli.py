@@ -98,6 +98,8 @@ def run_options(func: F) -> F:
                  "Subtotal the report's Summary by this extra job column (e.g. department)."),
         click.option("--allow-partial", is_flag=True, default=None,
                      help="Run the rows preflight accepts; set aside the rest as failed."),
+        click.option("--split-over-max", is_flag=True, default=None,
+                     help="Pay a row above the provider's maximum in chunks, each once."),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)

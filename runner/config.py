@@ -93,6 +93,8 @@ class Settings:
     # An extra job column the report's Summary subtotals by (checked against the job).
     group_by: str | None = None
     notify: tuple[str, ...] = ()  # Apprise URLs told when the run ends (runner.notify)
+    # Pay a row above the provider's per-topup maximum in chunks (runner.jobs.split).
+    split_over_max: bool = False
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -239,6 +241,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "apply_grace": _number(float),
     "group_by": lambda v: str(v).strip() or None,
     "notify": notify_targets,
+    "split_over_max": _flag,
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 _FIELD_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in fields(Settings)}

@@ -16,6 +16,7 @@ import anyio
 
 from runner.domain import JobRow
 from runner.errors import PreflightRefused, RunnerError
+from runner.jobs.split import card_limit_problems, duplicate_key, over_max_advice
 from runner.money import format_amount
 from runner.providers.base import CardState, CardStatus, Provider
 
@@ -65,10 +66,12 @@ def fit_fee_model(
 
 
 def duplicate_rows(rows: Iterable[JobRow]) -> list[list[int]]:
-    """Groups of rows with the same card, amount and reference: likely pasted twice."""
-    groups: dict[tuple[str, Decimal, str], list[int]] = {}
+    """Groups of rows with the same card, amount and reference: likely pasted twice. The
+    equal chunks of one split row are not (`runner.jobs.split.duplicate_key`)."""
+    groups: dict[tuple[str, Decimal, str, tuple[int, int] | None], list[int]] = {}
     for row in rows:
-        groups.setdefault((row.card_id, row.amount, row.reference), []).append(row.row)
+        position, number = duplicate_key(row)
+        groups.setdefault((row.card_id, row.amount, row.reference, position), []).append(number)
     return [found for found in groups.values() if len(found) > 1]
 
 
@@ -93,7 +96,7 @@ def check_amount_rules(
         if row.amount < min_amount:
             bad.append((row, f"{format_amount(row.amount)} is below the minimum {min_amount}"))
         elif row.amount > max_amount:
-            bad.append((row, f"{format_amount(row.amount)} is above the maximum {max_amount}"))
+            bad.append((row, over_max_advice(row.amount, max_amount)))
     return bad
 
 
@@ -225,6 +228,8 @@ async def preflight(
         fees = fit_fee_model(list(quoted.items()), source) or fees
     set_aside: dict[int, str] = {}
     problems = _card_problems(rows, cards, set_aside) if rules.reads_cards else []
+    # A split row's chunks each fit the card's limit; the row as a whole must (--split-over-max).
+    problems += card_limit_problems(rows, cards, set_aside) if rules.reads_cards else []
     mismatched, whole_job = (
         ([], [])
         if currency is None

@@ -25,6 +25,7 @@ import structlog
 from runner.domain import RowRecord, RowStatus, RunInfo
 from runner.errors import ConfigError, RunnerError
 from runner.money import format_amount
+from runner.report.chunks import chunks_path_for, write_chunks_csv
 from runner.report.csvout import write_csv, write_csv_subtotals, write_csv_summary
 from runner.report.files import replacing, temp_host
 from runner.report.rows import (
@@ -74,12 +75,17 @@ log = structlog.get_logger("runner.report")
 
 
 def write_report(
-    path: Path, records: Iterable[RowRecord], info: RunInfo, figures: Figures | None = None
+    path: Path,
+    records: Iterable[RowRecord],
+    info: RunInfo,
+    figures: Figures | None = None,
+    chunks: Iterable[RowRecord] | None = None,
 ) -> Path:
     """Write `records` (in job order) and the run's summary to `path`, `.xlsx` or `.csv`.
 
     For CSV the summary goes to a sibling `<stem>.summary.csv`, subtotals by
-    `figures.group_by` to `<stem>.subtotals.csv`. Returns `path`. ConfigError, before
+    `figures.group_by` to `<stem>.subtotals.csv`. The `chunks` of a split run (its ledger
+    rows) go to a `Chunks` sheet, or `<stem>.chunks.csv`. Returns `path`. ConfigError, before
     anything is written, when `figures.group_by` is no extra column of the job.
     """
     kind = report_format(path)
@@ -90,9 +96,12 @@ def write_report(
         path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "xlsx":
             with replacing(path) as tmp:
-                write_xlsx(tmp, records, info, figures)
+                write_xlsx(tmp, records, info, figures, chunks)
         else:
             _write_csv_report(path, records, info, figures)
+            if chunks is not None:
+                with replacing(chunks_path_for(path)) as tmp:
+                    write_chunks_csv(tmp, chunks, figures.currency)
     except OSError as exc:
         # Not ConfigError: by the time a run writes its report, money may have moved.
         raise RunnerError(f"{path}: cannot write the report: {exc.strerror or exc}") from exc

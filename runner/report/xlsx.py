@@ -27,6 +27,7 @@ from runner.report.cells import (
     running_heads,
     xlsx_value,
 )
+from runner.report.chunks import write_chunks_sheet
 from runner.report.printed import PRINT_SHEET, PrintSheet, print_note
 from runner.report.rows import (
     MONEY_COLUMNS,
@@ -180,7 +181,13 @@ class _ResultsSheets:
         self._finish()
 
 
-def write_xlsx(tmp: Path, records: Iterable[RowRecord], info: RunInfo, figures: Figures) -> None:
+def write_xlsx(
+    tmp: Path,
+    records: Iterable[RowRecord],
+    info: RunInfo,
+    figures: Figures,
+    chunks: Iterable[RowRecord] | None = None,
+) -> None:
     workbook = Workbook(write_only=True)
     try:
         subtotals = subtotals_for(figures, info.extra_columns)
@@ -206,6 +213,8 @@ def write_xlsx(tmp: Path, records: Iterable[RowRecord], info: RunInfo, figures: 
         # Print was made before any `Results 2`: it goes last, after every Results sheet.
         position = workbook.sheetnames.index(PRINT_SHEET)
         workbook.move_sheet(PRINT_SHEET, len(workbook.sheetnames) - 1 - position)
+        if chunks is not None:
+            write_chunks_sheet(workbook, chunks, figures.currency)  # a split run's, last
 
         note = print_note(printed)
         if note is not None:

@@ -25,6 +25,7 @@ from runner.errors import (
     runner_error_of,
 )
 from runner.jobs import Job
+from runner.jobs.split import split_if_asked
 from runner.metrics import foreign_file
 from runner.money import format_amount
 from runner.preflight import (
@@ -216,6 +217,7 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
 
 
 async def _check_job(job: Job, settings: Settings) -> list[str]:
+    job = split_if_asked(job, settings.provider, settings.split_over_max)
     check_amounts(job, settings.provider)
     samples: list[tuple[Decimal, Decimal]] = []
     where = named_ledger(settings, os.environ)

@@ -23,7 +23,8 @@ from runner.jobs import Job
 from runner.ledger import PendingRow, ProviderEvent, RunFacts, RunSpec, redact
 from runner.providers.base import Applied, Provider, StillPending
 from runner.providers.factory import rules_for
-from runner.report import Figures, Seconds, failed_rows_path_for, write_failed_rows, write_report
+from runner.report import Figures, Seconds, failed_rows_path_for, write_failed_rows
+from runner.report.chunks import job_rows, write_run_report
 from runner.report.rows import Value
 from runner.run.check import busiest
 from runner.run.policy import RowState
@@ -286,12 +287,15 @@ async def write_outputs(
     writing = clock()
     failed_file = failed_rows_path_for(output)
     try:
-        await anyio.to_thread.run_sync(write_report, output, record.records(), info, figures)
+        split = await anyio.to_thread.run_sync(
+            write_run_report, output, record.records, info, figures
+        )
         log.info("report.written", report=str(output), seconds=round(clock() - writing, 1))
         failed = await anyio.to_thread.run_sync(
             write_failed_rows,
             failed_file,
-            record.records(RowStatus.FAILED),
+            # A split row failed only if all its chunks did: judged on the joined rows.
+            job_rows(record.records()) if split else record.records(RowStatus.FAILED),
             job.extra_columns,
             job.currency,
         )
@@ -337,7 +341,8 @@ def rewrite_report(
         if spec is None or facts is None:
             raise LedgerError(f"ledger {record.name}: no run with key {run_key!r}")
         figures = report_figures(spec, facts, group_by)
-        return write_report(output, record.records(), info_from_facts(spec, facts), figures)
+        write_run_report(output, record.records, info_from_facts(spec, facts), figures)
+        return output
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
 
 

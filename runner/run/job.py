@@ -22,6 +22,7 @@ from runner.errors import (
     runner_error_of,
 )
 from runner.jobs import Job
+from runner.jobs.split import split_if_asked
 from runner.ledger import RunSpec, utcnow
 from runner.metrics import RunEnd
 from runner.money import format_amount
@@ -110,7 +111,8 @@ class JobRun:
         self.fatal: RunnerError | None = None
 
     async def run(self, clock: Callable[[], float]) -> RunResult:
-        settings, job = self.settings, self.job
+        settings = self.settings
+        self.job = job = split_if_asked(self.job, settings.provider, settings.split_over_max)
         check_amounts(job, settings.provider)
         if settings.group_by is not None:
             check_group_by(settings.group_by, job.extra_columns)  # before anything is sent

@@ -79,13 +79,23 @@ def run_spec(job: Job, settings: Settings, run_key: str) -> RunSpec:
 def same_run_or_refuse(
     record: RunRecord, found: RunSpec | None, spec: RunSpec, advice: str
 ) -> None:
-    """A run key may only go on with the job and target it was recorded with."""
+    """A run key may only go on with the job and target it was recorded with, split into
+    the same ledger rows (`runner.jobs.split`)."""
     if (
         found is not None
         and found.job_digest == spec.job_digest
         and normalize_target(found.base_url) == spec.base_url
     ):
-        return
+        if found.row_count == spec.row_count:
+            return
+        # The same rows, but not the same ledger rows: one of the two split rows above the
+        # provider's maximum into chunks and the other did not (or split them otherwise).
+        raise LedgerError(
+            f"run key {record.run_key!r} in {record.name} holds this job as {found.row_count} "
+            f"ledger rows, this run makes {spec.row_count}: its rows above the provider's "
+            "maximum were split otherwise (--split-over-max); run it as it was recorded, "
+            "or under a new run key to pay it again on purpose"
+        )
     raise LedgerError(
         f"run key {record.run_key!r} in {record.name} belongs to another job or provider "
         f"({found.job_file if found else '?'} on {found.base_url if found else '?'}): "
