@@ -22,6 +22,7 @@ from openpyxl.utils import get_column_letter, range_boundaries
 from openpyxl.worksheet._read_only import ReadOnlyWorksheet
 from openpyxl.worksheet._reader import FORMULA_TAG, WorkSheetParser
 
+from runner.errors import JobInvalid
 from runner.jobs.columns import JobReading, Located, rename_headers
 from runner.jobs.table import KNOWN_COLUMNS, REQUIRED_COLUMNS, Table
 
@@ -120,12 +121,14 @@ def _read_sheet(
         problems.fail("is a chart sheet, not a table: name the sheet to read with --sheet")
     if reading.sheet is None and sheet.sheet_state != "visible":
         problems.fail("is the first sheet but hidden: name the sheet to read with --sheet")
-    reader = _Rows(problems, reading)
+    others = [n for n in names if n != name]
+    hint = f" (other sheets: {', '.join(others)}; name one with --sheet)" if others else ""
+    reader = _Rows(problems, reading, hint)
     try:
         with sheet._get_source() as source:
             parser = _SheetParser(
                 source,
-                book.shared_strings,
+                sheet._shared_strings,
                 data_only=True,
                 epoch=book.epoch,
                 date_formats=book._date_formats,
@@ -135,6 +138,8 @@ def _read_sheet(
                 reader.row(number, hidden, cells)
     except _TooLarge as exc:
         problems.fail(f"{exc}: a sheet holds at most {MAX_SHEET_ROWS:,} rows")
+    except JobInvalid:
+        raise
     except Exception as exc:  # a malformed sheet: any error of the XML or cell parser
         problems.fail(f"cannot be read ({type(exc).__name__}: {exc})")
     return reader.table(parser.merged_cells, parser.column_dimensions)
@@ -143,9 +148,10 @@ def _read_sheet(
 class _Rows:
     """The sheet's rows as they stream by: the header first, then one text per cell."""
 
-    def __init__(self, problems: Located, reading: JobReading) -> None:
+    def __init__(self, problems: Located, reading: JobReading, hint: str) -> None:
         self.problems = problems
         self.reading = reading
+        self.hint = hint  # where else a job may be, for a sheet that holds none
         self.header_row = 0
         self.width = 0
         self.keys: list[str] = []
@@ -217,7 +223,8 @@ class _Rows:
             if key not in self.keys:
                 found = ", ".join(n for n in names if n) or "nothing"
                 self.problems.add(
-                    f'missing required column "{key}" in the header, row {number} (found: {found})',
+                    f'missing required column "{key}" in the header, row {number} '
+                    f"(found: {found}){self.hint}",
                     column=key,
                 )
                 blocking = True
@@ -231,7 +238,7 @@ class _Rows:
 
     def table(self, merged: Any, dimensions: dict[str, dict[str, str]]) -> tuple[Table, list[str]]:
         if not self.header_row:
-            self.problems.fail("is empty: a job sheet needs a header row and rows")
+            self.problems.fail(f"is empty: a job sheet needs a header row and rows{self.hint}")
         last = self.sheet_rows[-1] if self.sheet_rows else self.header_row
         for cell in getattr(merged, "mergeCell", None) or ():
             low_column, low_row, _, high_row = range_boundaries(cell.ref)
