@@ -28,6 +28,7 @@ from runner.config import (
 from runner.errors import ConfigError
 from runner.exits import F, fail, guarded, interrupted, json_mode, say, watch_exit
 from runner.jobs import Job, load_job
+from runner.jobs.options import JOB_READING, JOB_READING_OPTIONS, job_reading
 from runner.logs import configure_logging
 from runner.metrics import RunEnd
 from runner.progress import LazyStderr, NoProgress, RichProgress
@@ -100,6 +101,7 @@ def run_options(func: F) -> F:
                      help="Run the rows preflight accepts; set aside the rest as failed."),
         click.option("--split-over-max", is_flag=True, default=None,
                      help="Pay a row above the provider's maximum in chunks, each once."),
+        *JOB_READING_OPTIONS,
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
@@ -129,7 +131,7 @@ def _run_end(job_file: str, opts: dict[str, Any]) -> RunEnd:
 
 
 def _settings(job: Job, opts: dict[str, Any]) -> Settings:
-    cli = {k: v for k, v in opts.items() if k != "no_progress"}
+    cli = {k: v for k, v in opts.items() if k not in ("no_progress", *JOB_READING)}
     cli["notify"] = cli.get("notify") or None  # click gives () when --notify is not given
     cli["progress"] = False if opts.get("no_progress") else None
     settings = resolve_settings(
@@ -213,7 +215,7 @@ def run(job_file: str, **opts: Any) -> None:
 
     end = _run_end(job_file, opts)
     watch_exit(end)
-    job = load_job(job_file)
+    job = load_job(job_file, job_reading(opts))
     settings = _settings(job, opts)
     end.provider, end.metrics_file = settings.provider, settings.metrics_file
     end.notify = check_targets(settings.notify)
@@ -240,11 +242,11 @@ def check(job_file: str, **opts: Any) -> None:
     """Validate the job and preflight it against the provider; sends no topup."""
     from runner.run import check_job
 
-    job = load_job(job_file)
+    job = load_job(job_file, job_reading(opts))
     settings = _settings(job, opts)
     configure_logging(provider=settings.provider, fmt=settings.log_format)
     summary = anyio.run(check_job, job, settings)
-    for line in summary:
+    for line in [*summary, *(f"warning: {job.path}: {note}" for note in job.notes)]:
         say(line, event="check", provider=settings.provider)
 
 

@@ -366,11 +366,11 @@ class TestFiles:
         (tmp_path / "dir.csv").mkdir()
         assert "directory" in only_problem(tmp_path / "dir.csv").message
 
-    @pytest.mark.parametrize("name", ["job.txt", "job.xlsx", "job"])
+    @pytest.mark.parametrize("name", ["job.txt", "job.xls", "job"])
     def test_unsupported_suffix(self, tmp_path: Path, name: str) -> None:
-        """Only .csv, .yaml and .yml are jobs."""
+        """Only .csv, .yaml, .yml and .xlsx are jobs."""
         problem = only_problem(write(tmp_path, name, SIMPLE_CSV))
-        assert ".csv, .yaml or .yml" in problem.message
+        assert ".csv, .yaml, .yml or .xlsx" in problem.message
 
     def test_suffix_case_does_not_matter(self, tmp_path: Path) -> None:
         """JOB.CSV is a CSV job."""

@@ -11,10 +11,11 @@ import warnings
 
 import pandas as pd
 
+from runner.jobs.columns import Columns, rename_headers
 from runner.jobs.table import KNOWN_COLUMNS, REQUIRED_COLUMNS, Problems, Table
 
 
-def read_csv(text: str, problems: Problems) -> Table | None:
+def read_csv(text: str, problems: Problems, columns: Columns | None = None) -> Table | None:
     header_line, header_number, body = _split_header(text)
     del text  # the body is a copy: the caller holds no reference, so the text goes now
     declared = header_line.strip()
@@ -32,6 +33,7 @@ def read_csv(text: str, problems: Problems) -> Table | None:
     except csv.Error as exc:
         problems.fail(f"the header row is not valid CSV: {exc}", row=None)
     names = list(_without_formula_guard(pd.DataFrame([[name.strip() for name in fields]])).iloc[0])
+    names = rename_headers(names, columns, problems)
     keys = [name.lower() for name in names]
 
     if not set(REQUIRED_COLUMNS) <= set(keys):

@@ -21,6 +21,11 @@ def read_text(path: Path, problems: Problems) -> str:
     return _decode(_read_bytes(path, problems), problems)
 
 
+def read_bytes(path: Path, problems: Problems) -> bytes:
+    """The file's bytes, read as safely as a text job's (a workbook is parsed from them)."""
+    return _read_bytes(path, problems)
+
+
 def _read_bytes(path: Path, problems: Problems) -> bytes:
     """The file's bytes, if it is a regular file of at most MAX_JOB_BYTES.
 
@@ -84,7 +89,9 @@ def _decode(data: bytes, problems: Problems) -> str:
     """The file's text; anything but UTF-8 (or UTF-16 announced by a BOM) is refused, never
     guessed, because a wrong guess would silently change card ids and references."""
     if data.startswith(b"PK\x03\x04"):
-        problems.fail("looks like an Excel workbook, not text: save it as CSV UTF-8")
+        problems.fail(
+            "looks like an Excel workbook, not text: name it .xlsx, or save it as CSV UTF-8"
+        )
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         try:
             text = data.decode("utf-16")

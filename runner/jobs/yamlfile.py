@@ -15,6 +15,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from runner.errors import ConfigError
+from runner.jobs.columns import Columns, parse_columns, require_headers
 from runner.jobs.currency import parse_currency
 from runner.jobs.table import KNOWN_COLUMNS, REQUIRED_COLUMNS, Problems, Table
 from runner.money import parse_amount
@@ -176,7 +178,7 @@ _JobLoader.yaml_implicit_resolvers = {
 
 
 def read_yaml(
-    text: str, problems: Problems
+    text: str, problems: Problems, columns: Columns | None = None
 ) -> tuple[Table | None, str | None, str | None, Mapping[str, object]]:
     loader = _JobLoader(text)
     try:
@@ -217,6 +219,11 @@ def read_yaml(
         # A declaration about the job's cards, not a run setting: checked here, kept apart.
         raw_settings = dict(raw_settings)
         currency = _currency_setting(raw_settings.pop("currency"), problems)
+    if isinstance(raw_settings, dict) and "columns" in raw_settings:
+        # How this file's rows are read, not a run setting; the operator's mapping wins.
+        raw_settings = dict(raw_settings)
+        mapped = _plain(raw_settings.pop("columns"))
+        columns = columns or _columns_setting(mapped, problems)
     settings = _settings(raw_settings, problems)
 
     topups = document.get("topups")
@@ -228,7 +235,11 @@ def read_yaml(
     elif not isinstance(topups, list):
         problems.add(f"topups must be a list of mappings, found {_kind(topups)}")
     else:
-        table = _yaml_table(topups, loader.repeated)
+        if columns is not None:
+            keys = (k for item in topups if isinstance(item, dict) for k in item)
+            folded = (k.strip().lower() for k in keys if isinstance(k, str))
+            require_headers(folded, columns, problems, "any row of topups:")
+        table = _yaml_table(topups, loader.repeated, columns.by_header() if columns else {})
         table.currency_setting = currency
     # Whatever is left is repeated inside settings or deeper: still a mistake worth stopping for.
     for repeated in loader.repeated.values():
@@ -292,7 +303,17 @@ def _plain(value: object) -> object:
     return value
 
 
-def _yaml_table(topups: list[Any], repeated: dict[int, list[tuple[str, int]]]) -> Table:
+def _columns_setting(value: object, problems: Problems) -> Columns | None:
+    try:
+        return parse_columns(value, "settings.columns")
+    except ConfigError as exc:
+        problems.add(str(exc))
+        return None
+
+
+def _yaml_table(
+    topups: list[Any], repeated: dict[int, list[tuple[str, int]]], mapped: dict[str, str]
+) -> Table:
     columns: dict[str, list[str]] = {key: [] for key in KNOWN_COLUMNS}
     extra_names: dict[str, str] = {}  # lower-cased key -> the spelling first seen
     extra_cells: list[dict[str, str]] = []
@@ -316,6 +337,7 @@ def _yaml_table(topups: list[Any], repeated: dict[int, list[tuple[str, int]]]) -
                 notes.append((None, f"has a key {_show_key(key)} that is not text{hint}"))
                 continue
             name = key.strip().lower()
+            name = mapped.get(name, name)
             if name in cells:
                 notes.append((name, f'"{key}" is given twice (keys ignore case and spaces)'))
                 judged.add((position, name))
