@@ -21,7 +21,8 @@ async def test_max_row_refuses_naming_the_rows(tmp_path: Path) -> None:
         assert requests(sb) == 0
     lines = refusals(done)
     assert len(lines) == 2
-    assert "row 2 " in lines[0] and "500.00" in lines[0] and "--max-row 100.00" in lines[0]
+    assert lines[0].startswith("topup-runner: refused: row 2 (card ")
+    assert lines[0].endswith("is 500.00, above --max-row 100.00")
     assert "row 3 " in lines[1]
     assert exit_metric(tmp_path) == "3"
 

@@ -74,7 +74,7 @@ async def test_answering_no_sends_nothing(tmp_path: Path) -> None:
 
 
 async def test_answering_yes_runs(tmp_path: Path) -> None:
-    """"yes": every row is paid."""
+    """ "yes": every row is paid."""
     payroll = job(tmp_path, cards(3))
     async with sandbox() as sb:
         code, seen = await on_terminal(run_args(sb, tmp_path, payroll), tmp_path, "yes")
