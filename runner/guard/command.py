@@ -113,7 +113,7 @@ async def _approve(
     fees = _money(report.estimated_fees) or "unknown"
     signed = ", signed" if approval.signature else ""
     return [
-        *checked[:-1],
+        *(line for line in checked[:-1] if not line.startswith("approval:")),
         f"approved by {approval.approver}{signed}: {approval.row_count} rows, total "
         f"{format_amount(approval.total)}, estimated fees {fees}, run key {run_key}, "
         f"digest {approval.digest}, until {approval.expires_at:%Y-%m-%d %H:%M} UTC",
