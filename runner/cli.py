@@ -27,6 +27,7 @@ from runner.config import (
 )
 from runner.errors import ConfigError
 from runner.exits import F, fail, guarded, interrupted, json_mode, say, watch_exit
+from runner.guard.options import guard_options
 from runner.jobs import Job, load_job
 from runner.jobs.options import JOB_READING, JOB_READING_OPTIONS, job_reading
 from runner.logs import configure_logging
@@ -133,6 +134,7 @@ def _run_end(job_file: str, opts: dict[str, Any]) -> RunEnd:
 def _settings(job: Job, opts: dict[str, Any]) -> Settings:
     cli = {k: v for k, v in opts.items() if k not in ("no_progress", *JOB_READING)}
     cli["notify"] = cli.get("notify") or None  # click gives () when --notify is not given
+    cli["allow_repeat_of"] = cli.get("allow_repeat_of") or None  # the same for this one
     cli["progress"] = False if opts.get("no_progress") else None
     settings = resolve_settings(
         cli,
@@ -168,7 +170,10 @@ class Commands(click.Group):
     `sandbox` is loaded only when it is the command: the simulator's modules would cost every
     other command's start a seventh of a second."""
 
-    LAZY: ClassVar[dict[str, str]] = {"sandbox": "runner.sandbox.command"}
+    LAZY: ClassVar[dict[str, str]] = {
+        "sandbox": "runner.sandbox.command",
+        "approve": "runner.guard.command",
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -207,6 +212,7 @@ def main() -> None:
     metavar="URL",
     help="Apprise URL to notify when the run ends, is refused or fails (repeatable).",
 )
+@guard_options
 @guarded
 def run(job_file: str, **opts: Any) -> None:
     """Execute a job: topups, retries, report."""

@@ -18,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import ConfigError
+from runner.guard.options import (
+    DEFAULT_REPEAT_WINDOW,
+    GUARD_CONVERT,
+    GUARD_OPERATOR_ONLY,
+    check_guard_settings,
+)
 from runner.targets import (
     LOOPBACK_HOST,
     PROVIDERS,
@@ -50,7 +56,15 @@ from runner.notify import notify_targets, same_targets
 # written (output, metrics_file), the ledger that makes a run exactly-once, and how long
 # a lost answer is given before it is judged not applied (apply_grace), who is told how the
 # run went (notify). A job file may give them only as the operator did (flag or environment).
-OPERATOR_ONLY = ("base_url", "metrics_file", "ledger", "output", "apply_grace", "notify")
+OPERATOR_ONLY = (
+    "base_url",
+    "metrics_file",
+    "ledger",
+    "output",
+    "apply_grace",
+    "notify",
+    *GUARD_OPERATOR_ONLY,
+)
 LOG_FORMATS = ("console", "json")
 _RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
 
@@ -95,6 +109,15 @@ class Settings:
     notify: tuple[str, ...] = ()  # Apprise URLs told when the run ends (runner.notify)
     # Pay a row above the provider's per-topup maximum in chunks (runner.jobs.split).
     split_over_max: bool = False
+    # The guardrails before money moves (runner.guard, issue 16).
+    require_approval: int = 0  # approvals by others of this exact job
+    by: str | None = None  # who runs it (else the OS user)
+    repeat_window: float = DEFAULT_REPEAT_WINDOW  # seconds; 0: the repeat guard is off
+    allow_repeat_of: tuple[str, ...] = ()  # earlier runs whose rows may be paid again
+    recurring: float | None = None  # a recurring job's period in seconds
+    max_total: Decimal | None = None
+    max_row: Decimal | None = None
+    yes: bool = False  # no confirmation on a terminal
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -130,6 +153,7 @@ class Settings:
             raise ConfigError("lease: must be at least 0.2 seconds")
         if not (self.apply_grace >= 0 and math.isfinite(self.apply_grace)):
             raise ConfigError("apply-grace: must be zero or a positive number of seconds")
+        check_guard_settings(self)
 
     @property
     def is_sandbox(self) -> bool:
@@ -242,6 +266,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "group_by": lambda v: str(v).strip() or None,
     "notify": notify_targets,
     "split_over_max": _flag,
+    **GUARD_CONVERT,
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 _FIELD_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in fields(Settings)}
@@ -306,6 +331,7 @@ _WHY_OPERATOR_ONLY = {
     "ledger": "the ledger is what makes a run exactly-once",
     "apply_grace": "it decides when a lost answer is judged not applied",
     "notify": "it sends the run's figures to the hosts it names",
+    **GUARD_OPERATOR_ONLY,
 }
 
 

@@ -4,6 +4,7 @@
     ├── JobInvalid (exit 2)          the job file: every problem with file, row and column
     ├── ConfigError (exit 2)         options, environment, settings
     ├── PreflightRefused (exit 3)    the provider cannot take the job as it stands
+    │   └── GuardRefused             a guardrail (approval, repeat, cap, confirmation) said no
     ├── LedgerLocked (exit 75)       another process holds this run key
     ├── LedgerError (exit 2)         the ledger file cannot be used
     │   └── LeaseLost                a worker of a shared run can no longer prove its cards
@@ -90,6 +91,15 @@ class PreflightRefused(RunnerError):
     def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
         self.problems = tuple(problems)
         super().__init__(message)
+
+
+class GuardRefused(PreflightRefused):
+    """A guardrail refused the job before anything was sent (runner.guard): `problems`,
+    one line a reason, each printed on its own line."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        super().__init__(f"refused before anything was sent: {shown}", problems)
 
 
 class LedgerLocked(RunnerError):

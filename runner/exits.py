@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from runner.errors import JobInvalid, RunnerError, leaves, most_telling
+from runner.errors import GuardRefused, JobInvalid, RunnerError, leaves, most_telling
 from runner.metrics import RunEnd, write_metrics
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,6 +59,13 @@ def fail(exc: RunnerError) -> NoReturn:
         say("topup-runner: the job is invalid: nothing was sent",
             event="job.invalid", err=True, exit_code=code)  # fmt: skip
         _note_error(f"the job is invalid: {_without_secrets(str(exc))}: nothing was sent")
+    elif isinstance(exc, GuardRefused):
+        for problem in exc.problems:
+            say(f"topup-runner: refused: {_without_secrets(problem)}", event="guard.refused",
+                err=True)  # fmt: skip
+        say("topup-runner: the job was refused: nothing was sent", event="run.error",
+            err=True, error_type="GuardRefused", exit_code=code)  # fmt: skip
+        _note_error(_without_secrets(str(exc)))
     else:
         say(f"topup-runner: error: {_without_secrets(str(exc))}", event="run.error", err=True,
             error_type=type(exc).__name__, exit_code=code)  # fmt: skip

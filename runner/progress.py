@@ -6,8 +6,9 @@ lines alone, with no ANSI codes.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from rich.console import Console, RenderableType
@@ -105,6 +106,15 @@ class RichProgress:
         tb: TracebackType | None,
     ) -> None:
         self._progress.__exit__(exc_type, exc, tb)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The display stopped meanwhile: a question asked at the terminal stays readable."""
+        self._progress.stop()
+        try:
+            yield
+        finally:
+            self._progress.start()
 
     def __rich__(self) -> RenderableType:
         """The bar as it is now, for any rich console to print."""

@@ -34,7 +34,8 @@ class TestOperatorOnly:
     def test_the_tuple(self) -> None:
         """The settings a job file may not choose, by name."""
         assert set(OPERATOR_ONLY) == {
-            "base_url", "metrics_file", "ledger", "output", "apply_grace", "notify"
+            "base_url", "metrics_file", "ledger", "output", "apply_grace", "notify",
+            "by", "allow_repeat_of", "yes",  # who runs it, what it may repeat, no question
         }  # fmt: skip
         assert "provider" not in OPERATOR_ONLY
         assert "run_key" not in OPERATOR_ONLY

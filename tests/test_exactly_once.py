@@ -137,8 +137,8 @@ async def test_two_runs_of_the_same_job_leave_a_keyless_run_no_choice(tmp_path: 
     """The job ran under two explicit keys: a run without one is refused, naming both."""
     job = write_job(tmp_path / "j.csv", rows_of(2))
     async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.05)) as sb:
-        for key in ("payroll-a", "payroll-b"):
-            done = await run_job(job, sb.base_url, tmp_path, "--run-key", key)
+        for key, more in (("payroll-a", ()), ("payroll-b", ("--allow-repeat-of", "payroll-a"))):
+            done = await run_job(job, sb.base_url, tmp_path, "--run-key", key, *more)
             assert done.code == 0, done.stderr
         before = len(sb.state.applied)
         refused = await run_job(job, sb.base_url, tmp_path)

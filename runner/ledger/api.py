@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import runner.ledger.statements as _build
 from runner.domain import JobRow, RowRecord, RowStatus
 from runner.ledger.files import RunLock
+from runner.ledger.guards import Approval, PaidRow
 from runner.ledger.statements import Charged, Statement
 from runner.ledger.values import (
     CardsLeft,
@@ -107,6 +108,13 @@ class Ledger(Protocol):
     def pending(self, run_key: str) -> list[PendingRow]: ...
     def known_refs(self, card_id: str) -> set[str]: ...
     def fee_samples(self, provider: str, limit: int = 2000) -> list[tuple[Decimal, Decimal]]: ...
+
+    # -- guardrails (runner.guard; the SQL in ledger/guards.py) --------------------------------
+
+    def approvals(self, digest: str, job_file: str, run_key: str) -> list[Approval]: ...
+    def paid_elsewhere(
+        self, cards: Sequence[str], run_key: str, provider: str, since: datetime
+    ) -> list[PaidRow]: ...
 
     # -- what reports and `status` show ------------------------------------------------------
 

@@ -24,6 +24,7 @@ import anyio.to_thread
 from runner.domain import RowStatus
 from runner.errors import LedgerError
 from runner.ledger.api import Ledger
+from runner.ledger.guards import GuardReads
 from runner.ledger.reads import LedgerReads
 from runner.ledger.statements import (
     Charged,
@@ -110,7 +111,7 @@ def _settle(done: asyncio.Future[Any], result: Any, exc: BaseException | None) -
         done.set_result(result)
 
 
-class GroupCommitLedger(LedgerReads, Ledger):
+class GroupCommitLedger(LedgerReads, GuardReads, Ledger):
     """What both backends share: the group commit, the typed writes, the reads (over the
     backend's `_select`). A backend supplies `_commit`, `_select` and its own opening."""
 

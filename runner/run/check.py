@@ -24,6 +24,7 @@ from runner.errors import (
     as_nothing_sent,
     runner_error_of,
 )
+from runner.guard.gate import approval_lines
 from runner.jobs import Job
 from runner.jobs.split import split_if_asked
 from runner.metrics import foreign_file
@@ -199,13 +200,16 @@ def fmt(value: Decimal | None) -> str | None:
     return None if value is None else format_amount(value)
 
 
-async def check_job(job: Job, settings: Settings) -> list[str]:
+async def check_job(
+    job: Job, settings: Settings, keep: dict[str, object] | None = None
+) -> list[str]:
     """Validate and preflight a job without sending a topup; the lines `check` prints.
+    `keep` is given what `approve` records: preflight's report and the run key.
 
     Errors are `run`'s, with its exit codes: `check` never sends, so a provider that cannot be
     used is ProviderUnavailable (69), as it is for `run` before its first topup."""
     try:
-        return await _check_job(job, settings)
+        return await _check_job(job, settings, {} if keep is None else keep)
     except (RunnerError, BaseExceptionGroup) as exc:
         error = runner_error_of(exc)
         if error is None:
@@ -216,7 +220,7 @@ async def check_job(job: Job, settings: Settings) -> list[str]:
         raise exit_error from exc
 
 
-async def _check_job(job: Job, settings: Settings) -> list[str]:
+async def _check_job(job: Job, settings: Settings, keep: dict[str, object]) -> list[str]:
     job = split_if_asked(job, settings.provider, settings.split_over_max)
     check_amounts(job, settings.provider)
     samples: list[tuple[Decimal, Decimal]] = []
@@ -228,6 +232,9 @@ async def _check_job(job: Job, settings: Settings) -> list[str]:
             samples = await fee_samples(ledger, settings.provider)
             # The key `run` would take: an earlier run of this job is resumed, not repaid.
             run_key = await choose_run_key(ledger, job, settings)
+            approval = await approval_lines(ledger, job, settings, run_key, os.environ)
+    else:
+        approval = await approval_lines(None, job, settings, run_key, os.environ)
     check_outputs(settings, run_key, job.path)
     fees = fee_model(settings, samples)
     stats: list[tuple[int, int, list[list[int]]]] = []
@@ -268,6 +275,7 @@ async def _check_job(job: Job, settings: Settings) -> list[str]:
     report = verdict[0]
     if isinstance(report, RunnerError):
         raise report
+    keep.update(report=report, run_key=run_key)
     most, cards, groups = stats[0]
     lb = lower_bound(len(job.rows), most, settings.rate_limit, settings.cooldown)
     label = "SANDBOX (no real money moves)" if settings.is_sandbox else settings.provider
@@ -292,5 +300,6 @@ async def _check_job(job: Job, settings: Settings) -> list[str]:
             f"warning: {job.path}: rows {', '.join(map(str, group))} have the same card, "
             "amount and reference: pasted twice?"
         )
+    lines += approval
     lines.append("check passed: nothing was sent")
     return lines

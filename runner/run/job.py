@@ -21,6 +21,8 @@ from runner.errors import (
     as_nothing_sent,
     runner_error_of,
 )
+from runner.guard.confirm import asks, confirm, summary_lines
+from runner.guard.gate import before_sending
 from runner.jobs import Job
 from runner.jobs.split import split_if_asked
 from runner.ledger import RunSpec, utcnow
@@ -109,6 +111,7 @@ class JobRun:
         end.provider, end.run_key = settings.provider, self.run_key
         self.workers: Workers | None = None
         self.fatal: RunnerError | None = None
+        self.approved: list[str] = []  # who approved it, for the confirmation
 
     async def run(self, clock: Callable[[], float]) -> RunResult:
         settings = self.settings
@@ -180,6 +183,10 @@ class JobRun:
         existing = await record.find_run()
         if existing is not None:
             same_run_or_refuse(record, existing, spec, "choose a new run key")
+        # Caps, approvals and repeats: refused here, the provider has had no request.
+        self.approved = await before_sending(
+            record.ledger, job, settings, self.run_key, resuming=existing is not None, env=self.env
+        )
         left = await work_left(record, job, existing is not None)
         hold = max(settings.cooldown, RECONCILE_GRACE)
         cards = open_cards(record, settings, job.rows, hold, clock)
@@ -251,6 +258,9 @@ class JobRun:
             cards=len(report.cards),
             set_aside=len(report.set_aside),
         )
+        if asks(settings):
+            lines = summary_lines(settings, len(fresh), report, self.run_key, self.approved)
+            confirm(lines, len(fresh), progress=self.progress)
         if new:
             await record.create_run(spec, job.rows)
             # Another worker may have recorded the run first: it must be this job, this target.
