@@ -98,6 +98,8 @@ def run_options(func: F) -> F:
                  "Subtotal the report's Summary by this extra job column (e.g. department)."),
         click.option("--allow-partial", is_flag=True, default=None,
                      help="Run the rows preflight accepts; set aside the rest as failed."),
+        click.option("--audit", is_flag=True, default=None,
+                     help="At the end, match the run against the provider's own books."),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
@@ -164,7 +166,10 @@ class Commands(click.Group):
     `sandbox` is loaded only when it is the command: the simulator's modules would cost every
     other command's start a seventh of a second."""
 
-    LAZY: ClassVar[dict[str, str]] = {"sandbox": "runner.sandbox.command"}
+    LAZY: ClassVar[dict[str, str]] = {
+        "sandbox": "runner.sandbox.command",
+        "audit": "runner.audit.command",
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})

@@ -93,6 +93,7 @@ class Settings:
     # An extra job column the report's Summary subtotals by (checked against the job).
     group_by: str | None = None
     notify: tuple[str, ...] = ()  # Apprise URLs told when the run ends (runner.notify)
+    audit: bool = False  # match the run against the provider's books at its end (runner.audit)
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -239,6 +240,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "apply_grace": _number(float),
     "group_by": lambda v: str(v).strip() or None,
     "notify": notify_targets,
+    "audit": _flag,
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 _FIELD_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in fields(Settings)}

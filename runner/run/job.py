@@ -4,12 +4,15 @@ the workers, then the end of the run (`runner.run.finish`)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 
 import structlog
 
+from runner.audit.atrun import audit_at_end, folded
+from runner.audit.output import summary_lines
 from runner.config import Settings
 from runner.domain import RowStatus
 from runner.errors import (
@@ -153,6 +156,9 @@ class JobRun:
                 raise exit_error from exc
         raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
 
+    def _stopping(self) -> bool:
+        return self.workers is not None and bool(self.workers.stopping)
+
     def _exit_error(self, error: RunnerError) -> RunnerError:
         """The error the run exits with: once a topup was sent, whatever stopped the run is
         RunStopped (exit 1); before, a provider that cannot be used is ProviderUnavailable
@@ -183,7 +189,8 @@ class JobRun:
         cards = open_cards(record, settings, job.rows, hold, clock)
         started = utcnow()
         lb = lower_bound(len(left.rows), busiest(left.rows), settings.rate_limit, settings.cooldown)
-        if left.rows:
+        audit = None
+        if left.rows or settings.audit:
             async with open_provider(
                 settings, (r.card_id for r in left.rows), cards.pacer, env=self.env
             ) as (provider, base_url):
@@ -197,7 +204,10 @@ class JobRun:
                     concurrency=settings.concurrency,
                     lower_bound_s=round(lb, 3),
                 )
-                await self._send(record, provider, cards, left, spec, existing is None, clock)
+                if left.rows:
+                    await self._send(record, provider, cards, left, spec, existing is None, clock)
+                if settings.audit and self.fatal is None and not self._stopping():
+                    audit = await audit_at_end(record.ledger, self.run_key, provider, settings)
         workers = self.workers
         try:
             if workers is not None:
@@ -208,8 +218,12 @@ class JobRun:
             self.fatal = self.fatal or exc
         stopped = None if workers is None else workers.stopping
         ending = Ending(started, lb, stopped, complete=not stopped and self.fatal is None)
+        if audit is not None:
+            ending = dataclasses.replace(ending, audit=summary_lines(audit))
         # The metrics are written by the command's exit, with its exit code (runner.cli).
         result = await write_outputs(record, job, settings, self.tally, ending, clock)
+        if audit is not None:
+            result = await folded(result, audit)
         end = self.end
         end.report, end.makespan, end.stopped = result.report, result.makespan, result.stopped
         await self._note_end(record)

@@ -1,0 +1,254 @@
+"""`topup-runner audit` and `run --audit` against the sandbox, judged by the sandbox's own record:
+clean runs match, money from outside or taken out of the record is named by its card, fills
+make the report's totals what the wallet paid, and faults, kills and a lagging list leave no
+discrepancy once the run is done."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import anyio
+import pytest
+
+from runner.sandbox.config import SandboxCard, SandboxConfig
+from runner.sandbox.outside import revoke
+from runner.sandbox.server import RunningSandbox, serve_sandbox
+from tests.e2e import (
+    TOKEN,
+    Completed,
+    clean_env,
+    command,
+    judge,
+    read_csv_report,
+    run_cli,
+    unique_amount_job,
+    until,
+    write_job,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def run_args(sb: RunningSandbox, tmp: Path, *more: str) -> list[str]:
+    return [
+        "--provider", "uncash", "--base-url", sb.base_url,
+        "--ledger", str(tmp / "ledger.sqlite"), "--output", str(tmp / "report.csv"),
+        "--log-format", "json", "--run-key", "audited", "--cooldown", "0.05", *more,
+    ]  # fmt: skip
+
+
+async def run_job(job: Path, sb: RunningSandbox, tmp: Path, *more: str) -> Completed:
+    return await run_cli(
+        "run", str(job), *run_args(sb, tmp, *more), cwd=tmp, env=clean_env(UNCASH_API_TOKEN=TOKEN)
+    )
+
+
+async def audit(sb: RunningSandbox, tmp: Path, *more: str) -> Completed:
+    return await run_cli(
+        "audit", "--run-key", "audited", "--ledger", str(tmp / "ledger.sqlite"),
+        "--log-format", "json", *more,
+        cwd=tmp, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+    )  # fmt: skip
+
+
+def audit_lines(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def summary(tmp: Path) -> dict[str, str]:
+    with (tmp / "report.summary.csv").open(newline="", encoding="utf-8") as handle:
+        return {row[0]: row[1] for row in csv.reader(handle) if len(row) > 1}
+
+
+def wallet_paid(sb: RunningSandbox) -> Decimal:
+    return sum((a.total_charged for a in sb.state.applied), Decimal(0))
+
+
+def reported_total(report: list[dict[str, str]]) -> Decimal:
+    return sum((Decimal(r["total_charged"] or "0") for r in report), Decimal(0))
+
+
+def cards_job(tmp: Path, cards: int, per_card: int = 1) -> tuple[Path, list[str]]:
+    ids = [str(uuid.uuid4()) for _ in range(cards)]
+    rows = [
+        (c, f"{10 + n + k / 100:.2f}", f"R{n}-{k}")
+        for n, c in enumerate(ids)
+        for k in range(per_card)
+    ]
+    return write_job(tmp / "job.csv", rows), ids
+
+
+# -- a clean run -----------------------------------------------------------------------------
+
+
+async def test_a_clean_run_audits_with_every_row_matched(tmp_path: Path) -> None:
+    """A clean run: audit exits 0, every row matched by the transactions list."""
+    job, _ = cards_job(tmp_path, 4, per_card=2)
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.05)) as sb:
+        done = await run_job(job, sb, tmp_path)
+        checked = await audit(sb, tmp_path, "--base-url", sb.base_url)
+    assert done.code == 0, done.stderr
+    assert checked.code == 0, checked.stdout + checked.stderr
+    lines = audit_lines(tmp_path / "audited.audit.csv")
+    assert len(lines) == 8
+    assert {line["verdict"] for line in lines} == {"matched"}
+    assert {line["proof"] for line in lines} == {"transactions list"}
+
+
+async def test_run_audit_folds_the_verdict_into_the_summary(tmp_path: Path) -> None:
+    """`run --audit` writes report.audit.csv and the audit's lines into the Summary."""
+    job, _ = cards_job(tmp_path, 3)
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.05)) as sb:
+        done = await run_job(job, sb, tmp_path, "--audit")
+    assert done.code == 0, done.stderr
+    assert {line["verdict"] for line in audit_lines(tmp_path / "report.audit.csv")} == {"matched"}
+    assert summary(tmp_path)["audit: discrepancies"] == "0"
+    assert "every row matched" in summary(tmp_path)["audit"]
+
+
+# -- detection -------------------------------------------------------------------------------
+
+
+async def test_a_topup_from_outside_during_the_run_is_named_by_its_card(tmp_path: Path) -> None:
+    """A second client tops up a run card while the run goes on: audit exits 1, names it."""
+    ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    rows = [(ids[0], "12.00", "A")] + [(ids[1], f"20.0{k}", f"B{k}") for k in range(4)]
+    job = write_job(tmp_path / "job.csv", rows)
+    config = SandboxConfig(token=TOKEN, cooldown=0.3)
+    async with serve_sandbox(config) as sb:
+        process = await anyio.open_process(
+            command("run", str(job), *run_args(sb, tmp_path, "--cooldown", "0.3")),
+            cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN), stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        target = ids[0]
+        await until(lambda: any(a.card_id == target for a in sb.state.applied))
+        async with aiohttp.ClientSession() as http:
+            for _ in range(50):  # the card's cooldown may refuse it, as it would anyone
+                answer = await http.post(
+                    f"{sb.root_url}/_sandbox/outside-topup",
+                    json={"card_id": target, "amount": "77.00"},
+                )
+                if answer.status == 200:
+                    break
+                await anyio.sleep(0.05)
+        assert answer.status == 200
+        assert await process.wait() == 0
+        checked = await audit(sb, tmp_path, "--base-url", sb.base_url)
+    assert checked.code == 1
+    assert f"card {target}" in checked.stdout
+    assert "provider_topup_unaccounted" in checked.stdout
+    assert "77.00" in checked.stdout
+
+
+async def test_money_taken_out_of_the_providers_record_is_named(tmp_path: Path) -> None:
+    """A paid row whose topup the sandbox no longer holds: audit exits 1 and names its card."""
+    job, ids = cards_job(tmp_path, 3)
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.05)) as sb:
+        done = await run_job(job, sb, tmp_path)
+        gone = next(a for a in sb.state.applied if a.card_id == ids[1])
+        assert revoke(sb.state, gone.transaction_id) is not None
+        checked = await audit(sb, tmp_path, "--base-url", sb.base_url)
+    assert done.code == 0
+    assert checked.code == 1
+    assert f"paid_no_provider_record: card {ids[1]}" in checked.stdout
+    assert checked.stdout.count("card ") == 1
+
+
+async def test_a_failed_row_the_provider_paid_is_named(tmp_path: Path) -> None:
+    """A row the ledger says failed, which the provider shows paid inside its attempt's window."""
+    job, ids = cards_job(tmp_path, 2)
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.05)) as sb:
+        done = await run_job(job, sb, tmp_path)
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+            db.execute("UPDATE rows SET status = 'failed' WHERE card_id = ?", (ids[0],))
+        checked = await audit(sb, tmp_path, "--base-url", sb.base_url)
+    assert done.code == 0
+    assert checked.code == 1
+    assert f"unpaid_row_provider_paid: card {ids[0]}" in checked.stdout
+
+
+# -- what the match fills in -----------------------------------------------------------------
+
+
+async def test_after_a_kill_and_resume_the_report_totals_are_what_the_wallet_paid(
+    tmp_path: Path,
+) -> None:
+    """Answers lost then a SIGKILL: the rerun reconciles rows without fees; `--audit` fills
+    them in from the list, so the report's total charged is what the wallet paid."""
+    job, amounts = unique_amount_job(tmp_path, rows=60, cards=30, seed=4)
+    config = SandboxConfig(
+        token=TOKEN, cooldown=0.05, fault_rate=0.3, fault_kinds=("drop_after", "error_after"),
+        seed=2,
+    )  # fmt: skip
+    more = ("--timeout", "0.5", "--apply-grace", "0.2", "--max-attempts", "10")
+    async with serve_sandbox(config) as sb:
+        process = await anyio.open_process(
+            command("run", str(job), *run_args(sb, tmp_path, *more)),
+            cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN), stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        await until(lambda: len(sb.state.applied) >= 20 or process.returncode is not None)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        final = await run_job(job, sb, tmp_path, *more, "--audit")
+        report = read_csv_report(tmp_path / "report.csv")
+        judge(sb, report, amounts)
+        paid = wallet_paid(sb)
+    assert final.code == 0, final.stderr
+    assert reported_total(report) == paid
+    assert summary(tmp_path)["audit: discrepancies"] == "0"
+    assert int(summary(tmp_path)["audit: rows filled in from the provider"]) > 0
+
+
+# -- the sandbox -----------------------------------------------------------------------------
+
+
+async def test_a_lagging_list_shows_a_topup_only_after_the_lag() -> None:
+    """list_lag: the transactions list shows a topup once that many seconds have passed."""
+    now = [100.0]
+    config = SandboxConfig(token=TOKEN, cooldown=0, list_lag=5.0, clock=lambda: now[0])
+    card = str(uuid.uuid4())
+    async with serve_sandbox(config) as sb:
+        sb.state.put_card(SandboxCard(card))
+        sb.state.topup(card, Decimal("20.00"))
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        url = f"{sb.base_url}/cards/transactions?card_id={card}"
+        async with aiohttp.ClientSession(headers=headers) as http:
+            before = await (await http.get(url)).json()
+            now[0] += 5.0
+            after = await (await http.get(url)).json()
+    assert before["data"]["transactions"] == []
+    assert [t["amount"] for t in after["data"]["transactions"]] == [20.0]
+    assert after["data"]["transactions"][0]["platform_fee_amount"] == 1.0
+
+
+async def test_revoking_a_topup_takes_its_money_back(tmp_path: Path) -> None:
+    """POST /_sandbox/revoke-topup: out of the record, off the card, back in the wallet."""
+    card = str(uuid.uuid4())
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0)) as sb:
+        wallet = sb.state.wallet
+        async with aiohttp.ClientSession() as http:
+            answer = await http.post(
+                f"{sb.root_url}/_sandbox/outside-topup", json={"card_id": card, "amount": "30.00"}
+            )
+            txn = (await answer.json())["applied"]["transaction_id"]
+            revoked = await http.post(
+                f"{sb.root_url}/_sandbox/revoke-topup", json={"transaction_id": txn}
+            )
+            again = await http.post(
+                f"{sb.root_url}/_sandbox/revoke-topup", json={"transaction_id": txn}
+            )
+        deposit = sb.state.card(card).deposit  # type: ignore[union-attr]
+    assert revoked.status == 200
+    assert again.status == 404
+    assert sb.state.applied == []
+    assert deposit == Decimal("0.00")
+    assert sb.state.wallet == wallet
