@@ -6,6 +6,7 @@ discrepancy once the run is done."""
 from __future__ import annotations
 
 import csv
+import random
 import signal
 import subprocess
 import uuid
@@ -17,8 +18,11 @@ import anyio
 import pytest
 
 from runner.sandbox.config import SandboxCard, SandboxConfig
+from runner.sandbox.faults import FaultKind
 from runner.sandbox.outside import revoke
 from runner.sandbox.server import RunningSandbox, serve_sandbox
+from runner.webhooks.receive import serve_webhooks
+from tests.alix import Keys, sandbox_config, unique_job
 from tests.e2e import (
     TOKEN,
     Completed,
@@ -252,3 +256,98 @@ async def test_revoking_a_topup_takes_its_money_back(tmp_path: Path) -> None:
     assert sb.state.applied == []
     assert deposit == Decimal("0.00")
     assert sb.state.wallet == wallet
+
+
+# -- under faults ----------------------------------------------------------------------------
+
+
+async def kill_twice_then_finish(
+    job: Path, sb: RunningSandbox, tmp: Path, more: tuple[str, ...], seed: int
+) -> Completed:
+    """Two runs SIGKILLed mid-way, then a rerun with `--audit` that finishes the run."""
+    rng = random.Random(seed)
+    for _ in range(2):
+        seen = len(sb.state.applied)
+        process = await anyio.open_process(
+            command("run", str(job), *run_args(sb, tmp, *more)),
+            cwd=tmp, env=clean_env(UNCASH_API_TOKEN=TOKEN), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        target = seen + rng.randint(20, 50)
+
+        def reached(t: int = target, p: anyio.abc.Process = process) -> bool:
+            return len(sb.state.applied) >= t or p.returncode is not None
+
+        await until(reached, limit=60)
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    return await run_job(job, sb, tmp, *more, "--audit")
+
+
+FAULTY = ("--timeout", "0.5", "--apply-grace", "0.3", "--max-attempts", "10",
+          "--rate-limit", "2000", "--concurrency", "16")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lag", [0.0, 1.5])
+async def test_faults_and_two_kills_leave_no_discrepancy(tmp_path: Path, lag: float) -> None:
+    """~10 % faults of every kind, two SIGKILLs, a final rerun: the audit finds nothing, also
+    when the list lags behind the money (the deposit proves what the list does not show)."""
+    job, amounts = unique_amount_job(tmp_path, rows=240, cards=80, seed=9)
+    config = SandboxConfig(
+        token=TOKEN, cooldown=0.05, fault_rate=0.1, slow_seconds=0.8, seed=6, list_lag=lag
+    )
+    async with serve_sandbox(config) as sb:
+        for card in set(amounts.values()):
+            sb.state.put_card(SandboxCard(card))
+        final = await kill_twice_then_finish(job, sb, tmp_path, FAULTY, seed=1)
+        report = read_csv_report(tmp_path / "report.csv")
+        judge(sb, report, amounts)
+        kinds = {k for k, n in sb.state.faults_injected.items() if n}
+        again = await audit(sb, tmp_path, "--base-url", sb.base_url)
+        paid = wallet_paid(sb)
+    lines = audit_lines(tmp_path / "report.audit.csv")
+    assert final.code in (0, 1), final.stderr
+    assert len(kinds) >= 6, kinds
+    assert [line for line in lines if line["verdict"] not in ("matched",) and
+            not line["verdict"].startswith("review")] == []  # fmt: skip
+    assert summary(tmp_path)["audit: discrepancies"] == "0"
+    assert again.code == 0, again.stdout
+    if lag:
+        assert int(summary(tmp_path)["audit: rows proven by the card deposit"]) > 0
+    else:
+        assert reported_total(report) == paid
+
+
+# -- one rule for a topup the provider settled Failed ----------------------------------------
+
+
+async def test_a_topup_settled_failed_fails_its_row_by_webhook_and_by_reconciliation(
+    tmp_path: Path, keys: Keys, alix_env: dict[str, str]
+) -> None:
+    """Alix settles every topup Failed. One row's answer is lost and reconciled from the list,
+    the other's is settled by webhook: both rows fail, neither is sent again, and the audit
+    of the run (Alix's TopupCard list) matches both."""
+    job, amounts = unique_job(tmp_path, rows=2, cards=2, seed=3)
+    lost = next(iter(amounts.values()))
+    async with (
+        serve_webhooks(tmp_path / "ledger.sqlite", keys.alix_public.encode()) as hook,
+        serve_sandbox(sandbox_config(keys, hook.url, settle_failure_rate=1.0)) as sb,
+    ):
+        assert sb.alix is not None
+        sb.alix.faults.script(FaultKind.DROP_AFTER, card_id=lost)
+        done = await run_cli(
+            "run", str(job), "--provider", "alix", "--base-url", sb.alix.base_url,
+            "--ledger", str(tmp_path / "ledger.sqlite"), "--output", str(tmp_path / "report.csv"),
+            "--log-format", "json", "--run-key", "audited", "--wait-settle", "20", "--audit",
+            cwd=tmp_path, env=alix_env,
+        )  # fmt: skip
+        topups = list(sb.alix.state.topups)
+    report = {r["card_id"]: r for r in read_csv_report(tmp_path / "report.csv")}
+    assert done.code == 1, done.stderr
+    assert len(topups) == 2  # nothing sent again
+    assert {t.status.value for t in topups} == {"Failed"}
+    assert {r["status"] for r in report.values()} == {"failed"}
+    assert {r["attempts"] for r in report.values()} == {"1"}
+    assert "reported the topup Failed" in report[lost]["error"]
+    assert summary(tmp_path)["audit: discrepancies"] == "0"
