@@ -351,3 +351,55 @@ async def test_a_topup_settled_failed_fails_its_row_by_webhook_and_by_reconcilia
     assert {r["attempts"] for r in report.values()} == {"1"}
     assert "reported the topup Failed" in report[lost]["error"]
     assert summary(tmp_path)["audit: discrepancies"] == "0"
+
+
+# -- a shared PostgreSQL ledger ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_two_workers_on_postgresql_one_killed_audit_clean(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two workers share a PostgreSQL ledger under ~10 % faults; one is SIGKILLed and started
+    again: `audit` of the shared run finds every row matched."""
+    job, amounts = unique_amount_job(tmp_path, rows=120, cards=50, seed=13)
+    config = SandboxConfig(token=TOKEN, cooldown=0.1, fault_rate=0.1, slow_seconds=0.8, seed=4)
+    more = ("--ledger", pg_url, "--cooldown", "0.1", "--lease", "1.5", *FAULTY)
+
+    async def worker(name: str) -> anyio.abc.Process:
+        args = run_args(sb, tmp_path, *more)
+        args[args.index("--output") + 1] = str(tmp_path / f"{name}.csv")
+        return await anyio.open_process(
+            command("run", str(job), *args),
+            cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async with serve_sandbox(config) as sb:
+        for card in set(amounts.values()):
+            sb.state.put_card(SandboxCard(card))
+        first, second = await worker("w0"), await worker("w1")
+        await until(lambda: len(sb.state.applied) >= 30 or first.returncode is not None, 60)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        again = await worker("w2")
+        with anyio.fail_after(120):
+            codes = [await second.wait(), await again.wait()]
+        report = read_csv_report(tmp_path / "w2.csv")
+        judge(sb, report, amounts)
+        checked = await run_cli(
+            "audit", "--run-key", "audited", "--ledger", pg_url, "--base-url", sb.base_url,
+            "--output", str(tmp_path / "audited.xlsx"),
+            cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+        )  # fmt: skip
+        paid = wallet_paid(sb)
+    assert set(codes) <= {0, 1}
+    assert checked.code == 0, checked.stdout + checked.stderr
+    from openpyxl import load_workbook
+
+    book = load_workbook(tmp_path / "audited.xlsx")
+    verdicts = {row[7] for row in book["Audit"].iter_rows(min_row=2, values_only=True)}
+    assert verdicts <= {"matched", "review: the provider shows it paid"}
+    results = list(book["Results"].iter_rows(values_only=True))
+    total = results[0].index("total_charged")
+    assert sum(Decimal(str(r[total] or 0)) for r in results[1:]) == paid
