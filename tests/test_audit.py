@@ -97,13 +97,33 @@ async def test_a_clean_run_audits_with_every_row_matched(tmp_path: Path) -> None
     job, _ = cards_job(tmp_path, 4, per_card=2)
     async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.05)) as sb:
         done = await run_job(job, sb, tmp_path)
-        checked = await audit(sb, tmp_path, "--base-url", sb.base_url)
+        checked = await audit(sb, tmp_path)  # the run's own provider and API root
     assert done.code == 0, done.stderr
     assert checked.code == 0, checked.stdout + checked.stderr
     lines = audit_lines(tmp_path / "audited.audit.csv")
     assert len(lines) == 8
     assert {line["verdict"] for line in lines} == {"matched"}
     assert {line["proof"] for line in lines} == {"transactions list"}
+
+
+async def test_an_audit_elsewhere_than_the_run_paid_or_of_no_run_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Another API root, the built-in sandbox, or an unknown run key: exit 2, one line."""
+    job, _ = cards_job(tmp_path, 1)
+    async with serve_sandbox(SandboxConfig(token=TOKEN, cooldown=0.05)) as sb:
+        await run_job(job, sb, tmp_path)
+        elsewhere = await audit(sb, tmp_path, "--base-url", "http://127.0.0.1:9/api/v1")
+        sandbox = await audit(sb, tmp_path, "--provider", "sandbox")
+        unknown = await run_cli(
+            "audit", "--run-key", "nope", "--ledger", str(tmp_path / "ledger.sqlite"),
+            cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+        )  # fmt: skip
+    assert (elsewhere.code, sandbox.code, unknown.code) == (2, 2, 2)
+    assert "audit it where it paid" in elsewhere.stderr
+    assert "built-in sandbox" in sandbox.stderr
+    assert "no run with key 'nope'" in unknown.stderr
+    assert "Traceback" not in elsewhere.stderr + sandbox.stderr + unknown.stderr
 
 
 async def test_run_audit_folds_the_verdict_into_the_summary(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ provider's own books; write what it finds; exit 0 when every row matched, 1 when
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from contextlib import ExitStack
@@ -71,23 +72,48 @@ def audit(
         spec = opened.find_run(run_key)
         if spec is None:
             raise LedgerError(f"ledger {opened.name}: no run with key {run_key!r}")
-        cli = {
-            "provider": provider or spec.provider,
-            "base_url": base_url or (None if provider else spec.base_url or None),
-            "run_key": run_key,
-            "rate_limit": rate_limit,
-            "concurrency": concurrency,
-            "timeout": timeout,
-            "log_format": log_format,
-        }
-        settings = resolve_settings(cli, job_file="audit")
-        if settings.is_sandbox:
-            raise ConfigError(SANDBOX_GONE)
+        settings = _settings(spec, provider, base_url, rate_limit, concurrency, timeout)
+        if log_format is not None:
+            settings = dataclasses.replace(settings, log_format=log_format)
         configure_logging(provider=settings.provider, fmt=settings.log_format)
         result = anyio.run(_audit, opened, settings, spec, output)
     for line in console_lines(result):
         click.echo(line)
     sys.exit(0 if result.ok else 1)
+
+
+def _settings(
+    spec: RunSpec,
+    provider: str | None,
+    base_url: str | None,
+    rate_limit: str | None,
+    concurrency: str | None,
+    timeout: str | None,
+) -> Settings:
+    """The run's own provider and API root unless named; a target other than the run's is
+    refused: its books are not the run's."""
+    from runner.targets import SANDBOX_TARGET, normalize_target, target_of
+
+    stored = normalize_target(spec.base_url)
+    if stored == SANDBOX_TARGET or provider == "sandbox":
+        raise ConfigError(SANDBOX_GONE)
+    run_provider, _, run_url = stored.partition(":")
+    chosen = provider or run_provider
+    url = base_url or (run_url if chosen == run_provider else None)
+    if target_of(chosen, url) != stored:
+        raise ConfigError(
+            f"run {spec.run_key!r} was made against {stored}, not {target_of(chosen, url)}: "
+            "audit it where it paid"
+        )
+    cli = {
+        "provider": chosen,
+        "base_url": url,
+        "run_key": spec.run_key,
+        "rate_limit": rate_limit,
+        "concurrency": concurrency,
+        "timeout": timeout,
+    }
+    return resolve_settings(cli, job_file="audit")
 
 
 async def _audit(

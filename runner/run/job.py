@@ -8,11 +8,10 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import structlog
 
-from runner.audit.atrun import audit_at_end, folded
-from runner.audit.output import summary_lines
 from runner.config import Settings
 from runner.domain import RowStatus
 from runner.errors import (
@@ -64,6 +63,9 @@ from runner.run.resume import (
 )
 from runner.run.workers import Workers
 from runner.scheduler import lower_bound
+
+if TYPE_CHECKING:
+    from runner.audit import AuditResult
 
 log = structlog.get_logger("runner.run")
 
@@ -189,7 +191,7 @@ class JobRun:
         cards = open_cards(record, settings, job.rows, hold, clock)
         started = utcnow()
         lb = lower_bound(len(left.rows), busiest(left.rows), settings.rate_limit, settings.cooldown)
-        audit = None
+        audit: AuditResult | None = None
         if left.rows or settings.audit:
             async with open_provider(
                 settings, (r.card_id for r in left.rows), cards.pacer, env=self.env
@@ -207,6 +209,8 @@ class JobRun:
                 if left.rows:
                     await self._send(record, provider, cards, left, spec, existing is None, clock)
                 if settings.audit and self.fatal is None and not self._stopping():
+                    from runner.audit.atrun import audit_at_end
+
                     audit = await audit_at_end(record.ledger, self.run_key, provider, settings)
         workers = self.workers
         try:
@@ -219,10 +223,14 @@ class JobRun:
         stopped = None if workers is None else workers.stopping
         ending = Ending(started, lb, stopped, complete=not stopped and self.fatal is None)
         if audit is not None:
+            from runner.audit.output import summary_lines
+
             ending = dataclasses.replace(ending, audit=summary_lines(audit))
         # The metrics are written by the command's exit, with its exit code (runner.cli).
         result = await write_outputs(record, job, settings, self.tally, ending, clock)
         if audit is not None:
+            from runner.audit.atrun import folded
+
             result = await folded(result, audit)
         end = self.end
         end.report, end.makespan, end.stopped = result.report, result.makespan, result.stopped
