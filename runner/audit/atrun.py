@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import anyio
+import structlog
 
 from runner.audit.audit import audit_run
 from runner.audit.output import verdict_text, write_audit
@@ -15,10 +16,26 @@ from runner.ledger import Ledger
 from runner.providers.base import Provider
 from runner.run.finish import RunResult
 
+log = structlog.get_logger("runner.audit")
+
 
 async def audit_at_end(
     ledger: Ledger, run_key: str, provider: Provider, settings: Settings
-) -> AuditResult:
+) -> AuditResult | None:
+    """The audit of the run now; None (said in the log) on a shared ledger while the run is not
+    done: another worker's topup in flight would look like money no row accounts for."""
+    if ledger.shared:
+        await ledger.flush()
+        open_attempts = await ledger.call(ledger.open_attempts, run_key)
+        left = await ledger.call(ledger.progress, run_key)
+        if open_attempts or left:
+            log.warning(
+                "audit.skipped",
+                reason="other workers are still on the run: audit it once it is done",
+                rows_left=len(left),
+                attempts_open=len(open_attempts),
+            )
+            return None
     return await audit_run(ledger, run_key, provider, concurrency=settings.concurrency)
 
 
