@@ -5,9 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import pytest
+
+from runner.audit.books import uncash_entry
 from runner.audit.match import CardAudit, match_card
 from runner.audit.values import AuditRow, BookEntry, CardBook, EntryState, Kind, Proof
 from runner.domain import RowStatus
+from runner.errors import ProviderError
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 CARD = "card-1"
@@ -86,3 +90,37 @@ def test_a_failed_row_the_provider_paid_is_named_and_a_failed_topup_is_no_money(
 def test_a_topup_outside_the_runs_window_is_not_the_runs_business() -> None:
     lines, _ = audit([row(1, "10.00")], [entry("10.00", 1), entry("50.00", 3600)])
     assert [line.verdict for line in lines] == ["matched"]
+
+
+# -- what an Uncash list item is taken to mean -------------------------------------------------
+
+
+def test_uncash_items_approved_credit_topups_are_money_declined_are_not() -> None:
+    """Approved Credit topups are money, Declined ones are not, debits are no topups."""
+    base = {
+        "card_id": CARD,
+        "side": "Credit",
+        "type": "Topup",
+        "amount": Decimal("10.00"),
+        "id": "t1",
+        "created_at": "2026-12-01T12:00:01.000Z",
+        "platform_fee_amount": Decimal("0.75"),
+    }
+    paid = uncash_entry(base | {"status": "Approved"}, CARD)
+    declined = uncash_entry(base | {"status": "Declined"}, CARD)
+    assert paid is not None
+    assert declined is not None
+    assert (paid.state, paid.fee, paid.at) == (
+        EntryState.PAID,
+        Decimal("0.75"),
+        T0 + timedelta(seconds=1),
+    )
+    assert declined.state is EntryState.FAILED
+    assert uncash_entry(base | {"side": "Debit"}, CARD) is None
+    assert uncash_entry(base | {"type": "Purchase"}, CARD) is None
+
+
+def test_an_uncash_list_of_another_card_is_refused() -> None:
+    """A list whose items name another card is not the card's record: nothing in it counts."""
+    with pytest.raises(ProviderError, match="holds card other"):
+        uncash_entry({"card_id": "other", "amount": Decimal("10.00")}, CARD)

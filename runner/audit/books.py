@@ -84,6 +84,14 @@ def uncash_entry(item: object, card_id: str) -> BookEntry | None:
     item of a type that says topup is money on the card; a Declined one moved nothing."""
     if not isinstance(item, Mapping):
         return None
+    listed = item.get("card_id")
+    if listed is not None and str(listed).lower() != card_id.lower():
+        # The list is not the one asked for: nothing in it can be trusted.
+        raise ProviderError(
+            f"Uncash GET /cards/transactions?card_id={card_id}: the list holds card {listed}'s "
+            "transactions",
+            card_id=card_id,
+        )
     if str(item.get("side", "Credit")).lower() != "credit":
         return None
     if "topup" not in str(item.get("type", "topup")).lower().replace("_", "").replace(" ", ""):

@@ -211,7 +211,13 @@ class JobRun:
                 if settings.audit and self.fatal is None and not self._stopping():
                     from runner.audit.atrun import audit_at_end
 
-                    audit = await audit_at_end(record.ledger, self.run_key, provider, settings)
+                    audit = await audit_at_end(
+                        record.ledger,
+                        self.run_key,
+                        provider,
+                        settings,
+                        resumed=existing is not None,
+                    )
         workers = self.workers
         try:
             if workers is not None:
