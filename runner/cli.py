@@ -103,6 +103,8 @@ def run_options(func: F) -> F:
         click.option("--split-over-max", is_flag=True, default=None,
                      help="Pay a row above the provider's maximum in chunks, each once."),
         *JOB_READING_OPTIONS,
+        click.option("--audit", is_flag=True, default=None,
+                     help="At the end, match the run against the provider's own books."),
     ]  # fmt: skip
     for option in reversed(options):
         func = option(func)
@@ -173,6 +175,7 @@ class Commands(click.Group):
     LAZY: ClassVar[dict[str, str]] = {
         "sandbox": "runner.sandbox.command",
         "approve": "runner.guard.command",
+        "audit": "runner.audit.command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -118,6 +118,7 @@ class Settings:
     max_total: Decimal | None = None
     max_row: Decimal | None = None
     yes: bool = False  # no confirmation on a terminal
+    audit: bool = False  # match the run against the provider's books at its end (runner.audit)
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -267,6 +268,7 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "notify": notify_targets,
     "split_over_max": _flag,
     **GUARD_CONVERT,
+    "audit": _flag,
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 _FIELD_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in fields(Settings)}

@@ -40,6 +40,8 @@ def summary(
             "every row was done by an earlier run of this job: nothing was sent again",
             "(a new payroll needs a new file, or a new --run-key)",
         ]
+    if result.audit is not None:
+        lines.append(f"audit: {result.audit}")
     lines += [f"report: {report}", f"ledger: {ledger}"]
     if settings.is_sandbox and ledger == str(sandbox_ledger_path(cwd)):
         lines.append("(sandbox runs are kept there: `topup-runner status` here lists them)")
@@ -53,6 +55,8 @@ def summary(
         "ledger": ledger,
         "exit_code": result.exit_code,
     }
+    if result.audit_ok is not None:
+        fields["audit_ok"] = result.audit_ok
     return lines, fields
 
 

@@ -207,15 +207,26 @@ async def test_reconcile_finds_the_lost_settled_topup(keys: Keys) -> None:
         [],
         [item(T0 - 6)],  # before the skew allowance: an earlier topup
         [item(T0 + 1, amount="50.00")],
-        [item(T0 + 1, status="Failed")],
     ],
 )
 async def test_reconcile_not_applied(keys: Keys, listed: list[Any]) -> None:
-    """Nothing of that amount since the attempt (or only Failed): NotApplied, safe to resend."""
+    """Nothing of that amount since the attempt: NotApplied, safe to resend."""
     async with alix(keys) as (fake, provider, _):
         fake.transactions[CARD] = listed
         settled = await provider.reconcile(CARD, HUNDRED, None, sent_at=at(T0))
     assert isinstance(settled, NotApplied)
+
+
+@pytest.mark.anyio
+async def test_reconcile_of_a_topup_settled_failed_is_the_refusal_a_webhook_gives(
+    keys: Keys,
+) -> None:
+    """Only a Failed topup of that amount since the attempt: Refused, as a Failed webhook
+    settles it (the row fails), not NotApplied (which would send it again)."""
+    async with alix(keys) as (fake, provider, _):
+        fake.transactions[CARD] = [item(T0 + 1, status="Failed")]
+        settled = await provider.reconcile(CARD, HUNDRED, None, sent_at=at(T0))
+    assert settled == Refused(RefusalCode.REJECTED, "the provider reported the topup Failed")
 
 
 @pytest.mark.anyio

@@ -202,6 +202,19 @@ def test_not_applied_spends_the_budget() -> None:
     assert verdict.status is RowStatus.FAILED
 
 
+def test_a_lost_topup_the_provider_settled_failed_fails_the_row_at_once() -> None:
+    """Reconciliation finds the lost attempt settled Failed: the row fails, as a Failed
+    webhook makes it, and is not sent again (no SendAgain, no second reading)."""
+    state = sent_state()
+    refused = Refused(RefusalCode.REJECTED, "the provider reported the topup Failed")
+    verdict = policy().after_reading(state, refused, now=100.0, wall=SENT_AT)
+    assert isinstance(verdict, Finish)
+    assert verdict.status is RowStatus.FAILED
+    assert verdict.close is not None
+    assert verdict.close.outcome is AttemptOutcome.REFUSED
+    assert state.unresolved is None
+
+
 def test_recorded_window_is_kept_by_a_later_process() -> None:
     """A settle_by recorded with the intent wins over a shorter window of this process."""
     p = policy(apply_grace=0.0)

@@ -26,6 +26,7 @@ from runner.ledger.schema import APPLICATION_ID, SCHEMA_VERSION
 from runner.ledger.sqlite import SqliteLedger
 from runner.ledger.statements import Charged, Statement
 from runner.ledger.values import (
+    AttemptEntry,
     CardsLeft,
     CardWork,
     OpenAttempt,
@@ -43,6 +44,7 @@ __all__ = [
     "RECORD_COLUMNS",
     "SCHEMA_VERSION",
     "URL_SCHEMES",
+    "AttemptEntry",
     "CardWork",
     "CardsLeft",
     "Charged",

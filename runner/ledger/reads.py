@@ -15,6 +15,7 @@ from typing import Any
 
 from runner.domain import RowRecord, RowStatus
 from runner.ledger.values import (
+    AttemptEntry,
     OpenAttempt,
     PendingRow,
     ProviderEvent,
@@ -155,6 +156,20 @@ class LedgerReads:
                 OpenAttempt(row, attempt, card_id, Decimal(amount), before, sent, from_iso(settle))
             )
         return found
+
+    def attempt_log(self, run_key: str) -> list[AttemptEntry]:
+        """Every attempt of the run, by row and attempt: what an audit places topups by."""
+        cursor = self._select(
+            "SELECT row, attempt, card_id, amount, before_deposit, sent_at, finished_at, "
+            "settle_by, outcome FROM attempts WHERE run_key = ? ORDER BY row, attempt",
+            (run_key,),
+        )
+        return [
+            AttemptEntry(
+                r, a, c, Decimal(m), dec(d), from_iso(s) or utcnow(), from_iso(f), from_iso(b), o
+            )
+            for r, a, c, m, d, s, f, b, o in cursor
+        ]
 
     def last_attempts(self, run_key: str) -> dict[str, datetime]:
         """When each card's latest attempt was sent: a resumed run honours its cooldown."""

@@ -55,6 +55,21 @@ class OpenAttempt:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptEntry:
+    """One attempt as the ledger recorded it, open or closed (an audit's view of it)."""
+
+    row: int
+    attempt: int
+    card_id: str
+    amount: Decimal
+    before_deposit: Decimal | None
+    sent_at: datetime
+    finished_at: datetime | None
+    settle_by: datetime | None
+    outcome: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class RowProgress:
     """Where a row stands when a run (re)starts."""
 

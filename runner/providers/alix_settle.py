@@ -30,6 +30,8 @@ from runner.providers.base import (
 
 log = structlog.get_logger("runner.providers.alix")
 
+FAILED_SETTLEMENT = "the provider reported the topup Failed"
+
 
 def settle_from(
     records: Sequence[AlixTopupRecord], card_id: str, amount: Decimal, created_at: int
@@ -55,7 +57,7 @@ def settle_from(
     if status is TopupStatus.SUCCESS:
         return applied_from_record(record, amount, pending=False)
     if status is TopupStatus.FAILED:
-        return Refused(RefusalCode.REJECTED, "the provider reported the topup Failed")
+        return Refused(RefusalCode.REJECTED, FAILED_SETTLEMENT)
     if status is TopupStatus.UNKNOWN:
         log.warning(
             "alix.status.unknown",
@@ -104,7 +106,10 @@ def reconcile_from(
             )
         return applied_from_record(record, amount, pending=status is TopupStatus.PENDING)
     if candidates:
-        return NotApplied("the topup is listed with status Failed: nothing was applied")
+        # One rule for a topup the provider settled Failed, however it is learned (README,
+        # "A topup the provider settled Failed"): the row fails, as a Failed webhook makes
+        # it; it is not sent again behind the operator's back.
+        return Refused(RefusalCode.REJECTED, FAILED_SETTLEMENT)
     if not LIST_SHOWS_ACCEPTED_TOPUPS_AT_ONCE:
         return Unknown("no topup listed yet, and the list may lag behind")
     return NotApplied(

@@ -8,7 +8,8 @@ A topup ends in exactly one of four outcomes, decided in one place per adapter:
     RetryLater   nothing was applied and it is safe to send again, `after` seconds from now
     Unknown      the answer was lost: money may have moved; reconcile before anything else
 
-Reconciling an `Unknown` ends in `Applied`, `NotApplied` or `Unknown` again (cannot tell).
+Reconciling an `Unknown` ends in `Applied`, `NotApplied`, `Refused` (the provider settled it
+`Failed`: the same final word a webhook gives) or `Unknown` again (cannot tell).
 Settling a pending topup ends in `Applied`, `Refused` or `StillPending` (ask again later).
 """
 
@@ -104,7 +105,7 @@ class StillPending:
 STILL_PENDING = StillPending()
 
 Outcome = Applied | Refused | RetryLater | Unknown
-Settlement = Applied | NotApplied | Unknown
+Settlement = Applied | NotApplied | Refused | Unknown
 FinalStatus = Applied | Refused | StillPending
 
 

@@ -367,6 +367,13 @@ class UncashProvider:
             raise ProviderError("Uncash GET /cards: no card list in the answer", provider=self.name)
         return {item.card_id: item for item in cards if isinstance(item, CardState)}
 
+    async def transactions_page(self, card_id: str, page: int, limit: int = 100) -> Any:
+        """One page of `GET /cards/transactions` for the card, as answered (`data`): the
+        audit's reading of the provider's own books (runner.audit.uncash_book). Raises
+        ProviderError when it cannot be read."""
+        query = f"card_id={quote(card_id, safe='')}&limit={limit}&page={page}"
+        return await self._get_data(f"/cards/transactions?{query}")
+
     async def _latest_credit(self, card_id: str, amount: Decimal) -> str | None:
         """The id of the card's newest credit of `amount`, if the transactions list shows one.
 

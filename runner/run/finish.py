@@ -69,9 +69,14 @@ class RunResult:
     makespan: float | None
     lower_bound: float
     stopped: str | None = None
+    # `run --audit`: the audit's verdict in words, and whether every row matched.
+    audit: str | None = None
+    audit_ok: bool | None = None
 
     @property
     def exit_code(self) -> int:
+        if self.audit_ok is False:
+            return 1
         unfinished = (
             self.counts.get(RowStatus.FAILED, 0)
             + self.counts.get(RowStatus.NEEDS_REVIEW, 0)
@@ -242,6 +247,7 @@ class Ending:
     lower_bound: float
     stopped: str | None
     complete: bool  # no error and no stop: the run may be marked finished
+    audit: tuple[tuple[str, Value], ...] = ()  # `run --audit`: its lines for the Summary
 
 
 async def write_outputs(
@@ -275,6 +281,7 @@ async def write_outputs(
         own.insert(0, ("topups sent by this process", tally.sent))
         if ending.stopped:
             own.append(("stopped", ending.stopped))
+    own += ending.audit
     group_by = settings.group_by
     if group_by is not None and group_by not in job.extra_columns:
         # The command refuses this before anything is sent; a caller that did not check must

@@ -4,9 +4,11 @@ the workers, then the end of the run (`runner.run.finish`)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -64,6 +66,9 @@ from runner.run.resume import (
 )
 from runner.run.workers import Workers
 from runner.scheduler import lower_bound
+
+if TYPE_CHECKING:
+    from runner.audit import AuditResult
 
 log = structlog.get_logger("runner.run")
 
@@ -158,6 +163,9 @@ class JobRun:
                 raise exit_error from exc
         raise AssertionError("unreachable")  # pragma: no cover  (ExitStack swallows nothing)
 
+    def _stopping(self) -> bool:
+        return self.workers is not None and bool(self.workers.stopping)
+
     def _exit_error(self, error: RunnerError) -> RunnerError:
         """The error the run exits with: once a topup was sent, whatever stopped the run is
         RunStopped (exit 1); before, a provider that cannot be used is ProviderUnavailable
@@ -192,7 +200,8 @@ class JobRun:
         cards = open_cards(record, settings, job.rows, hold, clock)
         started = utcnow()
         lb = lower_bound(len(left.rows), busiest(left.rows), settings.rate_limit, settings.cooldown)
-        if left.rows:
+        audit: AuditResult | None = None
+        if left.rows or settings.audit:
             async with open_provider(
                 settings, (r.card_id for r in left.rows), cards.pacer, env=self.env
             ) as (provider, base_url):
@@ -206,7 +215,18 @@ class JobRun:
                     concurrency=settings.concurrency,
                     lower_bound_s=round(lb, 3),
                 )
-                await self._send(record, provider, cards, left, spec, existing is None, clock)
+                if left.rows:
+                    await self._send(record, provider, cards, left, spec, existing is None, clock)
+                if settings.audit and self.fatal is None and not self._stopping():
+                    from runner.audit.atrun import audit_at_end
+
+                    audit = await audit_at_end(
+                        record.ledger,
+                        self.run_key,
+                        provider,
+                        settings,
+                        resumed=existing is not None,
+                    )
         workers = self.workers
         try:
             if workers is not None:
@@ -217,8 +237,16 @@ class JobRun:
             self.fatal = self.fatal or exc
         stopped = None if workers is None else workers.stopping
         ending = Ending(started, lb, stopped, complete=not stopped and self.fatal is None)
+        if audit is not None:
+            from runner.audit.output import summary_lines
+
+            ending = dataclasses.replace(ending, audit=summary_lines(audit))
         # The metrics are written by the command's exit, with its exit code (runner.cli).
         result = await write_outputs(record, job, settings, self.tally, ending, clock)
+        if audit is not None:
+            from runner.audit.atrun import folded
+
+            result = await folded(result, audit)
         end = self.end
         end.report, end.makespan, end.stopped = result.report, result.makespan, result.stopped
         await self._note_end(record)

@@ -301,6 +301,14 @@ class Policy:
                     why = f"gave up after {state.spent} attempts: {settled.message}"
                     return Finish(RowStatus.FAILED, now, why, close, note=note)
                 return SendAgain(close, note)
+            case Refused():
+                # The provider's final word on the lost attempt: it failed. Not sent again,
+                # as when a webhook says so (README, "A topup the provider settled Failed").
+                state.unresolved = None
+                error = f"{settled.code.value}: {settled.message}"
+                close = Close(attempt, AttemptOutcome.REFUSED, error)
+                note = Note("reconcile.failed", {"attempt": attempt, "error": error}, True)
+                return Finish(RowStatus.FAILED, now, error, close, note=note)
             case Unknown():
                 state.unresolved = None
                 error = f"outcome could not be established: {settled.message}"

@@ -18,6 +18,7 @@ from runner.sandbox.alix_records import AlixTopup, TopupStatus, WebhookDelivery
 from runner.sandbox.alix_state import AlixState
 from runner.sandbox.config import to_money
 from runner.sandbox.faults import FaultKind, FaultPlan
+from runner.sandbox.outside import outside_routes
 from runner.sandbox.state import AppliedTopup, CardAccount, SandboxState
 from runner.sandbox.wire import JSON, json_response
 
@@ -57,6 +58,7 @@ def admin_app(
     app.router.add_post("/wallet", _admin_wallet)
     app.router.add_post("/alix/settle", _admin_alix_settle)
     app.router.add_post("/alix/webhook", _admin_alix_webhook)
+    outside_routes(app, lambda request: request.app[_ADMIN_STATE])
     return app
 
 

@@ -135,6 +135,13 @@ DECIMAL = _DecimalType()
     "still connected (a busy backend).",
 )
 @click.option(
+    "--list-lag",
+    type=float,
+    default=_DEFAULTS["list_lag"],
+    show_default=True,
+    help="Seconds before an applied topup shows in the transactions list (a lagging list).",
+)
+@click.option(
     "--response-version",
     type=click.Choice(["new", "old", "mixed"]),
     default=_DEFAULTS["response_version"],
@@ -226,6 +233,7 @@ def sandbox(
     fee_fixed: Decimal,
     latency: float,
     apply_delay: float,
+    list_lag: float,
     response_version: str,
     token: str | None,
     alix_partner_code: str | None,
@@ -290,6 +298,7 @@ def sandbox(
             response_version=cast(ResponseVersion, response_version),
             latency=latency,
             apply_delay=apply_delay,
+            list_lag=list_lag,
             fault_rate=fault_rate,
             fault_kinds=tuple(kind.strip() for kind in fault_kinds.split(",") if kind.strip()),
             slow_seconds=slow_seconds,

@@ -271,6 +271,8 @@ class SandboxConfig:
     slow_seconds: float = 5.0
     seed: int | None = None
     alix: AlixConfig | None = None
+    # Seconds before an applied topup shows in the transactions list (a lagging statement).
+    list_lag: float = 0.0
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
 
     def __post_init__(self) -> None:
@@ -288,6 +290,7 @@ class SandboxConfig:
         _check_seconds("latency", self.latency)
         _check_seconds("apply_delay", self.apply_delay)
         _check_seconds("slow_seconds", self.slow_seconds)
+        _check_seconds("list_lag", self.list_lag)
         if (
             isinstance(self.cooldown_status, bool)
             or not isinstance(self.cooldown_status, int)

@@ -20,8 +20,9 @@ Assumptions, where the Uncash docs are silent (the sandbox's choices, each chang
   429/cooldown answers are counted as faults, not as refusals.
 - Timestamps answered by the API are wall-clock time moved along by the injected clock, so a
   fake clock moves them too.
-- The transactions list shows applied topups only, as Approved Credit items of type "Topup",
-  under `data.transactions` beside `data.pagination`; page size 10 unless `limit` says.
+- The transactions list shows applied topups only, as Approved Credit items of type "Topup"
+  (with `platform_fee_amount` and `invoice_id`), under `data.transactions` beside
+  `data.pagination`; page size 10 unless `limit` says; each `list_lag` seconds after it applied.
 - A topup body that is not JSON is validated as an empty object ("amount": Required).
 - A request fully received is processed even if its client has gone (as a real server does).
 - Invoice ids count up from 100001; card `category`, `masked_PAN`, `bin_id` are made up.

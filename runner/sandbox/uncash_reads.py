@@ -11,6 +11,7 @@ from decimal import Decimal, InvalidOperation
 from aiohttp import web
 from multidict import MultiMapping
 
+from runner.sandbox.outside import listed
 from runner.sandbox.state import (
     CardAccount,
     Refusal,
@@ -92,7 +93,7 @@ async def get_transactions(request: web.Request) -> web.Response:
     if card_id is not None and state.card(card_id) is None:
         state.note_refusal(Refusal.NOT_FOUND)
         return error_response(state, 404, NOT_FOUND_MESSAGE)
-    records = state.transactions(card_id)
+    records = listed(state, card_id)
     total_pages = math.ceil(len(records) / limit)
     items: list[JSON] = [
         {
@@ -103,6 +104,8 @@ async def get_transactions(request: web.Request) -> web.Response:
             "amount": record.amount,
             "currency": "USD",
             "type": "Topup",
+            "platform_fee_amount": record.fee,
+            "invoice_id": record.invoice_id,
             "created_at": timestamp(state, record.at),
         }
         for record in records[(page - 1) * limit : page * limit]
