@@ -14,6 +14,8 @@ from decimal import Decimal
 from typing import Any
 
 from runner.domain import RowRecord, RowStatus
+from runner.ledger.chain import show_head
+from runner.ledger.chain_check import ChainVerdict, check_chain, read_head
 from runner.ledger.values import (
     OpenAttempt,
     PendingRow,
@@ -89,6 +91,17 @@ class LedgerReads:
 
     def apply_event(self, event: ProviderEvent) -> tuple[int, bool]:
         raise NotImplementedError
+
+    def _listed(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return list(self._select(sql, params))
+
+    def chain_head(self, run_key: str) -> str | None:
+        """The run's hash-chain head as shown (`algo:seq:hash`); None: the run is unchained."""
+        return show_head(read_head(self._listed, run_key))
+
+    def check_chain(self, run_key: str, key: bytes | None) -> ChainVerdict:
+        """The run's chain recomputed with `key` and held against its rows and attempts."""
+        return check_chain(self._listed, run_key, key)
 
     def find_run(self, run_key: str) -> RunSpec | None:
         found = list(self._select(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_key = ?", (run_key,)))
@@ -240,6 +253,7 @@ class LedgerReads:
             sent,
             from_iso(first),
             from_iso(last),
+            self.chain_head(run_key),
         )
 
     def overview(self) -> list[RunOverview]:

@@ -221,6 +221,7 @@ class JobRun:
         result = await write_outputs(record, job, settings, self.tally, ending, clock)
         end = self.end
         end.report, end.makespan, end.stopped = result.report, result.makespan, result.stopped
+        end.chain_head = result.chain_head
         await self._note_end(record)
         if self.fatal is not None:
             raise self.fatal
