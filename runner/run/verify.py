@@ -95,7 +95,9 @@ def _check_report(
     info: RunInfo,
     currency: str,
 ) -> None:
-    problems: list[str] = []
+    # The rows first: a cell edited names its row and column; the digest then says only
+    # that the file changed.
+    problems = _row_problems(found, ledger.records(info.run_key), info, currency)
     stated = found.summary.get(DIGEST_LINE)
     if stated is None:
         problems.append(f"its Summary states no {DIGEST_LINE}")
@@ -108,7 +110,6 @@ def _check_report(
     if named is not None and named != info.run_key:
         problems.append(f"it is the report of run {named!r}, not of {info.run_key!r}")
     problems += _head_problems(found, verdict)
-    problems += _row_problems(found, ledger.records(info.run_key), info, currency)
     result.lines.append(
         f"report {path}: {len(found.rows)} rows, {DIGEST_LINE} {found.digest}"
         + ("" if problems else ", as its Summary states and as the ledger holds")
