@@ -337,3 +337,35 @@ async def test_two_workers_on_postgresql_extend_one_chain_in_commit_order(
         second.close()
     assert verdict.problems == []
     assert verdict.records == 1 + 40 * 4
+
+
+def test_a_commit_made_while_the_chain_is_read_is_seen_whole_or_not_at_all(
+    path: Path, no_key: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run paying a row while verify reads: the chain, rows and attempts are read from one
+    snapshot, so the new records and the new row state are both missing, not half there."""
+    ledger = SqliteLedger.open(path)
+    ledger.create_run(spec(), job_rows())
+    anyio.run(pay, ledger, "run-1", 1)
+    ledger.close()
+    assert problems(path) == []
+    reader, writer = open_ledger(path, readonly=True), SqliteLedger.open(path)
+    read = reader._listed  # type: ignore[attr-defined]
+    calls = []
+
+    def listed(query: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        found = read(query, params)
+        calls.append(query)
+        if len(calls) == 2:  # the chain is read: now another process pays row 2
+            anyio.run(pay, writer, "run-1", 2)
+        return found
+
+    monkeypatch.setattr(reader, "_listed", listed)
+    try:
+        verdict = reader.check_chain("run-1", None)
+    finally:
+        reader.close()
+        writer.close()
+    assert "FROM chain WHERE" in calls[1]
+    assert (verdict.records, verdict.problems) == (5, [])
+    assert problems(path) == []

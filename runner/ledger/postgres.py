@@ -17,8 +17,10 @@ connection is: the event loop never waits on the database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -201,6 +203,9 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
         async with self._coord_lock:
             return await anyio.to_thread.run_sync(func, *args)
 
+    def _read_snapshot(self) -> AbstractContextManager[None]:
+        return _one_snapshot(self._conn)
+
     def _select(self, sql: str, params: Sequence[Any] = ()) -> Iterable[tuple[Any, ...]]:
         """The SQLite ledger's reads, as they are: portable SQL with `?` placeholders."""
         return self._query(_pg(sql), params)
@@ -351,6 +356,18 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
             raise LedgerError(f"ledger {self.name}: read failed: {_first_line(exc)}") from None
         finally:
             conn.close()
+
+
+@contextlib.contextmanager
+def _one_snapshot(conn: Any) -> Iterator[None]:
+    """Reads in one REPEATABLE READ transaction: all of them see the same commits."""
+    level = conn.isolation_level
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    try:
+        with conn.transaction():
+            yield
+    finally:
+        conn.isolation_level = level
 
 
 def _first_line(exc: BaseException) -> str:

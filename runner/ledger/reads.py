@@ -7,8 +7,10 @@ writes through the backend's `apply_event`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -100,8 +102,14 @@ class LedgerReads:
         return show_head(read_head(self._listed, run_key))
 
     def check_chain(self, run_key: str, key: bytes | None) -> ChainVerdict:
-        """The run's chain recomputed with `key` and held against its rows and attempts."""
-        return check_chain(self._listed, run_key, key)
+        """The run's chain recomputed with `key` and held against its rows and attempts,
+        all read from one snapshot: a commit made meanwhile is in all of them or in none."""
+        with self._read_snapshot():
+            return check_chain(self._listed, run_key, key)
+
+    def _read_snapshot(self) -> AbstractContextManager[None]:
+        """Reads that follow all see the same commit (the backend's transaction)."""
+        return contextlib.nullcontext()
 
     def find_run(self, run_key: str) -> RunSpec | None:
         found = list(self._select(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_key = ?", (run_key,)))

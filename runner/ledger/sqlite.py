@@ -16,6 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,9 @@ class SqliteLedger(GroupCommitLedger):
             return False
         finally:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    def _read_snapshot(self) -> AbstractContextManager[None]:
+        return _one_snapshot(self._conn)
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> Iterable[tuple[Any, ...]]:
         """The rows a query of the ledger's reads gives (`?` placeholders, portable SQL);
@@ -334,6 +338,19 @@ class SqliteLedger(GroupCommitLedger):
         finally:
             self._readers.discard(conn)
             conn.close()
+
+
+@contextlib.contextmanager
+def _one_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """Reads in one transaction: in WAL mode, all of them see the commit the first one saw."""
+    began = not conn.in_transaction
+    if began:
+        conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if began:
+            rollback(conn)  # nothing was written: ending it is all
 
 
 def _fetcher(conn: sqlite3.Connection) -> Query:
