@@ -4,8 +4,10 @@ keyed or not, and `check_chain` naming the first record that does not fit."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -349,11 +351,11 @@ def test_a_commit_made_while_the_chain_is_read_is_seen_whole_or_not_at_all(
     anyio.run(pay, ledger, "run-1", 1)
     ledger.close()
     assert problems(path) == []
-    reader, writer = open_ledger(path, readonly=True), SqliteLedger.open(path)
-    read = reader._listed  # type: ignore[attr-defined]
-    calls = []
+    reader, writer = SqliteLedger.open(path, readonly=True), SqliteLedger.open(path)
+    read = reader._listed
+    calls: list[str] = []
 
-    def listed(query: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+    def listed(query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         found = read(query, params)
         calls.append(query)
         if len(calls) == 2:  # the chain is read: now another process pays row 2

@@ -115,6 +115,20 @@ def _check_report(
         + ("" if problems else ", as its Summary states and as the ledger holds")
     )
     result.problems.extend(f"report {path}: {problem}" for problem in problems)
+    later = _records_since(found, verdict)
+    if problems and later:
+        result.lines.append(
+            f"report {path}: written {later} ledger records ago (a webhook settling a row, "
+            "a resumed run): `topup-runner report` writes it again from the ledger"
+        )
+
+
+def _records_since(found: ReportFile, verdict: ChainVerdict) -> int:
+    """How many records the ledger's chain has gained since the report was written."""
+    head = parse_head(found.summary.get(CHAIN_LINE, ""))
+    if head is None or verdict.head is None:
+        return 0
+    return max(verdict.head.seq - head[1], 0)
 
 
 def _head_problems(found: ReportFile, verdict: ChainVerdict) -> list[str]:
