@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import anyio
@@ -247,3 +248,24 @@ async def test_two_workers_on_postgresql_verify(pg_url: str, tmp_path: Path) -> 
             group.start_soon(worker, "w1")
     checked = await verify(tmp_path, "--report", str(tmp_path / "w1.csv"), ledger=pg_url)
     assert checked.code == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.parametrize("output", ["report.xlsx", "report.csv"])
+async def test_a_split_run_verifies_with_its_joined_report(tmp_path: Path, output: str) -> None:
+    """--split-over-max: Results shows job rows joined from their chunks, and still verifies;
+    a chunk's amount changed by SQL is named by its ledger row."""
+    cards = [str(uuid.uuid4()) for _ in range(2)]
+    path = write_job(tmp_path / "job.csv", [(cards[0], "25000.00", "A"), (cards[1], "12.00", "B")])
+    config = SandboxConfig(token=TOKEN, cooldown=0.05, default_card_limit=Decimal("100000"))
+    async with serve_sandbox(config) as sb:
+        done = await run_cli(
+            "run", str(path), *run_args(sb, tmp_path, output), "--split-over-max",
+            cwd=tmp_path, env=clean_env(UNCASH_API_TOKEN=TOKEN),
+        )  # fmt: skip
+    assert done.code == 0, done.stderr
+    checked = await verify(tmp_path, "--report", str(tmp_path / output))
+    assert checked.code == 0, checked.stdout + checked.stderr
+    sql(tmp_path, "UPDATE rows SET amount = '1.00' WHERE row = 2")
+    tampered = await verify(tmp_path, "--report", str(tmp_path / output))
+    assert tampered.code == 1
+    assert "ledger: row 2 differs from its record" in first_problem(tampered)

@@ -7,7 +7,7 @@ What this proves, and what it cannot, is in the README's "Verifying a run" secti
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from runner.ledger import Ledger
 from runner.ledger.chain import HMAC_SHA256, KEY_ENV, ledger_key, parse_head
 from runner.ledger.chain_check import ChainVerdict
 from runner.report.cells import fitted
+from runner.report.chunks import is_split, job_rows, split_info
 from runner.report.csvout import csv_text
 from runner.report.digest import CHAIN_LINE, DIGEST_LINE, ReportFile, millis, read_report, xlsx_text
 from runner.report.rows import header, utc, values
@@ -97,7 +98,8 @@ def _check_report(
 ) -> None:
     # The rows first: a cell edited names its row and column; the digest then says only
     # that the file changed.
-    problems = _row_problems(found, ledger.records(info.run_key), info, currency)
+    records, info = _results_rows(ledger, info)
+    problems = _row_problems(found, records, info, currency)
     stated = found.summary.get(DIGEST_LINE)
     if stated is None:
         problems.append(f"its Summary states no {DIGEST_LINE}")
@@ -121,6 +123,21 @@ def _check_report(
             f"report {path}: written {later} ledger records ago (a webhook settling a row, "
             "a resumed run): `topup-runner report` writes it again from the ledger"
         )
+
+
+def _results_rows(ledger: Ledger, info: RunInfo) -> tuple[Iterator[RowRecord], RunInfo]:
+    """The rows the report's Results shows, as its writer makes them: a split run's chunks
+    joined into one row per job row (its chunks' own lines, in `Chunks`, are not compared:
+    each chunk is a ledger row, and the chain covers those)."""
+    probe = ledger.records(info.run_key)
+    try:
+        split = is_split(probe)
+    finally:
+        if isinstance(probe, Generator):
+            probe.close()  # the ledger's reading connection, opened for one row
+    if split:
+        return job_rows(ledger.records(info.run_key)), split_info(info)
+    return ledger.records(info.run_key), info
 
 
 def _records_since(found: ReportFile, verdict: ChainVerdict) -> int:
