@@ -269,3 +269,13 @@ async def test_a_split_run_verifies_with_its_joined_report(tmp_path: Path, outpu
     tampered = await verify(tmp_path, "--report", str(tmp_path / output))
     assert tampered.code == 1
     assert "ledger: row 2 differs from its record" in first_problem(tampered)
+
+
+async def test_given_a_key_an_unkeyed_chain_does_not_verify(tmp_path: Path) -> None:
+    """A keyed chain rewritten without its key is unkeyed: with the key set, that fails."""
+    await paid_run(tmp_path, "report.csv")
+    keyed = await verify(tmp_path, **{KEY_ENV: KEY})
+    plain = await verify(tmp_path)
+    assert keyed.code == 1
+    assert "the chain is unkeyed but TOPUP_LEDGER_KEY is set" in first_problem(keyed)
+    assert plain.code == 0, plain.stdout

@@ -79,12 +79,17 @@ def _say_chain(result: Verification, verdict: ChainVerdict, key: bytes | None) -
         return
     keyed = verdict.head is not None and verdict.head.algo == HMAC_SHA256
     how = f"keyed ({HMAC_SHA256}, {KEY_ENV})" if keyed else "unkeyed (sha256)"
-    if not keyed and key is not None:
-        how += f"; {KEY_ENV} plays no part in it"
     result.lines.append(
         f"run {run}: ledger chain of {verdict.records} records, {how}, head {verdict.head_text}"
     )
     result.problems.extend(f"ledger: {problem}" for problem in verdict.problems)
+    if not keyed and key is not None:
+        # Whoever can write the database can rewrite a keyed chain as an unkeyed one: given
+        # a key, an unkeyed chain is no proof (unset the key to check an unkeyed run).
+        result.problems.append(
+            f"ledger: the chain is unkeyed but {KEY_ENV} is set: a keyed chain rewritten "
+            f"without its key looks like this (unset {KEY_ENV} for a run begun without one)"
+        )
 
 
 def _check_report(
