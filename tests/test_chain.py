@@ -371,3 +371,35 @@ def test_a_commit_made_while_the_chain_is_read_is_seen_whole_or_not_at_all(
     assert "FROM chain WHERE" in calls[1]
     assert (verdict.records, verdict.problems) == (5, [])
     assert problems(path) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("statement", "names"),
+    [
+        ("UPDATE rows SET amount = 99 WHERE row = 2", "row 2 differs from its record #9"),
+        ("UPDATE rows SET status = 'failed' WHERE row = 1", "row 1 differs from its record #5"),
+    ],
+)
+async def test_a_change_by_sql_on_postgresql_is_named(
+    pg_url: str, no_key: None, statement: str, names: str
+) -> None:
+    """The shared ledger as the SQLite one: one amount or status changed by SQL is named."""
+    ledger = open_ledger(pg_url)
+    try:
+        ledger.create_run(spec(), job_rows())
+        for row in (1, 2):
+            await pay(ledger, "run-1", row)
+        clean = ledger.check_chain("run-1", None).problems
+    finally:
+        ledger.close()
+    psycopg = pytest.importorskip("psycopg")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(statement)
+    reader = open_ledger(pg_url, readonly=True)
+    try:
+        found = reader.check_chain("run-1", None).problems
+    finally:
+        reader.close()
+    assert clean == []
+    assert names in found[0], found
