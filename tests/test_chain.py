@@ -248,6 +248,9 @@ def test_a_run_goes_on_only_with_the_key_it_began_with(
          "record #6 (row 2, attempt 1) does not fit"),
         ("DELETE FROM chain WHERE seq = 4", "record #5 (row 1) does not fit"),
         ("DELETE FROM chain WHERE seq = 13", "the chain's head says record #13"),
+        ("UPDATE rows SET amount = 'abc' WHERE row = 2", "row 2 differs from its record #9"),
+        ("UPDATE chain SET seq = 'x' WHERE seq = 3", "hold what the runner never writes"),
+        ("UPDATE chain_heads SET seq = 'x'", "hold what the runner never writes"),
     ],
 )  # fmt: skip
 def test_a_change_made_outside_the_runner_names_the_first_record_that_does_not_fit(

@@ -66,7 +66,20 @@ def read_head(query: Query, run_key: str) -> Head | None:
 def check_chain(query: Query, run_key: str, key: bytes | None) -> ChainVerdict:
     """Recompute the run's chain with `key` (TOPUP_LEDGER_KEY's, or None) and compare the
     ledger's rows and attempts with it. ConfigError when the chain is keyed and no key is
-    given: nothing can be said then."""
+    given: nothing can be said then. A value no runner writes (a number of text, say) is a
+    problem found, not an error: it is what a change by hand leaves."""
+    try:
+        return _check(query, run_key, key)
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        verdict = ChainVerdict(run_key, chained=True)
+        verdict.problems.append(
+            f"the run's chain, rows or attempts hold what the runner never writes ({exc}): "
+            "changed outside the runner"
+        )
+        return verdict
+
+
+def _check(query: Query, run_key: str, key: bytes | None) -> ChainVerdict:
     head = read_head(query, run_key)
     verdict = ChainVerdict(run_key, chained=head is not None, head=head)
     if head is None:

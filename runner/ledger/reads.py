@@ -99,7 +99,10 @@ class LedgerReads:
 
     def chain_head(self, run_key: str) -> str | None:
         """The run's hash-chain head as shown (`algo:seq:hash`); None: the run is unchained."""
-        return show_head(read_head(self._listed, run_key))
+        try:
+            return show_head(read_head(self._listed, run_key))
+        except ValueError:  # a head changed by hand: what `verify` then explains
+            return "damaged (see topup-runner verify)"
 
     def check_chain(self, run_key: str, key: bytes | None) -> ChainVerdict:
         """The run's chain recomputed with `key` and held against its rows and attempts,

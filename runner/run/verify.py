@@ -77,7 +77,11 @@ def _say_chain(result: Verification, verdict: ChainVerdict, key: bytes | None) -
             "(ledger schema 3), so its ledger records cannot be verified"
         )
         return
-    keyed = verdict.head is not None and verdict.head.algo == HMAC_SHA256
+    if verdict.head is None:  # its head or records hold what no runner writes
+        result.lines.append(f"run {run}: ledger chain cannot be read as one")
+        result.problems.extend(f"ledger: {problem}" for problem in verdict.problems)
+        return
+    keyed = verdict.head.algo == HMAC_SHA256
     how = f"keyed ({HMAC_SHA256}, {KEY_ENV})" if keyed else "unkeyed (sha256)"
     result.lines.append(
         f"run {run}: ledger chain of {verdict.records} records, {how}, head {verdict.head_text}"
@@ -103,8 +107,11 @@ def _check_report(
 ) -> None:
     # The rows first: a cell edited names its row and column; the digest then says only
     # that the file changed.
-    records, info = _results_rows(ledger, info)
-    problems = _row_problems(found, records, info, currency)
+    try:
+        records, info = _results_rows(ledger, info)
+        problems = _row_problems(found, records, info, currency)
+    except LedgerError as exc:  # a value changed by hand that no report could show
+        problems = [f"the ledger's rows cannot be shown as a report's: {exc}"]
     stated = found.summary.get(DIGEST_LINE)
     if stated is None:
         problems.append(f"its Summary states no {DIGEST_LINE}")
