@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,7 @@ def _xlsx_cells(row: list[Any], names: list[str]) -> list[str]:
     for index, value in enumerate(row):
         if isinstance(value, str):
             value = fitted(value, sheet="Results", row=0, column=names[index], quiet=True)
-        elif hasattr(value, "tzinfo"):  # a datetime: UTC, to the millisecond, as written
+        elif isinstance(value, datetime):  # UTC, to the millisecond, as written
             value = millis(utc(value))
         cells.append(xlsx_text(value))
     return cells
