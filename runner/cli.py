@@ -299,6 +299,30 @@ def report(ledger: str | None, run_key: str, output: Path, group_by: str | None)
 
 
 @main.command()
+@click.option("--ledger", help=LEDGER_HELP)
+@click.option("--run-key", required=True, help="The run to verify.")
+@click.option("--report", type=click.Path(path_type=Path), help="Its report, .xlsx or .csv.")
+@guarded
+def verify(ledger: str | None, run_key: str, report: Path | None) -> None:
+    """Recompute the run's ledger hash chain; check a report against the ledger.
+
+    Exit 0 when everything holds, 1 when not (the first record that does not fit first).
+    A keyed chain needs TOPUP_LEDGER_KEY, from the environment only.
+    """
+    from runner.overview import ledger_with_run
+    from runner.run.verify import show_verification, verify_run
+
+    where = _ledger_where(ledger)
+    sandbox = sandbox_ledger_path(Path.cwd())
+    if not (ledger or os.environ.get("TOPUP_LEDGER", "").strip()) and sandbox.exists():
+        where = ledger_with_run(run_key, where, sandbox)
+    found = verify_run(where, run_key, report, os.environ)
+    for line in show_verification(found):
+        click.echo(line)
+    sys.exit(0 if found.sound else 1)
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8090, show_default=True)
 @click.option("--ledger", help=LEDGER_HELP)

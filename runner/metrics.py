@@ -88,6 +88,7 @@ class RunMetrics:
     duration: float
     exit_code: int
     finished: datetime
+    chain_head: str | None = None  # the ledger's hash-chain head (`topup-runner verify`)
 
 
 @dataclass(slots=True)
@@ -107,6 +108,7 @@ class RunEnd:
     report: Path | None = None
     stopped: str | None = None
     error: str | None = None
+    chain_head: str | None = None
     started: float = field(default_factory=time.monotonic)
 
     def metrics(self, exit_code: int) -> RunMetrics:
@@ -119,6 +121,7 @@ class RunEnd:
             duration=time.monotonic() - self.started,
             exit_code=exit_code,
             finished=datetime.now(UTC),
+            chain_head=self.chain_head,
         )
 
 
@@ -147,6 +150,12 @@ def render_metrics(run: RunMetrics, last_success: str | None) -> str:
             "Sum of what the wallet was charged in the last run by status.",
             "total_charged",
         )
+    if run.chain_head is not None:
+        lines += [
+            "# HELP topup_runner_chain_info The ledger hash-chain head of the last run.",
+            "# TYPE topup_runner_chain_info gauge",
+            f'topup_runner_chain_info{{{base},head="{_label(run.chain_head)}"}} 1',
+        ]
     stamp = f"{run.finished.timestamp():.3f}"
     success = stamp if run.exit_code == 0 else last_success
     lines += [

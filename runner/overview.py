@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from runner.config import Settings, sandbox_ledger_path
 from runner.domain import RowStatus
 from runner.ledger import is_postgres_url, open_ledger, redact
+from runner.ledger.chain import HMAC_SHA256, parse_head
 
 if TYPE_CHECKING:
     from runner.run import RunResult
@@ -43,6 +44,7 @@ def summary(
     if result.audit is not None:
         lines.append(f"audit: {result.audit}")
     lines += [f"report: {report}", f"ledger: {ledger}"]
+    lines += chain_lines(result.chain_head)
     if settings.is_sandbox and ledger == str(sandbox_ledger_path(cwd)):
         lines.append("(sandbox runs are kept there: `topup-runner status` here lists them)")
     fields: dict[str, Any] = {
@@ -54,10 +56,21 @@ def summary(
         "report": str(report),
         "ledger": ledger,
         "exit_code": result.exit_code,
+        "chain_head": result.chain_head,
     }
     if result.audit_ok is not None:
         fields["audit_ok"] = result.audit_ok
     return lines, fields
+
+
+def chain_lines(head: str | None) -> list[str]:
+    """The run's hash-chain head, the anchor `verify` holds a ledger to, in 80 columns."""
+    parsed = None if head is None else parse_head(head)
+    if parsed is None:
+        return ["ledger chain: unchained (a run begun before ledger schema 3)"]
+    algo, seq, hash_ = parsed
+    keyed = "keyed" if algo == HMAC_SHA256 else "unkeyed"
+    return [f"ledger chain: {seq} records, {algo} ({keyed}), head:", f"  {hash_}"]
 
 
 def runs_lines(where: Path | str, *, heading: bool) -> list[str]:
@@ -68,6 +81,7 @@ def runs_lines(where: Path | str, *, heading: bool) -> list[str]:
     book = open_ledger(where, readonly=True)
     try:
         runs = book.overview()
+        heads = {run.run_key: book.chain_head(run.run_key) for run in runs}
     finally:
         book.close()
     lines = [f"ledger {redact(str(where))}:"] if heading else []
@@ -79,6 +93,7 @@ def runs_lines(where: Path | str, *, heading: bool) -> list[str]:
         provider = "SANDBOX" if run.provider == "sandbox" else run.provider
         lines.append(
             f"{run.run_key}  {provider}  {run.row_count} rows  {state}  {counts}  {run.job_file}"
+            f"  chain {heads.get(run.run_key) or 'unchained'}"
         )
     return lines
 

@@ -230,6 +230,13 @@ async def test_after_a_kill_and_resume_the_report_totals_are_what_the_wallet_pai
     assert reported_total(report) == paid
     assert summary(tmp_path)["audit: discrepancies"] == "0"
     assert int(summary(tmp_path)["audit: rows filled in from the provider"]) > 0
+    # What the audit wrote into the ledger is part of the run's hash chain, and the report
+    # written after it is the ledger's: verify holds.
+    verified = await run_cli(
+        "verify", "--ledger", str(tmp_path / "ledger.sqlite"), "--run-key", "audited",
+        "--report", str(tmp_path / "report.csv"), cwd=tmp_path, env=clean_env(),
+    )  # fmt: skip
+    assert verified.code == 0, verified.stdout + verified.stderr
 
 
 # -- the sandbox -----------------------------------------------------------------------------

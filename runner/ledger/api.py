@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import runner.ledger.statements as _build
 from runner.domain import JobRow, RowRecord, RowStatus
+from runner.ledger.chain_check import ChainVerdict
 from runner.ledger.files import RunLock
 from runner.ledger.guards import Approval, PaidRow
 from runner.ledger.statements import Charged, Statement
@@ -128,6 +129,8 @@ class Ledger(Protocol):
     def status_counts(self, run_key: str) -> dict[RowStatus, int]: ...
     def run_facts(self, run_key: str) -> RunFacts: ...
     def overview(self) -> list[RunOverview]: ...
+    def chain_head(self, run_key: str) -> str | None: ...
+    def check_chain(self, run_key: str, key: bytes | None) -> ChainVerdict: ...
 
     # -- transition: statements built outside the ledger ---------------------------------------
     # The engine built statements with these and committed them with `write` or queued them

@@ -24,6 +24,7 @@ import anyio.to_thread
 from runner.domain import RowStatus
 from runner.errors import LedgerError
 from runner.ledger.api import Ledger
+from runner.ledger.chain import ChainWriter
 from runner.ledger.guards import GuardReads
 from runner.ledger.reads import LedgerReads
 from runner.ledger.statements import (
@@ -134,6 +135,8 @@ class GroupCommitLedger(LedgerReads, GuardReads, Ledger):
         # events below: taken at every commit).
         self._conn_lock = asyncio.Lock()
         self._disk = _DiskThread()
+        # Extends each run's hash chain in the transaction that writes it (chain.py).
+        self._chain = ChainWriter.from_env()
 
     async def _commit(self, batch: Sequence[Statement]) -> None:
         """`batch` in one transaction, durably; LedgerError if it cannot be."""

@@ -17,8 +17,10 @@ connection is: the event loop never waits on the database.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -27,6 +29,7 @@ import anyio.to_thread
 
 from runner.domain import JobRow, RowRecord, RowStatus
 from runner.errors import LedgerError
+from runner.ledger.chain import touched
 from runner.ledger.commit import GroupCommitLedger
 from runner.ledger.leases import CardLeases
 from runner.ledger.location import redact
@@ -152,15 +155,31 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
         """The batch in one transaction; again, whole, when PostgreSQL chose it as the victim
         of a deadlock or a serialization conflict (it was rolled back entirely)."""
         conn = self._conn
+        subjects = touched(batch)
+        runs = {s[1] for s in subjects}
         for attempt in range(1, COMMIT_RETRIES + 1):
             try:
-                with conn.transaction(), conn.pipeline():
-                    for sql, params in batch:
-                        conn.execute(_pg(sql), params)
+                with conn.transaction():
+                    # The run's chain head first: its writers take turns (chain.py).
+                    heads = self._chain.lock(self._fetch, runs, True)
+                    with conn.pipeline():
+                        for sql, params in batch:
+                            conn.execute(_pg(sql), params)
+                    if heads:
+                        self._chain.append(self._fetch, self._many, subjects, heads)
                 return
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 if attempt == COMMIT_RETRIES:
                     raise
+
+    def _fetch(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """A portable query on the writing connection (in its transaction): the chain's."""
+        rows: list[tuple[Any, ...]] = self._conn.execute(_pg(sql), params).fetchall()
+        return rows
+
+    def _many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(_pg(sql), params)
 
     def _query(
         self, sql: str, params: Sequence[Any] = (), *, coordination: bool = False
@@ -183,6 +202,9 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
         statements queued for the next commit (unlike `call`)."""
         async with self._coord_lock:
             return await anyio.to_thread.run_sync(func, *args)
+
+    def _read_snapshot(self) -> AbstractContextManager[None]:
+        return _one_snapshot(self._conn)
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> Iterable[tuple[Any, ...]]:
         """The SQLite ledger's reads, as they are: portable SQL with `?` placeholders."""
@@ -238,6 +260,7 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
                 ):
                     for card, count in per_card.items():
                         copy.write_row((spec.run_key, card, count))
+                self._chain.start(self._fetch, self._many, spec.run_key)
         except psycopg.Error as exc:
             raise LedgerError(
                 f"ledger {self.name}: cannot record the run: {_first_line(exc)}"
@@ -261,7 +284,15 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
                         money(event.balance_after),
                     ),
                 ).rowcount
-                settled = conn.execute(
+                # The chain heads of the runs it may settle first, as a commit takes them.
+                match = (event.card_id, format_amount(event.amount), event.provider_ref)
+                runs = self._fetch(
+                    "SELECT DISTINCT run_key FROM rows WHERE status = 'pending' AND card_id = ? "
+                    "AND amount = ? AND provider_ref = ?",
+                    match,
+                )
+                heads = self._chain.lock(self._fetch, {r for (r,) in runs}, True)
+                changed = conn.execute(
                     # The webhook's fee is unsigned: the topup answer's own fee wins.
                     "UPDATE rows SET status = %s, fee = COALESCE(fee, %s), "
                     "card_balance_after = COALESCE(%s, card_balance_after), finished_at = now(), "
@@ -269,7 +300,8 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
                     "THEN 'the provider reported the topup failed' ELSE NULL END "
                     "WHERE status = 'pending' AND card_id = %s AND amount = %s "
                     "AND provider_ref = %s "
-                    "AND run_key IN (SELECT run_key FROM runs WHERE provider = %s)",
+                    "AND run_key IN (SELECT run_key FROM runs WHERE provider = %s) "
+                    "RETURNING run_key, row",
                     (
                         event.status.value,
                         money(event.fee),
@@ -280,12 +312,16 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
                         event.provider_ref,
                         event.provider,
                     ),
-                ).rowcount
+                ).fetchall()
+                subjects = [("row", run_key, row, None) for run_key, row in changed]
+                later = {s[1] for s in subjects} - set(heads)  # a row that became pending since
+                heads.update(self._chain.lock(self._fetch, later, True))
+                self._chain.append(self._fetch, self._many, subjects, heads)
         except psycopg.Error as exc:
             raise LedgerError(
                 f"ledger {self.name}: cannot record the event: {_first_line(exc)}"
             ) from None
-        return settled, seen
+        return len(changed), seen
 
     def finish_run(self, run_key: str) -> None:
         self._query(
@@ -320,6 +356,18 @@ class PostgresLedger(CardLeases, GroupCommitLedger):
             raise LedgerError(f"ledger {self.name}: read failed: {_first_line(exc)}") from None
         finally:
             conn.close()
+
+
+@contextlib.contextmanager
+def _one_snapshot(conn: Any) -> Iterator[None]:
+    """Reads in one REPEATABLE READ transaction: all of them see the same commits."""
+    level = conn.isolation_level
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    try:
+        with conn.transaction():
+            yield
+    finally:
+        conn.isolation_level = level
 
 
 def _first_line(exc: BaseException) -> str:

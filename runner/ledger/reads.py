@@ -7,13 +7,17 @@ writes through the backend's `apply_event`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from runner.domain import RowRecord, RowStatus
+from runner.ledger.chain import show_head
+from runner.ledger.chain_check import ChainVerdict, check_chain, read_head
 from runner.ledger.values import (
     AttemptEntry,
     OpenAttempt,
@@ -90,6 +94,26 @@ class LedgerReads:
 
     def apply_event(self, event: ProviderEvent) -> tuple[int, bool]:
         raise NotImplementedError
+
+    def _listed(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return list(self._select(sql, params))
+
+    def chain_head(self, run_key: str) -> str | None:
+        """The run's hash-chain head as shown (`algo:seq:hash`); None: the run is unchained."""
+        try:
+            return show_head(read_head(self._listed, run_key))
+        except ValueError:  # a head changed by hand: what `verify` then explains
+            return "damaged (see topup-runner verify)"
+
+    def check_chain(self, run_key: str, key: bytes | None) -> ChainVerdict:
+        """The run's chain recomputed with `key` and held against its rows and attempts,
+        all read from one snapshot: a commit made meanwhile is in all of them or in none."""
+        with self._read_snapshot():
+            return check_chain(self._listed, run_key, key)
+
+    def _read_snapshot(self) -> AbstractContextManager[None]:
+        """Reads that follow all see the same commit (the backend's transaction)."""
+        return contextlib.nullcontext()
 
     def find_run(self, run_key: str) -> RunSpec | None:
         found = list(self._select(f"SELECT {RUN_COLUMNS} FROM runs WHERE run_key = ?", (run_key,)))
@@ -255,6 +279,7 @@ class LedgerReads:
             sent,
             from_iso(first),
             from_iso(last),
+            self.chain_head(run_key),
         )
 
     def overview(self) -> list[RunOverview]:

@@ -16,11 +16,13 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from runner.domain import JobRow, RowRecord, RowStatus
 from runner.errors import LedgerError
+from runner.ledger.chain import Query, touched
 from runner.ledger.commit import GroupCommitLedger
 from runner.ledger.files import (
     RunLock,
@@ -143,15 +145,22 @@ class SqliteLedger(GroupCommitLedger):
         far more than a statement: a batch is a few dozen statements of microseconds.
         """
         conn = self._conn
+        subjects = touched(batch)
         try:
             if not self._begin_at_once():
                 await self._disk.run(conn.execute, "BEGIN IMMEDIATE")
+            heads = self._chain.lock(_fetcher(conn), {s[1] for s in subjects}, False)
             for sql, params in batch:
                 conn.execute(sql, params)
+            if heads:
+                self._chain.append(_fetcher(self._conn), conn.executemany, subjects, heads)
             await self._disk.run(conn.execute, "COMMIT")
         except sqlite3.Error as exc:
             rollback(conn)
             raise self._error("write failed", exc) from None
+        except LedgerError:
+            rollback(conn)
+            raise
 
     def _begin_at_once(self) -> bool:
         """BEGIN IMMEDIATE if no other process holds the write lock; False if one does."""
@@ -166,6 +175,9 @@ class SqliteLedger(GroupCommitLedger):
             return False
         finally:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+    def _read_snapshot(self) -> AbstractContextManager[None]:
+        return _one_snapshot(self._conn)
 
     def _select(self, sql: str, params: Sequence[Any] = ()) -> Iterable[tuple[Any, ...]]:
         """The rows a query of the ledger's reads gives (`?` placeholders, portable SQL);
@@ -216,10 +228,14 @@ class SqliteLedger(GroupCommitLedger):
                     for r in rows
                 ),
             )
+            self._chain.start(_fetcher(self._conn), self._conn.executemany, spec.run_key)
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             rollback(self._conn)
             raise self._error("cannot record the run", exc) from None
+        except LedgerError:
+            rollback(self._conn)
+            raise
 
     def apply_event(self, event: ProviderEvent) -> tuple[int, bool]:
         """Keep a verified event and settle the pending rows it names, in one transaction.
@@ -245,14 +261,15 @@ class SqliteLedger(GroupCommitLedger):
                 ),
             )
             seen = cursor.rowcount == 0
-            settled = self._conn.execute(
+            changed = self._conn.execute(
                 # The webhook's fee is unsigned: the topup answer's own fee wins.
                 "UPDATE rows SET status = ?, fee = COALESCE(fee, ?), "
                 "card_balance_after = COALESCE(?, card_balance_after), finished_at = ?, "
                 "error = CASE WHEN ? = 'failed' THEN 'the provider reported the topup failed' "
                 "ELSE NULL END "
                 "WHERE status = 'pending' AND card_id = ? AND amount = ? AND provider_ref = ? "
-                "AND run_key IN (SELECT run_key FROM runs WHERE provider = ?)",
+                "AND run_key IN (SELECT run_key FROM runs WHERE provider = ?) "
+                "RETURNING run_key, row",
                 (
                     event.status.value,
                     money(event.fee),
@@ -264,12 +281,18 @@ class SqliteLedger(GroupCommitLedger):
                     event.provider_ref,
                     event.provider,
                 ),
-            ).rowcount
+            ).fetchall()
+            subjects = [("row", run_key, row, None) for run_key, row in changed]
+            heads = self._chain.lock(_fetcher(self._conn), {s[1] for s in subjects}, False)
+            self._chain.append(_fetcher(self._conn), self._conn.executemany, subjects, heads)
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             rollback(self._conn)
             raise self._error("cannot record the event", exc) from None
-        return settled, seen
+        except LedgerError:
+            rollback(self._conn)
+            raise
+        return len(changed), seen
 
     def finish_run(self, run_key: str) -> None:
         try:
@@ -315,6 +338,24 @@ class SqliteLedger(GroupCommitLedger):
         finally:
             self._readers.discard(conn)
             conn.close()
+
+
+@contextlib.contextmanager
+def _one_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """Reads in one transaction: in WAL mode, all of them see the commit the first one saw."""
+    began = not conn.in_transaction
+    if began:
+        conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if began:
+            rollback(conn)  # nothing was written: ending it is all
+
+
+def _fetcher(conn: sqlite3.Connection) -> Query:
+    """Queries on the writing connection, in its transaction: the hash chain's."""
+    return lambda sql, params: conn.execute(sql, params).fetchall()
 
 
 def _connect_writable(real: Path, given: Path) -> sqlite3.Connection:

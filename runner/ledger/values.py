@@ -110,6 +110,7 @@ class RunFacts:
     sent: int  # topup requests recorded, by every process
     first_applied_at: datetime | None
     last_applied_at: datetime | None
+    chain_head: str | None = None  # `algo:seq:hash`; None: a run from before hash chains
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from runner.domain import RowRecord
+from runner.report.digest import ResultsDigest
 from runner.report.rows import (
     SUMMARY_HEADER,
     Subtotals,
@@ -48,14 +49,20 @@ def write_csv(
     subtotals: Subtotals | None,
 ) -> Totals:
     totals = Totals()
+    digest = ResultsDigest()  # of the texts as written: the Summary's results digest
     with tmp.open("w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
-        writer.writerow([neutralise(name) for name in header])
+        texts = [neutralise(name) for name in header]
+        digest.add(texts)
+        writer.writerow(texts)
         for record in records:
             totals.add(record)
             if subtotals is not None:
                 subtotals.add(record)
-            writer.writerow([csv_text(v) for v in values(record, extra_columns, currency)])
+            texts = [csv_text(v) for v in values(record, extra_columns, currency)]
+            digest.add(texts)
+            writer.writerow(texts)
+    totals.digest = digest.text()
     return totals
 
 

@@ -120,6 +120,7 @@ class Totals:
     # sums leave them out, and the Summary must say so rather than let 0.00 read as "free".
     fee_unknown: int = 0
     charged_unknown: int = 0
+    digest: str | None = None  # of the Results rows as written (report/digest.py)
 
     def add(self, record: RowRecord) -> None:
         # Totals add the cent-rounded values the report shows, so they match a sum of the column.
@@ -254,6 +255,8 @@ def summary_lines(
         )
     lines += list(info.notes)
     lines += list(figures.lines)
+    if totals.digest is not None:
+        lines.append(("results digest", totals.digest))
     return lines
 
 

@@ -28,6 +28,7 @@ from runner.report.cells import (
     xlsx_value,
 )
 from runner.report.chunks import write_chunks_sheet
+from runner.report.digest import ResultsDigest, millis
 from runner.report.printed import PRINT_SHEET, PrintSheet, print_note
 from runner.report.rows import (
     MONEY_COLUMNS,
@@ -99,6 +100,7 @@ class _ResultsSheets:
             for name in header
         ]
         self.count = 0
+        self.digest = ResultsDigest()  # of the cells as written: the Summary's results digest
         self._open()
 
     def _open(self) -> None:
@@ -112,7 +114,10 @@ class _ResultsSheets:
         self._ws.print_title_cols = "A:A"
         # On paper there are no cell borders: without grid lines, 2,233,851.23 runs into the id.
         self._ws.print_options.gridLines = True
-        self._ws.append(header_cells(self._ws, self.header))
+        cells = header_cells(self._ws, self.header)
+        if self.count == 1:  # the digest has the header once, however many sheets follow
+            self.digest.add_xlsx([cell.value for cell in cells])
+        self._ws.append(cells)
         self._rows = 1
         self._styled: dict[int, Any] = {}
         for index, name in enumerate(self.header[: len(RESULT_COLUMNS)]):
@@ -149,8 +154,10 @@ class _ResultsSheets:
                     )
                 cells.append(xlsx_value(self._ws, value))
             else:
-                cell.value = utc(value) if isinstance(value, datetime) else value
+                # Times to the millisecond: what the file gives back exactly (the digest's).
+                cell.value = millis(utc(value)) if isinstance(value, datetime) else value
                 cells.append(cell)
+        self.digest.add_xlsx([getattr(cell, "value", cell) for cell in cells])
         if cells[_ERROR_INDEX] is None:
             self._ws.append(cells)
         else:
@@ -209,6 +216,7 @@ def write_xlsx(
             results.append(row)
             printed.append(row)
         results.close()
+        totals.digest = results.digest.text()
         printed.close()
         # Print was made before any `Results 2`: it goes last, after every Results sheet.
         position = workbook.sheetnames.index(PRINT_SHEET)

@@ -72,6 +72,7 @@ class RunResult:
     # `run --audit`: the audit's verdict in words, and whether every row matched.
     audit: str | None = None
     audit_ok: bool | None = None
+    chain_head: str | None = None  # the ledger's hash-chain head as the report was written
 
     @property
     def exit_code(self) -> int:
@@ -321,6 +322,7 @@ async def write_outputs(
         makespan=makespan,
         lower_bound=lb,
         stopped=ending.stopped,
+        chain_head=facts.chain_head,
     )
     log.info(
         "run.finished",
@@ -378,6 +380,8 @@ def report_figures(
     if facts.first_applied_at is not None and facts.last_applied_at is not None:
         span = (facts.last_applied_at - facts.first_applied_at).total_seconds()
         lines.append(("first to last applied topup (s)", _seconds(span)))
+    # The run's hash-chain head as the report was written: an anchor `verify` checks.
+    lines.append(("ledger chain head", facts.chain_head or "unchained"))
     return Figures(currency=_currency(spec.provider), group_by=group_by, lines=(*lines, *own))
 
 

@@ -249,6 +249,7 @@ class JobRun:
             result = await folded(result, audit)
         end = self.end
         end.report, end.makespan, end.stopped = result.report, result.makespan, result.stopped
+        end.chain_head = result.chain_head
         await self._note_end(record)
         if self.fatal is not None:
             raise self.fatal
