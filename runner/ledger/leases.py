@@ -266,7 +266,13 @@ class SharedPacer(Pacer):
     def next_free(self) -> float:
         if self.rate is None:
             return super().next_free()
+        last = self._slots[-1] if self._slots else None
         self._drop_late()
+        if not self._slots and last is not None:
+            # Every slot held is late (a ledger slower than a block of slots): the chooser
+            # reserves right after this, so the last one is used late rather than leave it
+            # none, which ended a worker with "reserve() without a slot" at 2,000/s.
+            self._slots.append(last)
         return self._slots[0] if self._slots else self._clock()
 
     def reserve(self) -> float:
