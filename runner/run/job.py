@@ -50,6 +50,7 @@ from runner.run.finish import (
     write_outputs,
 )
 from runner.run.policy import RECONCILE_GRACE, Policy
+from runner.run.rates import keep_learned, start_at_learned
 from runner.run.record import RunRecord, ledger_where, open_for
 from runner.run.resume import (
     WorkLeft,
@@ -187,6 +188,7 @@ class JobRun:
             async with open_provider(
                 settings, (r.card_id for r in left.rows), cards.pacer, env=self.env
             ) as (provider, base_url):
+                await start_at_learned(record.ledger, settings, cards.pacer)
                 log.info(
                     "run.started",
                     rows=len(job.rows),
@@ -197,7 +199,10 @@ class JobRun:
                     concurrency=settings.concurrency,
                     lower_bound_s=round(lb, 3),
                 )
-                await self._send(record, provider, cards, left, spec, existing is None, clock)
+                try:
+                    await self._send(record, provider, cards, left, spec, existing is None, clock)
+                finally:
+                    await keep_learned(record.ledger, settings, cards.pacer)
         workers = self.workers
         try:
             if workers is not None:
@@ -207,7 +212,13 @@ class JobRun:
             # next run reconciles them all the same. The report is still worth writing.
             self.fatal = self.fatal or exc
         stopped = None if workers is None else workers.stopping
-        ending = Ending(started, lb, stopped, complete=not stopped and self.fatal is None)
+        ending = Ending(
+            started,
+            lb,
+            stopped,
+            complete=not stopped and self.fatal is None,
+            rate_used=cards.pacer.used(),
+        )
         # The metrics are written by the command's exit, with its exit code (runner.cli).
         result = await write_outputs(record, job, settings, self.tally, ending, clock)
         end = self.end
