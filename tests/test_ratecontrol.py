@@ -204,3 +204,25 @@ def test_auto_in_settings_and_environment() -> None:
             resolve_settings({"rate_limit": bad}, env={})
     with pytest.raises(ConfigError):
         resolve_settings({}, {"rate_auto": True}, env={})
+
+
+def test_sandbox_rate_schedule_changes_the_limit_mid_run() -> None:
+    """`rate_schedule` halves the sandbox's limit at its time; Retry-After can be whole."""
+    from runner.sandbox.config import SandboxConfig
+    from runner.sandbox.state import SandboxState
+
+    clock = Clock()
+    config = SandboxConfig(rate_limit=10.0, rate_burst=1, rate_schedule=((5.0, 5.0),), clock=clock)
+    state = SandboxState(config)
+
+    def admitted(seconds: float, every: float) -> int:
+        start, count = clock.now, 0
+        while clock.now < start + seconds - 1e-9:
+            count += state.admit() is None
+            clock.now += every
+        return count
+
+    assert admitted(5.0, 0.1) == 50
+    assert 24 <= admitted(5.0, 0.1) <= 26
+    with pytest.raises(ValueError, match="rate_schedule"):
+        SandboxConfig(rate_limit=10.0, rate_schedule=((5.0, 0.0),))
