@@ -6,11 +6,11 @@ the provider's limiter: neither provider documents its limiter (GCRA, token buck
 window: each reads a 429 pattern differently), and a whole-second Retry-After says next to
 nothing about the limiter's interval. AIMD needs no model, only the signal every limiter
 gives, and its costs are set by two figures chosen for the run's budget: a 429 costs the rate
-`1 - DECREASE` (5 %), which the increase wins back over about a hundred requests. So an
-undisturbed stream sees about one 429 per hundred requests (under 1 %) and averages about
-97.5 % of the provider's rate. After a cut the rate climbs back quickly to just under the
-rate that was refused, then slowly past it (the plateau of TCP CUBIC, much simplified), so
-that a limit that moved is found again without many 429s.
+`1 - DECREASE` (5 %); the rate climbs back within a few requests to PLATEAU (97 %) of the
+rate that was refused, stays there for HOLD requests, then probes past it by SLOW_STEP a
+request (the plateau of TCP CUBIC, much simplified). So a steady stream sees about one 429
+per two hundred requests and averages about 97-98 % of the provider's rate, and a limit that
+moved is found again without many 429s.
 
 Only a 429 is a signal: a 5xx, a timeout or a dropped connection changes nothing here.
 
@@ -40,6 +40,9 @@ DECREASE = 0.95
 # After a cut, the rate climbs back to PLATEAU x the refused rate by FAST_STEP per request,
 # then past it by SLOW_STEP per request (about 1 % every 20 requests).
 PLATEAU = 0.97
+# Requests sent at that plateau before probing past it: a limiter that refuses a client at its
+# exact rate (network jitter against a strict limiter) is asked about once per few hundred.
+HOLD = 100
 FAST_STEP = 0.01
 SLOW_STEP = 0.0003
 # A cut goes to the rate the provider took over this many requests, if lower (see refused).
@@ -78,6 +81,7 @@ class RateController:
     _refused_rate: float | None = None
     _run_end: int = -2
     _run_length: int = 0
+    _held: int = 0
     _sends: deque[float] = field(default_factory=lambda: deque(maxlen=4 * WINDOW))
     _refused_sends: deque[float] = field(default_factory=lambda: deque(maxlen=4 * WINDOW))
 
@@ -106,6 +110,9 @@ class RateController:
             return
         refused = self._refused_rate
         fast = refused is not None and self.rate < PLATEAU * refused
+        if not fast and refused is not None and self._held < HOLD:
+            self._held += 1  # just under the refused rate: stay a while before probing past it
+            return
         grown = self.rate * (1.0 + (FAST_STEP if fast else SLOW_STEP))
         if fast and refused is not None:
             grown = min(grown, PLATEAU * refused)
@@ -127,6 +134,7 @@ class RateController:
             if taken is not None:
                 cut = min(cut, max(taken, self.rate / 2))
             self._refused_rate = self.rate
+            self._held = 0
             self.rate = max(self.floor, cut)
             self._cut_at = now
             self.cuts += 1

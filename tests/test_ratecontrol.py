@@ -214,6 +214,7 @@ def test_sandbox_rate_schedule_changes_the_limit_mid_run() -> None:
     clock = Clock()
     config = SandboxConfig(rate_limit=10.0, rate_burst=1, rate_schedule=((5.0, 5.0),), clock=clock)
     state = SandboxState(config)
+    state.note_topup_arrival()  # the schedule counts from the first topup
 
     def admitted(seconds: float, every: float) -> int:
         start, count = clock.now, 0

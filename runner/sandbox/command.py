@@ -204,7 +204,7 @@ DECIMAL = _DecimalType()
 @click.option(
     "--rate-schedule",
     default="",
-    help="The rate limit changes during the run: SECONDS:RATE,... from the start, "
+    help="The rate limit changes during the run: SECONDS:RATE,... from the first topup, "
     "e.g. 30:10 halves a --rate-limit 20 after 30 s.",
 )
 @click.option(

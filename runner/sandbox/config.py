@@ -259,7 +259,7 @@ class SandboxConfig:
     cooldown_status: int = 400
     rate_limit: float | None = None
     rate_burst: int = 2
-    # The limit changes during a run: (seconds after the sandbox starts, new rate) in order.
+    # The limit changes during a run: (seconds after the first topup arrived, new rate).
     rate_schedule: tuple[tuple[float, float], ...] = ()
     # A 429's Retry-After in whole seconds, as HTTP's delta-seconds are (else to 0.01 s).
     retry_after_whole: bool = False

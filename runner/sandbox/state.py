@@ -355,8 +355,9 @@ class SandboxState:
         if self._limiter is None:
             return None
         now = self.now()
-        schedule = self._schedule
-        while schedule and now - self._clock_origin >= schedule[0][0]:
+        schedule, arrivals = self._schedule, self.topup_arrivals
+        # The schedule counts from the first topup: a run's start, whatever preceded it.
+        while schedule and arrivals and now - arrivals[0] >= schedule[0][0]:
             # The limit changes (--rate-schedule): a new budget at the new rate.
             self._limiter = Gcra(schedule.pop(0)[1], self.config.rate_burst)
         wait = self._limiter.admit(now)
