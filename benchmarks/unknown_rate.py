@@ -47,7 +47,7 @@ from makespan import (
 
 COOLDOWN = 1.0
 LATENCY = 0.02
-TARGET_SECONDS = 12.0  # LB of each rate-bound job
+TARGET_SECONDS = 15.0  # LB of each rate-bound job
 FIXED_DEFAULT = 5.0
 FIXED_CAP = 1.6
 FAULT_KINDS = "error_before,error_after,drop_before"
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Case("7/s", 7.0),
         Case("23/s", 23.0),
         Case("60/s", 60.0),
-        Case("23/s halving at 6 s", 23.0, schedule=((6.0, 11.5),), steady=False),
+        Case("23/s halving at 7.5 s", 23.0, schedule=((7.5, 11.5),), steady=False),
         Case("23/s, 5% faults", 23.0, faults=0.05, steady=False),
     ]
     if args.quick:

@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 
 # Slow start: the rate doubles every this many seconds of sending, until the first 429.
 DOUBLING = 0.5
-# ... and by at most 2**MAX_PROBE_STEP a request (a slow rate's slot is long).
+# ... or by this when the refusal before it came within DENSE requests (a limit that fell).
+DENSE_DECREASE = 0.75
+DENSE = 4
+# Slow start: by at most 2**MAX_PROBE_STEP a request (a slow rate's slot is long).
 MAX_PROBE_STEP = 0.25
 # A request that went this many slots or more after the one before was not held back by
 # the rate: it is no evidence that the provider takes more (RFC 7661's idea, for a rate).
@@ -40,11 +43,16 @@ DECREASE = 0.95
 # After a cut, the rate climbs back to PLATEAU x the refused rate by FAST_STEP per request,
 # then past it by SLOW_STEP per request (about 1 % every 20 requests).
 PLATEAU = 0.97
+# A cut believes the rate the provider took down to this fraction of the refused rate (an
+# estimate over a window that began slower says less than the provider took).
+TRUST = 0.85
 # Requests sent at that plateau before probing past it: a limiter that refuses a client at its
 # exact rate (network jitter against a strict limiter) is asked about once per few hundred.
-HOLD = 100
+HOLD = 50
 FAST_STEP = 0.01
 SLOW_STEP = 0.0003
+# ... and by at least this fraction a second (a slow provider's requests are few).
+SLOW_PER_SECOND = 0.01
 # A cut goes to the rate the provider took over this many requests, if lower (see refused).
 WINDOW = 24
 # A Retry-After longer than this asks for a pause of the whole run (s).
@@ -113,7 +121,8 @@ class RateController:
         if not fast and refused is not None and self._held < HOLD:
             self._held += 1  # just under the refused rate: stay a while before probing past it
             return
-        grown = self.rate * (1.0 + (FAST_STEP if fast else SLOW_STEP))
+        step = FAST_STEP if fast else max(SLOW_STEP, SLOW_PER_SECOND / self.rate)
+        grown = self.rate * (1.0 + step)
         if fast and refused is not None:
             grown = min(grown, PLATEAU * refused)
         self.rate = min(self.ceiling, grown)
@@ -125,19 +134,21 @@ class RateController:
         with a 429 and a Retry-After of `after` seconds. The rate is cut (once per rate);
         returns how long the whole run should pause (0: only the refused request waits)."""
         self.refusals += 1
-        self._refused_sends.append(sent_at)
         if sent_at >= self._cut_at:
             # Down to what the provider took, if lower (a slow start that overshot), but never
             # below half at once; back quickly to just under the refused rate (see `sent`).
             taken = self._taken_rate(sent_at)
-            cut = self.rate * DECREASE
-            if taken is not None:
+            cut = self.rate * (DENSE_DECREASE if self._dense(sent_at) else DECREASE)
+            limit = self.rate
+            if taken is not None and taken < limit:
+                limit = max(taken, self.rate * TRUST)  # what the provider took, within reason
                 cut = min(cut, max(taken, self.rate / 2))
-            self._refused_rate = self.rate
+            self._refused_rate = limit
             self._held = 0
             self.rate = max(self.floor, cut)
             self._cut_at = now
             self.cuts += 1
+        self._refused_sends.append(sent_at)
         self.probe = False
         if seq is not None:
             self._run_length = self._run_length + 1 if seq == self._run_end + 1 else 1
@@ -150,6 +161,15 @@ class RateController:
             self.pauses += 1
             return wait
         return 0.0
+
+    def _dense(self, sent_at: float) -> bool:
+        """Whether the refusal before this one was of one of the DENSE requests sent before
+        it: a limit well below the rate (one that just dropped), not an early request."""
+        if not self._refused_sends:
+            return False
+        before = self._refused_sends[-1]
+        between = sum(1 for t in self._sends if before < t <= sent_at)
+        return between <= DENSE
 
     def _taken_rate(self, until: float) -> float | None:
         """The rate the provider took over the last `WINDOW` requests sent up to `until`:

@@ -281,6 +281,7 @@ class Pacer:
         self._next_at = -math.inf
         self._paused_until = -math.inf
         self._sent_count = 0
+        self._last_send = -math.inf
         self.slowdowns = 0
 
     @property
@@ -337,7 +338,16 @@ class Pacer:
         else:
             slot = self.reserve()
         self._mark_sent(slot)
-        delay = slot - self._clock()
+        now = self._clock()
+        rate = self.current_rate
+        if rate is not None and rate * TIMER_GRAIN <= 1.0:
+            # Never closer to the request sent before than one slot, however late that one
+            # went (its intent took long to commit): a strict limiter refuses the second of
+            # two requests closer than its interval. The delay is the largest lateness so far,
+            # once, not one per request.
+            slot = max(slot, self._last_send + 1.0 / rate)
+            self._last_send = max(slot, now)
+        delay = slot - now
         if delay > self.slack():
             await anyio.sleep(delay)
 

@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 
 from runner.config import resolve_settings
 from runner.errors import ConfigError
-from runner.rate import DECREASE, LONG_RETRY_AFTER, RUN_OF_REFUSALS, RateController
+from runner.rate import (
+    DECREASE,
+    DENSE,
+    DENSE_DECREASE,
+    LONG_RETRY_AFTER,
+    RUN_OF_REFUSALS,
+    RateController,
+)
 from runner.sandbox.state import Gcra
 from runner.scheduler import TIMER_GRAIN, Pacer
 
@@ -116,8 +123,20 @@ def test_one_429_cuts_once_per_rate_and_pauses_nobody() -> None:
     assert control.rate == pytest.approx(20.0 * DECREASE)
     control.refused(sent_at=1.01, now=1.03, seq=12, after=1.0)  # sent before the cut
     assert control.rate == pytest.approx(20.0 * DECREASE)
-    control.refused(sent_at=1.05, now=1.07, seq=14, after=1.0)
-    assert control.rate == pytest.approx(20.0 * DECREASE**2)
+    for n in range(DENSE + 1):  # requests went between: not a limit that fell
+        control.sent(1.05 + n * 0.05)
+    before = control.rate
+    control.refused(sent_at=1.3, now=1.32, seq=20, after=1.0)
+    assert control.rate == pytest.approx(before * DECREASE)
+
+
+def test_dense_429s_cut_harder() -> None:
+    """A 429 right after another (a limit that just fell) cuts by DENSE_DECREASE."""
+    control = RateController(20.0)
+    control.refused(sent_at=1.0, now=1.02, seq=10, after=1.0)
+    before = control.rate
+    control.refused(sent_at=1.05, now=1.07, seq=12, after=1.0)
+    assert control.rate == pytest.approx(before * DENSE_DECREASE)
 
 
 def test_a_long_retry_after_pauses_the_run() -> None:
