@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -246,3 +247,37 @@ def test_sandbox_rate_schedule_changes_the_limit_mid_run() -> None:
     assert 24 <= admitted(5.0, 0.1) <= 26
     with pytest.raises(ValueError, match="rate_schedule"):
         SandboxConfig(rate_limit=10.0, rate_schedule=((5.0, 0.0),))
+
+
+@pytest.mark.anyio
+async def test_learned_rate_is_kept_per_target_and_read_back(tmp_path: Path) -> None:
+    """An auto run keeps 97 % of where it ended; the next run on that target starts there,
+    another target learns nothing from it; check prints both lower bounds."""
+    from runner.ledger.sqlite import SqliteLedger
+    from runner.run.rates import check_lines, keep_learned, learned_rate, start_at_learned
+
+    ledger = SqliteLedger.open(tmp_path / "ledger.sqlite")
+    try:
+        auto = resolve_settings(
+            {"rate_limit": "auto:100", "provider": "uncash"}, env={"UNCASH_API_TOKEN": "x"}
+        )
+        pacer = Pacer(auto.rate_limit, auto=True, ceiling=auto.rate_ceiling)
+        assert pacer.control is not None
+        pacer.control.rate = 40.0
+        pacer.control.refusals = 1
+        await keep_learned(ledger, auto, pacer)
+        assert await learned_rate(ledger, auto) == pytest.approx(40.0 * 0.97)
+        other = resolve_settings(
+            {"rate_limit": "auto", "provider": "uncash", "base_url": "https://other.example/v1"},
+            env={},
+        )
+        assert await learned_rate(ledger, other) is None
+        again = Pacer(auto.rate_limit, auto=True, ceiling=auto.rate_ceiling)
+        await start_at_learned(ledger, auto, again)
+        assert again.current_rate == pytest.approx(38.8)
+        assert again.used() == "learned 38.8/s (auto)"
+        lines = check_lines(auto, 1001, 1, 38.8)
+        assert "200.0 s" in lines[0]  # at the configured start, 5/s
+        assert "25.8 s" in lines[1]  # at the learned rate
+    finally:
+        ledger.close()
