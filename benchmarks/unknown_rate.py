@@ -146,6 +146,9 @@ def measure(case: Case, shape: Shape, rate: str, workdir: Path, token: str) -> O
             *python_command(),
             *("run", str(job), "--provider", "uncash", "--base-url", sb.api),
             *("--rate-limit", rate, "--cooldown", f"{COOLDOWN:g}", "--concurrency", "8"),
+            # A lost answer (the fault cases) is judged from the card's state within seconds:
+            # the sandbox applies at once, and a minute's grace would dwarf the job.
+            *("--timeout", "5", "--apply-grace", "1"),
             *("--ledger", str(workdir / "ledger.sqlite"), "--output", str(workdir / "out.csv")),
             *("--log-format", "json", "--no-progress"),
         ]
