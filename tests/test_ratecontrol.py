@@ -281,3 +281,21 @@ async def test_learned_rate_is_kept_per_target_and_read_back(tmp_path: Path) -> 
         assert "25.8 s" in lines[1]  # at the learned rate
     finally:
         ledger.close()
+
+
+def test_workers_share_one_learned_rate(pg_url: str) -> None:
+    """On a PostgreSQL ledger the first word sets the run's rate, a cut by any worker is
+    everyone's, and a rise from a rate another worker has since moved is not taken."""
+    from runner.ledger.postgres import PostgresLedger
+
+    ledger = PostgresLedger.open(pg_url)
+    try:
+        assert ledger.share_rate("shared", None, 20.0, False) == 20.0  # the first word
+        assert ledger.share_rate("shared", None, 30.0, False) == 20.0  # a newcomer adopts it
+        assert ledger.share_rate("shared", 20.0, 19.0, True) == 19.0  # worker A cuts
+        assert ledger.share_rate("shared", 20.0, 20.5, False) == 19.0  # B's stale rise: no
+        assert ledger.share_rate("shared", 19.0, 19.2, False) == 19.2  # a rise from the rate
+        assert ledger.share_rate("shared", 19.2, 25.0, True) == 19.2  # a "cut" never raises
+        ledger.reserve_slots("shared", 1, 0.1)  # the slot timeline still works beside it
+    finally:
+        ledger.close()
