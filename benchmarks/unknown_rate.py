@@ -148,7 +148,7 @@ def measure(case: Case, shape: Shape, rate: str, workdir: Path, token: str) -> O
             *("--rate-limit", rate, "--cooldown", f"{COOLDOWN:g}", "--concurrency", "8"),
             # A lost answer (the fault cases) is judged from the card's state within seconds:
             # the sandbox applies at once, and a minute's grace would dwarf the job.
-            *("--timeout", "5", "--apply-grace", "1"),
+            *("--timeout", "1", "--apply-grace", "0.2"),
             *("--ledger", str(workdir / "ledger.sqlite"), "--output", str(workdir / "out.csv")),
             *("--log-format", "json", "--no-progress"),
         ]
