@@ -55,6 +55,7 @@ SLOW_STEP = 0.0003
 SLOW_PER_SECOND = 0.01
 # A cut goes to the rate the provider took over this many requests, if lower (see refused).
 WINDOW = 24
+MIN_SENDS = 6
 # A Retry-After longer than this asks for a pause of the whole run (s).
 LONG_RETRY_AFTER = 2.0
 # This many requests in a row refused (in the order they were sent) pause the whole run.
@@ -176,12 +177,12 @@ class RateController:
         sent minus refused, over their span (a limiter in overload takes exactly its rate).
         None when those requests were not paced by the rate (the estimate would be low)."""
         sends = [t for t in self._sends if t <= until][-WINDOW:]
-        if len(sends) < WINDOW // 2:
+        if len(sends) < MIN_SENDS:
             return None
         span = until - sends[0]
         if span <= 0 or (not self.probe and span * self.rate > PACED_GAP * len(sends)):
             return None
-        refused = sum(1 for t in self._refused_sends if sends[0] <= t <= until)
+        refused = 1 + sum(1 for t in self._refused_sends if sends[0] <= t <= until)
         return max(1, len(sends) - refused) / span
 
     def adopt(self, rate: float) -> None:
