@@ -134,11 +134,16 @@ def wait_measured(process: subprocess.Popen[Any], timeout: float) -> Finished:
 
 
 def runner_command(
-    job: Path, sb: Sandbox, concurrency: int, workdir: Path, output: str = "out.csv"
+    job: Path,
+    sb: Sandbox,
+    concurrency: int,
+    workdir: Path,
+    output: str = "out.csv",
+    rate_limit: str = "unlimited",
 ) -> list[str]:
     return [
         *python_command(), "run", str(job), "--provider", "uncash", "--base-url", sb.api,
-        "--rate-limit", "unlimited", "--concurrency", str(concurrency), "--cooldown", "0",
+        "--rate-limit", rate_limit, "--concurrency", str(concurrency), "--cooldown", "0",
         "--ledger", str(workdir / "ledger.sqlite"), "--output", str(workdir / output),
         "--log-format", "json", "--no-progress",
     ]  # fmt: skip
@@ -236,7 +241,7 @@ def measure_runner(
     write_job(job, cards)
     with sandbox(folder, "runner", args.wallet, args.seed) as sb:
         sb.register_cards(cards)
-        command = runner_command(job, sb, concurrency, folder)
+        command = runner_command(job, sb, concurrency, folder, rate_limit=args.rate_limit)
         finished = run_runner(command, folder, args.timeout, profile=args.profile)
         failure = None
         if finished.exit_code != 0:
@@ -276,6 +281,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight, both")
     parser.add_argument("--rounds", type=int, default=1, help="measure each contender N times")
     parser.add_argument("--seed", type=int, default=11, help="card ids")
+    parser.add_argument(
+        "--rate-limit", default="unlimited", help="the runner's --rate-limit (e.g. 1000000)"
+    )
     parser.add_argument("--target", type=float, default=0.8, help="runner/bare ratio to reach")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per runner run")
     parser.add_argument(

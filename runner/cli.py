@@ -76,7 +76,8 @@ def run_options(func: F) -> F:
                  "one in the per-user state folder; sandbox runs: .topup-sandbox/ here"),
         _setting("--run-key", "KEY", "Names the run; the same key resumes it."),
         _setting("--rate-limit", "RATE",
-                 "Requests per second, all requests together, or 'unlimited'."),
+                 "Requests per second, all requests together, 'unlimited', or 'auto[:MAX]' "
+                 "to learn the provider's limit from its 429s."),
         _setting("--cooldown", "SECONDS", "Minimum gap between two topups of one card."),
         _setting("--concurrency", "N", "Requests in flight at once."),
         _setting("--max-attempts", "N", "Attempts per row for failures safe to retry."),

@@ -119,6 +119,10 @@ class Settings:
     max_row: Decimal | None = None
     yes: bool = False  # no confirmation on a terminal
     audit: bool = False  # match the run against the provider's books at its end (runner.audit)
+    # `--rate-limit auto[:MAX]`: learn the provider's rate from its 429s (runner.rate),
+    # starting at `rate_limit` (the provider's cautious default), never above `rate_ceiling`.
+    rate_auto: bool = False
+    rate_ceiling: float | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -136,6 +140,12 @@ class Settings:
             self.rate_limit > 0 and math.isfinite(self.rate_limit)
         ):
             raise ConfigError("rate-limit: must be a positive number of requests per second")
+        if self.rate_ceiling is not None and not (
+            self.rate_ceiling > 0 and math.isfinite(self.rate_ceiling)
+        ):
+            raise ConfigError("rate-limit: auto:MAX needs a positive number of requests per second")
+        if self.rate_auto and self.rate_limit is None:
+            raise ConfigError("rate-limit: auto needs a starting rate, not unlimited")
         if not (self.cooldown >= 0 and math.isfinite(self.cooldown)):
             raise ConfigError("cooldown: must be zero or a positive number of seconds")
         if self.concurrency < 1:
@@ -239,9 +249,22 @@ def _fraction(value: object) -> Decimal:
     return result
 
 
-def _optional_rate(value: object) -> float | None:
-    if str(value).strip().lower() in ("none", "unlimited"):
+@dataclass(frozen=True, slots=True)
+class AutoRate:
+    """`auto` or `auto:MAX` as given for rate_limit: resolve_settings makes it rate_auto."""
+
+    ceiling: float | None = None
+
+
+def _optional_rate(value: object) -> float | AutoRate | None:
+    text = str(value).strip().lower()
+    if text in ("none", "unlimited"):
         return None
+    if text == "auto" or text.startswith("auto:"):
+        ceiling = text.partition(":")[2].strip()
+        if text != "auto" and not ceiling:
+            raise ValueError("write auto:MAX with MAX in requests per second, e.g. auto:50")
+        return AutoRate(float(_number(float)(ceiling)) if ceiling else None)
     return float(_number(float)(value))
 
 
@@ -270,7 +293,9 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     **GUARD_CONVERT,
     "audit": _flag,
 }
-SETTING_NAMES = tuple(f.name for f in fields(Settings))
+# Set through another setting's value (rate_limit: auto), not named by a source themselves.
+_DERIVED = ("rate_auto", "rate_ceiling")
+SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name not in _DERIVED)
 _FIELD_DEFAULTS: Mapping[str, object] = {f.name: f.default for f in fields(Settings)}
 
 
@@ -320,6 +345,10 @@ def resolve_settings(
 
     if "run_key" in chosen and "{" in chosen["run_key"]:
         chosen["run_key"] = expand_run_key(chosen["run_key"], job_file)
+    auto = chosen.get("rate_limit")
+    if isinstance(auto, AutoRate):  # it starts at the provider's default and learns from there
+        del chosen["rate_limit"]
+        chosen.update(rate_auto=True, rate_ceiling=auto.ceiling)
     provider = chosen.get("provider", "sandbox")
     for name, value in PROVIDER_DEFAULTS.get(provider, {}).items():
         chosen.setdefault(name, value)

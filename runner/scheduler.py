@@ -20,6 +20,8 @@ from typing import Generic, TypeVar, cast
 
 import anyio
 
+from runner.rate import RateController
+
 T = TypeVar("T")
 
 
@@ -239,43 +241,82 @@ def tight_lower_bound(rows_per_card: Iterable[int], rate: float | None, cooldown
 
 Clock = Callable[[], float]
 _prepaid: ContextVar[float | None] = ContextVar("prepaid_slot", default=None)
+# (number in send order, slot) of the request this task sent last: what a 429 answers.
+_sent: ContextVar[tuple[int, float] | None] = ContextVar("sent_slot", default=None)
+# A timer coarser than one slot must not cost slots: when slots are closer than this, a slot
+# due within this much of now is paid at once (a small burst) rather than slept for. Slots are
+# absolute times, so a late wake-up is caught up on by the next slots, not lost.
+TIMER_GRAIN = 0.002
 
 
 class Pacer:
-    """Spaces requests at most `rate` per second, evenly, for every caller together.
+    """Spaces requests at most `current_rate` per second, evenly, for every caller together.
 
-    Each `acquire()` reserves the next free slot (FIFO) and sleeps until it. A 429 from the
-    provider (`slow_down`) pauses all callers for its Retry-After and lowers the rate, which
-    climbs back to the configured rate after a run of undisturbed requests.
+    Each `acquire()` reserves the next free slot (FIFO) and sleeps until it. The rate is the
+    `RateController`'s (runner.rate): the configured one, or with `auto` one learned from the
+    provider's 429s. A 429 (`slow_down`) lowers it; only the refused request waits its
+    Retry-After, unless the controller's rule says the provider wants the whole run paused.
     """
-
-    RECOVERY_REQUESTS = 50
-    SLOWDOWN_FACTOR = 0.7
-    MIN_FRACTION = 0.05
 
     def __init__(
         self,
         rate: float | None,
         *,
         clock: Clock = anyio.current_time,
+        auto: bool = False,
+        ceiling: float | None = None,
     ) -> None:
         if rate is not None and rate <= 0:
             raise ValueError("rate must be positive (or None for unlimited)")
         self.rate = rate
-        self.current_rate = rate
+        self.auto = auto and rate is not None
+        self.ceiling = (ceiling or math.inf) if self.auto else rate
+        self.control = (
+            None
+            if rate is None
+            else RateController(rate, self.ceiling or math.inf, probe=self.auto)
+        )
+        self.learned: float | None = None  # the rate an earlier run learned, if started at it
         self._clock = clock
         self._next_at = -math.inf
         self._paused_until = -math.inf
-        self._undisturbed = 0
+        self._sent_count = 0
+        self._last_send = -math.inf
         self.slowdowns = 0
+
+    @property
+    def current_rate(self) -> float | None:
+        return None if self.control is None else self.control.rate
+
+    def start_from(self, learned: float | None) -> None:
+        """With `auto`, start at the rate an earlier run learned, not at the bottom."""
+        if not self.auto or learned is None or not learned > 0 or self.ceiling is None:
+            return
+        self.learned = min(learned, self.ceiling)
+        self.control = RateController(self.learned, self.ceiling, probe=False)
+
+    def used(self) -> str:
+        """The rate this run paced at, for its last log line and its report."""
+        rate = self.current_rate
+        if rate is None:
+            return "unlimited"
+        if not self.auto:
+            return f"configured {self.rate:g}/s"
+        return f"learned {rate:.3g}/s (auto)"
+
+    def slack(self) -> float:
+        """How early a slot may be paid: `TIMER_GRAIN` when slots are closer than it."""
+        rate = self.current_rate
+        return TIMER_GRAIN if rate is not None and rate * TIMER_GRAIN > 1.0 else 0.0
 
     def reserve(self) -> float:
         """Take the next slot and return when it is (no sleeping): the pure part of acquire."""
         now = self._clock()
         at = max(now, self._next_at, self._paused_until)
-        if self.current_rate is not None:
-            self._next_at = at + 1.0 / self.current_rate
-            self._recover()
+        control = self.control
+        if control is not None:
+            control.sent(at)
+            self._next_at = at + 1.0 / control.rate
         return at
 
     async def refill(self) -> None:
@@ -285,6 +326,10 @@ class Pacer:
         """When a request could go if nobody else asked first (a past time means now)."""
         return max(self._next_at, self._paused_until)
 
+    def _mark_sent(self, slot: float) -> None:
+        self._sent_count += 1
+        _sent.set((self._sent_count, slot))
+
     async def acquire(self) -> None:
         """Wait for this request's slot: the one prepaid for it, or the next free one."""
         slot = _prepaid.get()
@@ -292,8 +337,18 @@ class Pacer:
             _prepaid.set(None)
         else:
             slot = self.reserve()
-        delay = slot - self._clock()
-        if delay > 0:
+        self._mark_sent(slot)
+        now = self._clock()
+        rate = self.current_rate
+        if rate is not None and rate * TIMER_GRAIN <= 1.0:
+            # Never closer to the request sent before than one slot, however late that one
+            # went (its intent took long to commit): a strict limiter refuses the second of
+            # two requests closer than its interval. The delay is the largest lateness so far,
+            # once, not one per request.
+            slot = max(slot, self._last_send + 1.0 / rate)
+            self._last_send = max(slot, now)
+        delay = slot - now
+        if delay > self.slack():
             await anyio.sleep(delay)
 
     @contextmanager
@@ -310,21 +365,19 @@ class Pacer:
             _prepaid.reset(token)
 
     def slow_down(self, retry_after: float | None) -> None:
-        """The provider said 429: pause everyone for `retry_after` and lower the rate."""
+        """The provider said 429 to this task's last request."""
+        self._refused(retry_after)
+
+    def _refused(self, retry_after: float | None) -> float:
+        """Teach the controller; pause everyone only when its rule says so. The pause."""
         now = self._clock()
         self.slowdowns += 1
-        self._undisturbed = 0
-        pause = retry_after if retry_after is not None else 1.0
-        self._paused_until = max(self._paused_until, now + pause)
-        if self.rate is not None and self.current_rate is not None:
-            self.current_rate = max(
-                self.rate * self.MIN_FRACTION, self.current_rate * self.SLOWDOWN_FACTOR
-            )
-
-    def _recover(self) -> None:
-        if self.rate is None or self.current_rate is None or self.current_rate >= self.rate:
-            return
-        self._undisturbed += 1
-        if self._undisturbed >= self.RECOVERY_REQUESTS:
-            self._undisturbed = 0
-            self.current_rate = min(self.rate, self.current_rate / self.SLOWDOWN_FACTOR)
+        sent = _sent.get()
+        seq, sent_at = sent if sent is not None else (None, now)
+        if self.control is None:
+            pause = retry_after if retry_after is not None else 1.0
+        else:
+            pause = self.control.refused(sent_at=sent_at, now=now, seq=seq, after=retry_after)
+        if pause > 0:
+            self._paused_until = max(self._paused_until, now + pause)
+        return pause

@@ -21,7 +21,12 @@ pytestmark = pytest.mark.anyio
 
 # Lines a run's own report may add to what the ledger alone gives: this process's share and
 # the estimate from its settings, each labelled as such.
-RUN_ONLY = {"topups sent by this process", "estimated minimum duration (s)", "stopped"}
+RUN_ONLY = {
+    "topups sent by this process",
+    "estimated minimum duration (s)",
+    "stopped",
+    "request rate used",
+}
 
 
 def args(sb: RunningSandbox, tmp: Path, *more: str) -> list[str]:

@@ -169,6 +169,22 @@ class CardLeases:
         )
         return float(now)
 
+    def share_rate(self, run_key: str, seen: float | None, proposed: float, lowered: bool) -> float:
+        """The run's shared request rate (`--rate-limit auto`), after this worker's word: a
+        cut (`lowered`) lowers it to `proposed` at most; a rise is taken only if nobody moved
+        it since this worker read `seen` (so that no worker undoes another's cut)."""
+        ((rate,),) = self._query(
+            "INSERT INTO run_pace AS p (run_key, next_at, rate) "
+            "VALUES (%s, EXTRACT(EPOCH FROM clock_timestamp())::float8, %s) "
+            "ON CONFLICT (run_key) DO UPDATE SET rate = CASE "
+            "WHEN p.rate IS NULL THEN EXCLUDED.rate "
+            "WHEN %s THEN LEAST(p.rate, EXCLUDED.rate) "
+            "WHEN p.rate = %s THEN EXCLUDED.rate ELSE p.rate END RETURNING p.rate",
+            (run_key, proposed, lowered, seen),
+            coordination=True,
+        )
+        return float(rate)
+
     def pause_slots(self, run_key: str, seconds: float) -> None:
         """Nobody's next request before `seconds` from now (the provider said 429)."""
         self._query(
@@ -190,13 +206,17 @@ class SharedPacer(Pacer):
         run_key: str,
         *,
         clock: Callable[[], float] = anyio.current_time,
+        auto: bool = False,
+        ceiling: float | None = None,
     ) -> None:
-        super().__init__(rate, clock=clock)
+        super().__init__(rate, clock=clock, auto=auto, ceiling=ceiling)
         self._ledger = ledger
         self._run_key = run_key
         self._slots: deque[float] = deque()
         self._refilling = anyio.Lock()
         self._pause_to_share = 0.0
+        self._lowered = False  # a 429 cut the rate since the last trip to the ledger
+        self._shared_rate: float | None = None  # the run's rate as last read from the ledger
         self._best_trip = math.inf
         self._offset = 0.0
 
@@ -248,6 +268,14 @@ class SharedPacer(Pacer):
         if self._pause_to_share > 0:
             pause, self._pause_to_share = self._pause_to_share, 0.0
             await ledger.coordinate(ledger.pause_slots, self._run_key, pause)
+        if self.auto and self.control is not None:
+            # One rate for every worker: a cut is everyone's; a rise only from the shared rate.
+            lowered, self._lowered = self._lowered, False
+            shared = await ledger.coordinate(
+                ledger.share_rate, self._run_key, self._shared_rate, self.control.rate, lowered
+            )
+            self._shared_rate = shared
+            self.control.adopt(shared)
         spacing = self._spacing()
         count = max(1, math.ceil(SLOT_BLOCK_SECONDS / spacing))
         asked = self._clock()
@@ -284,8 +312,10 @@ class SharedPacer(Pacer):
             return super().reserve()
         if not self._slots:
             raise RuntimeError("SharedPacer.reserve() without a slot: refill() first")
-        self._recover()
-        return self._slots.popleft()
+        slot = self._slots.popleft()
+        if self.control is not None:
+            self.control.sent(slot)
+        return slot
 
     async def acquire(self) -> None:
         """Wait for this request's slot. A slot prepaid when its card was chosen is given up
@@ -302,15 +332,22 @@ class SharedPacer(Pacer):
         if slot is None:
             await self.refill()
             slot = self.reserve()
+        self._mark_sent(slot)
         delay = slot - self._clock()
-        if delay > 0:
+        if delay > self.slack():
             await anyio.sleep(delay)
 
     def slow_down(self, retry_after: float | None) -> None:
-        """A 429 pauses every worker: the slots held are dropped and the pause is shared."""
-        super().slow_down(retry_after)
-        self._slots.clear()
-        self._pause_to_share = max(self._pause_to_share, retry_after or 1.0)
+        """A 429 lowers the rate every worker shares (`auto`: at the next trip to the ledger);
+        when the controller asks for a whole-run pause, the slots held are dropped and the
+        pause is shared."""
+        rate = self.current_rate
+        pause = self._refused(retry_after)
+        if self.current_rate != rate:
+            self._lowered = True
+        if pause > 0:
+            self._slots.clear()
+            self._pause_to_share = max(self._pause_to_share, pause)
 
 
 class SharedRun:

@@ -229,6 +229,11 @@ class LedgerReads:
         )
         return [(Decimal(a), Decimal(f)) for a, f in cursor]
 
+    def learned_rate(self, target: str) -> float | None:
+        """The request rate `--rate-limit auto` last learned on `target` (None: never)."""
+        found = list(self._select("SELECT rate FROM learned_rates WHERE target = ?", (target,)))
+        return float(found[0][0]) if found else None
+
     def known_refs(self, card_id: str) -> set[str]:
         """Provider references of the card's topups the ledger already accounts for."""
         cursor = self._select(

@@ -264,3 +264,12 @@ def card_done(run_key: str, card_id: str, owner: str) -> Statement:
         "WHERE run_key = ? AND card_id = ? AND owner = ?",
         (run_key, card_id, owner),
     )
+
+
+def learned_rate(target: str, rate: float, at: datetime) -> Statement:
+    """Keep the request rate a run learned on `target`, for the next run to start near."""
+    return (
+        "INSERT INTO learned_rates (target, rate, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (target) DO UPDATE SET rate = excluded.rate, updated_at = excluded.updated_at",
+        (target, float(rate), at.astimezone(UTC).isoformat()),
+    )

@@ -77,7 +77,9 @@ class AllCards:
 
     def __init__(self, settings: Settings, hold: float, clock: Callable[[], float]) -> None:
         self.left = WorkLeft(())
-        self.pacer = Pacer(settings.rate_limit, clock=clock)
+        self.pacer = Pacer(
+            settings.rate_limit, clock=clock, auto=settings.rate_auto, ceiling=settings.rate_ceiling
+        )
         self._hold = hold
         self._clock = clock
 
@@ -124,7 +126,14 @@ class LeasedCards:
         assert isinstance(ledger, PostgresLedger)
         self.left = WorkLeft(())
         self.feeding = False
-        self.pacer: Pacer = SharedPacer(settings.rate_limit, ledger, record.run_key, clock=clock)
+        self.pacer: Pacer = SharedPacer(
+            settings.rate_limit,
+            ledger,
+            record.run_key,
+            clock=clock,
+            auto=settings.rate_auto,
+            ceiling=settings.rate_ceiling,
+        )
         self._shared = SharedRun(ledger, record.run_key, lease=settings.lease, clock=clock)
         log.info("worker.joined", worker=self._shared.owner, ledger=ledger.name)
         self._settings = settings

@@ -40,9 +40,10 @@ from runner.preflight import (
 from runner.providers.base import Provider
 from runner.providers.factory import open_provider, rules_for
 from runner.report import failed_rows_path_for, subtotals_path_for, summary_path_for
+from runner.run.rates import check_lines, learned_rate
 from runner.run.record import fee_samples, named_ledger, open_for
 from runner.run.resume import choose_run_key, derive_run_key
-from runner.scheduler import Pacer, lower_bound
+from runner.scheduler import Pacer
 
 
 def check_amounts(job: Job, provider: str) -> None:
@@ -224,12 +225,14 @@ async def _check_job(job: Job, settings: Settings, keep: dict[str, object]) -> l
     job = split_if_asked(job, settings.provider, settings.split_over_max)
     check_amounts(job, settings.provider)
     samples: list[tuple[Decimal, Decimal]] = []
+    learned: float | None = None
     where = named_ledger(settings, os.environ)
     run_key = settings.run_key or derive_run_key(job, settings)
     if where is not None and (not isinstance(where, Path) or where.exists()):
         with ExitStack() as stack:
             ledger = open_for(where, stack, readonly=True)
             samples = await fee_samples(ledger, settings.provider)
+            learned = await learned_rate(ledger, settings)
             # The key `run` would take: an earlier run of this job is resumed, not repaid.
             run_key = await choose_run_key(ledger, job, settings)
             approval = await approval_lines(ledger, job, settings, run_key, os.environ)
@@ -277,7 +280,6 @@ async def _check_job(job: Job, settings: Settings, keep: dict[str, object]) -> l
         raise report
     keep.update(report=report, run_key=run_key)
     most, cards, groups = stats[0]
-    lb = lower_bound(len(job.rows), most, settings.rate_limit, settings.cooldown)
     label = "SANDBOX (no real money moves)" if settings.is_sandbox else settings.provider
     lines = [
         f"provider: {label} at {base_url}",
@@ -289,8 +291,7 @@ async def _check_job(job: Job, settings: Settings, keep: dict[str, object]) -> l
             if report.estimated_fees is not None
             else "fees unknown in advance: they come on top of the amounts (see --fee-rate)"
         ),
-        f"estimated minimum duration: {lb:.1f} s "
-        f"(rate {settings.rate_limit or 'unlimited'}/s, cooldown {settings.cooldown:g} s)",
+        *check_lines(settings, len(job.rows), most, learned),
         f"run key: {run_key}",
     ]
     if report.set_aside:

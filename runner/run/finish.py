@@ -249,6 +249,8 @@ class Ending:
     stopped: str | None
     complete: bool  # no error and no stop: the run may be marked finished
     audit: tuple[tuple[str, Value], ...] = ()  # `run --audit`: its lines for the Summary
+    # The request rate the run paced at: "configured 5/s", "learned 23.1/s (auto)"...
+    rate_used: str | None = None
 
 
 async def write_outputs(
@@ -277,6 +279,8 @@ async def write_outputs(
     facts = await record.facts()
     info = info_from_facts(spec, facts)
     own: list[tuple[str, Value]] = [("estimated minimum duration (s)", _seconds(whole))]
+    if ending.rate_used is not None:
+        own.append(("request rate used", ending.rate_used))
     if not record.shared:
         # Workers of a shared ledger each write the same Summary: no line of one of them.
         own.insert(0, ("topups sent by this process", tally.sent))
@@ -332,6 +336,7 @@ async def write_outputs(
         lower_bound_s=round(lb, 3),
         makespan_ratio=None if makespan is None or lb <= 0 else round(makespan / lb, 4),
         stopped=ending.stopped,
+        rate_used=ending.rate_used,
         failed_rows_job=str(failed_file) if failed else None,
         **{f"rows_{s.value}": n for s, n in counts.items()},
     )

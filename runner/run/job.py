@@ -55,6 +55,7 @@ from runner.run.finish import (
     write_outputs,
 )
 from runner.run.policy import RECONCILE_GRACE, Policy
+from runner.run.rates import keep_learned, start_at_learned
 from runner.run.record import RunRecord, ledger_where, open_for
 from runner.run.resume import (
     WorkLeft,
@@ -205,6 +206,7 @@ class JobRun:
             async with open_provider(
                 settings, (r.card_id for r in left.rows), cards.pacer, env=self.env
             ) as (provider, base_url):
+                await start_at_learned(record.ledger, settings, cards.pacer)
                 log.info(
                     "run.started",
                     rows=len(job.rows),
@@ -216,7 +218,12 @@ class JobRun:
                     lower_bound_s=round(lb, 3),
                 )
                 if left.rows:
-                    await self._send(record, provider, cards, left, spec, existing is None, clock)
+                    try:
+                        await self._send(
+                            record, provider, cards, left, spec, existing is None, clock
+                        )
+                    finally:
+                        await keep_learned(record.ledger, settings, cards.pacer)
                 if settings.audit and self.fatal is None and not self._stopping():
                     from runner.audit.atrun import audit_at_end
 
@@ -236,7 +243,13 @@ class JobRun:
             # next run reconciles them all the same. The report is still worth writing.
             self.fatal = self.fatal or exc
         stopped = None if workers is None else workers.stopping
-        ending = Ending(started, lb, stopped, complete=not stopped and self.fatal is None)
+        ending = Ending(
+            started,
+            lb,
+            stopped,
+            complete=not stopped and self.fatal is None,
+            rate_used=cards.pacer.used(),
+        )
         if audit is not None:
             from runner.audit.output import summary_lines
 

@@ -167,7 +167,7 @@ class Workers:
                 await pacer.refill()  # slots of a shared rate limit, when none are held
                 now = self.clock()
                 free_at = pacer.next_free()
-                if free_at > now:
+                if free_at - now > pacer.slack():  # slots closer than the timer: a burst
                     await anyio.sleep(free_at - now)
                     continue
                 rate = pacer.current_rate

@@ -209,6 +209,17 @@ DECIMAL = _DecimalType()
     help="Probability (0-1) that a delivered webhook is sent once more  [default: 0]",
 )
 @click.option(
+    "--rate-schedule",
+    default="",
+    help="The rate limit changes during the run: SECONDS:RATE,... from the first topup, "
+    "e.g. 30:10 halves a --rate-limit 20 after 30 s.",
+)
+@click.option(
+    "--retry-after-whole",
+    is_flag=True,
+    help="A 429's Retry-After in whole seconds, as HTTP's are (default: to 0.01 s).",
+)
+@click.option(
     "--alix-failure-style",
     type=click.Choice(["http", "ok", "mixed"]),
     help="Alix refusals as HTTP 4xx, as HTTP 200 with success:false, or either at random  "
@@ -249,6 +260,8 @@ def sandbox(
     settle_failure_rate: float | None,
     webhook_duplicate_rate: float | None,
     alix_failure_style: str | None,
+    rate_schedule: str,
+    retry_after_whole: bool,
 ) -> None:
     """Serve the simulated Uncash API (and, given partner credentials, the Alix API) until
     Ctrl-C: no money moves, nothing leaves this machine."""
@@ -294,6 +307,8 @@ def sandbox(
             cooldown_status=cooldown_status,
             rate_limit=rate_limit,
             rate_burst=rate_burst,
+            rate_schedule=_schedule(rate_schedule),
+            retry_after_whole=retry_after_whole,
             default_card_limit=card_limit,
             response_version=cast(ResponseVersion, response_version),
             latency=latency,
@@ -324,3 +339,14 @@ def _read_pem(path: Path) -> str:
         return path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read the PEM file {path}: {exc}") from None
+
+
+def _schedule(text: str) -> tuple[tuple[float, float], ...]:
+    """`--rate-schedule 30:10,60:5` as ((30.0, 10.0), (60.0, 5.0))."""
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        at, colon, rate = item.partition(":")
+        if not colon:
+            raise ValueError(f"rate_schedule: {item!r} is not SECONDS:RATE")
+        pairs.append((float(at), float(rate)))
+    return tuple(pairs)

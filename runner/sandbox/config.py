@@ -259,6 +259,10 @@ class SandboxConfig:
     cooldown_status: int = 400
     rate_limit: float | None = None
     rate_burst: int = 2
+    # The limit changes during a run: (seconds after the first topup arrived, new rate).
+    rate_schedule: tuple[tuple[float, float], ...] = ()
+    # A 429's Retry-After in whole seconds, as HTTP's delta-seconds are (else to 0.01 s).
+    retry_after_whole: bool = False
     default_card_limit: Decimal = Decimal("10000.00")
     auto_create_cards: bool = True
     cards: tuple[SandboxCard, ...] = ()
@@ -336,6 +340,16 @@ class SandboxConfig:
         burst = self.rate_burst
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ValueError(f"rate_burst must be a positive integer, got {burst!r}")
+        schedule = tuple((float(at), float(r)) for at, r in self.rate_schedule)
+        if any(
+            not (math.isfinite(at) and at >= 0 and math.isfinite(r) and r > 0) for at, r in schedule
+        ) or list(schedule) != sorted(schedule):
+            raise ValueError(
+                "rate_schedule must be (seconds from start, positive rate) pairs in time order"
+            )
+        if schedule and rate is None:
+            raise ValueError("rate_schedule changes a rate limit: give rate_limit too")
+        object.__setattr__(self, "rate_schedule", schedule)
 
     def _check_cards(self) -> None:
         cards = tuple(self.cards)

@@ -229,6 +229,7 @@ class SandboxState:
         self._limiter = (
             None if config.rate_limit is None else Gcra(config.rate_limit, config.rate_burst)
         )
+        self._schedule = list(config.rate_schedule)
         self.applied: list[AppliedTopup] = []
         self.requests: Counter[str] = Counter()
         self.refusals: Counter[Refusal] = Counter()
@@ -354,7 +355,13 @@ class SandboxState:
         """Spend one request of the rate limit: None if admitted, else seconds to wait."""
         if self._limiter is None:
             return None
-        wait = self._limiter.admit(self.now())
+        now = self.now()
+        schedule, arrivals = self._schedule, self.topup_arrivals
+        # The schedule counts from the first topup: a run's start, whatever preceded it.
+        while schedule and arrivals and now - arrivals[0] >= schedule[0][0]:
+            # The limit changes (--rate-schedule): a new budget at the new rate.
+            self._limiter = Gcra(schedule.pop(0)[1], self.config.rate_burst)
+        wait = self._limiter.admit(now)
         if wait is not None:
             self.note_refusal(Refusal.RATE_LIMITED)
         return wait

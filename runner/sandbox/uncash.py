@@ -231,7 +231,7 @@ def _cooldown_refusal(state: SandboxState, remaining: float) -> web.Response:
 
 
 def _too_many(state: SandboxState, wait: float) -> web.Response:
-    headers = {"Retry-After": seconds_text(wait, whole=wait >= 1)}
+    headers = {"Retry-After": seconds_text(wait, whole=wait >= 1 or state.config.retry_after_whole)}
     return error_response(state, 429, TOO_MANY_MESSAGE, headers=headers)
 
 
