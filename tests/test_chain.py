@@ -287,8 +287,10 @@ def old_ledger(path: Path, no_key: None) -> Path:
     paid_ledger(path, rows=2)
     conn = sqlite3.connect(path)
     with conn:
-        conn.execute("DROP TABLE chain")
-        conn.execute("DROP TABLE chain_heads")
+        # Everything schema 3 and later made: a ledger as version 2 left it.
+        for table in ("chain", "chain_heads", "approvals", "learned_rates"):
+            conn.execute(f"DROP TABLE {table}")
+        conn.execute("DROP INDEX rows_by_card")
         conn.execute("PRAGMA user_version = 2")
     conn.close()
     return path
