@@ -224,7 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         for n, case in enumerate(cases):
             for shape in shapes(case.rows_for(TARGET_SECONDS), rng):
-                for rate in ("auto",) if args.no_fixed else ("auto", f"{FIXED_DEFAULT:g}"):
+                rates = ["auto"] if args.no_fixed else ["auto", f"{FIXED_DEFAULT:g}"]
+                if case.faults:
+                    # The reference: told the true rate. What it loses to faults is what a
+                    # lost answer costs (reconciled before it is sent again), not the rate.
+                    rates.append(f"{case.rate:g}")
+                for rate in rates:
                     o = measure(case, shape, rate, root / f"{n}-{shape.name}-{rate}", token)
                     print(f"{case.name:21} {shape.name:10} {rate:>6}  {show(o)}", flush=True)
                     if rate != "auto":

@@ -51,8 +51,15 @@ TRUST = 0.85
 HOLD = 50
 FAST_STEP = 0.01
 SLOW_STEP = 0.0003
-# ... and by at least this fraction a second (a slow provider's requests are few).
+# ... and by at least this fraction a second (a slow provider's requests are few), doubled
+# every ACCEL_SECONDS (or ACCEL_REQUESTS, if longer: a slow provider's 429 comes late) without
+# a 429, up to 2**ACCEL_MAX times (the convex probe of TCP CUBIC):
+# a plateau set too low (two 429s of one slow-start overshoot) is left in seconds, not minutes,
+# while near a refused rate the probe stays slow.
 SLOW_PER_SECOND = 0.01
+ACCEL_SECONDS = 5.0
+ACCEL_REQUESTS = 100
+ACCEL_MAX = 4.0
 # A cut goes to the rate the provider took over this many requests, if lower (see refused).
 WINDOW = 24
 MIN_SENDS = 6
@@ -93,6 +100,7 @@ class RateController:
     _held: int = 0
     _sends: deque[float] = field(default_factory=lambda: deque(maxlen=4 * WINDOW))
     _refused_sends: deque[float] = field(default_factory=lambda: deque(maxlen=4 * WINDOW))
+    _calm_since: float | None = None  # the last cut, else the first request
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and math.isfinite(self.rate)):
@@ -106,6 +114,8 @@ class RateController:
         """A request goes now: the rate grows (nothing refused it so far)."""
         last, self._grown_at = self._grown_at, now
         self._sends.append(now)
+        if self._calm_since is None:
+            self._calm_since = now
         if self.rate >= self.ceiling:
             self.rate = self.ceiling
             return
@@ -121,8 +131,12 @@ class RateController:
         fast = refused is not None and self.rate < PLATEAU * refused
         if not fast and refused is not None and self._held < HOLD:
             self._held += 1  # just under the refused rate: stay a while before probing past it
+            if self._held == HOLD:
+                self._calm_since = now  # the probe past it starts slow
             return
-        step = FAST_STEP if fast else max(SLOW_STEP, SLOW_PER_SECOND / self.rate)
+        doubling = max(ACCEL_SECONDS, ACCEL_REQUESTS / self.rate)
+        accel = 2.0 ** min(ACCEL_MAX, max(0.0, now - self._calm_since) / doubling)
+        step = FAST_STEP if fast else max(SLOW_STEP, accel * SLOW_PER_SECOND / self.rate)
         grown = self.rate * (1.0 + step)
         if fast and refused is not None:
             grown = min(grown, PLATEAU * refused)
@@ -147,7 +161,7 @@ class RateController:
             self._refused_rate = limit
             self._held = 0
             self.rate = max(self.floor, cut)
-            self._cut_at = now
+            self._cut_at = self._calm_since = now
             self.cuts += 1
         self._refused_sends.append(sent_at)
         self.probe = False
