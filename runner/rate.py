@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 # Slow start: the rate doubles every this many seconds of sending, until the first 429.
-DOUBLING = 0.5
+DOUBLING = 0.35
 # ... or by this when the refusal before it came within DENSE requests (a limit that fell).
 DENSE_DECREASE = 0.75
 DENSE = 4
@@ -94,6 +94,7 @@ class RateController:
     pauses: int = 0
     _grown_at: float | None = None
     _cut_at: float = -math.inf
+    _cut_gap: float = 0.0  # one interval at the rate the last cut set
     _refused_rate: float | None = None
     _run_end: int = -2
     _run_length: int = 0
@@ -149,7 +150,9 @@ class RateController:
         with a 429 and a Retry-After of `after` seconds. The rate is cut (once per rate);
         returns how long the whole run should pause (0: only the refused request waits)."""
         self.refusals += 1
-        if sent_at >= self._cut_at:
+        # A request sent within one new interval of the cut was paced by the rate before it
+        # (its slot was taken already): its 429 is the old rate's, like those sent before.
+        if sent_at >= self._cut_at + self._cut_gap:
             # Down to what the provider took, if lower (a slow start that overshot), but never
             # below half at once; back quickly to just under the refused rate (see `sent`).
             taken = self._taken_rate(sent_at)
@@ -162,6 +165,7 @@ class RateController:
             self._held = 0
             self.rate = max(self.floor, cut)
             self._cut_at = self._calm_since = now
+            self._cut_gap = 1.0 / self.rate
             self.cuts += 1
         self._refused_sends.append(sent_at)
         self.probe = False

@@ -141,8 +141,18 @@ def test_dense_429s_cut_harder() -> None:
     control = RateController(20.0)
     control.refused(sent_at=1.0, now=1.02, seq=10, after=1.0)
     before = control.rate
-    control.refused(sent_at=1.05, now=1.07, seq=12, after=1.0)
+    control.refused(sent_at=1.09, now=1.11, seq=12, after=1.0)  # one interval at 19/s later
     assert control.rate == pytest.approx(before * DENSE_DECREASE)
+
+
+def test_a_429_of_a_request_paced_before_the_cut_cuts_nothing() -> None:
+    """A request sent within one new interval of a cut had its slot from the old rate: its
+    429 is the old rate's (a slow start's overshoot once cut twice, to half the limit)."""
+    control = RateController(20.0)
+    control.refused(sent_at=1.0, now=1.02, seq=10, after=1.0)
+    before = control.rate
+    control.refused(sent_at=1.05, now=1.07, seq=11, after=1.0)
+    assert control.rate == before
 
 
 def test_a_long_retry_after_pauses_the_run() -> None:
