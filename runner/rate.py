@@ -102,6 +102,10 @@ class RateController:
     _sends: deque[float] = field(default_factory=lambda: deque(maxlen=4 * WINDOW))
     _refused_sends: deque[float] = field(default_factory=lambda: deque(maxlen=4 * WINDOW))
     _calm_since: float | None = None  # the last cut, else the first request
+    # The run's end is near (`Pacer.near_end`): hold under the refused rate, probe no further.
+    # A probe's gain there is a few requests; its 429 costs the refused row a whole-second
+    # Retry-After, which at the end of a run is the run's own time.
+    settle: bool = False
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and math.isfinite(self.rate)):
@@ -130,6 +134,8 @@ class RateController:
             return
         refused = self._refused_rate
         fast = refused is not None and self.rate < PLATEAU * refused
+        if not fast and refused is not None and self.settle:
+            return
         if not fast and refused is not None and self._held < HOLD:
             self._held += 1  # just under the refused rate: stay a while before probing past it
             if self._held == HOLD:

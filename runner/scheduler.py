@@ -247,6 +247,9 @@ _sent: ContextVar[tuple[int, float] | None] = ContextVar("sent_slot", default=No
 # due within this much of now is paid at once (a small burst) rather than slept for. Slots are
 # absolute times, so a late wake-up is caught up on by the next slots, not lost.
 TIMER_GRAIN = 0.002
+# Within this many seconds of the run's end (rows left at the current rate), the rate no
+# longer probes past a refused rate: a 429 there delays its row by a whole-second Retry-After.
+SETTLE_SECONDS = 3.0
 
 
 class Pacer:
@@ -303,6 +306,13 @@ class Pacer:
         if not self.auto:
             return f"configured {self.rate:g}/s"
         return f"learned {rate:.3g}/s (auto)"
+
+    def near_end(self, rows_left: int | None) -> None:
+        """Tell the rate how much is left (None: unknown, more may come): within
+        `SETTLE_SECONDS` of the end at the current rate, the controller stops probing."""
+        control = self.control
+        if control is not None:
+            control.settle = rows_left is not None and rows_left < control.rate * SETTLE_SECONDS
 
     def slack(self) -> float:
         """How early a slot may be paid: `TIMER_GRAIN` when slots are closer than it."""

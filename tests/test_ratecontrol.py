@@ -22,7 +22,7 @@ from runner.rate import (
     RateController,
 )
 from runner.sandbox.state import Gcra
-from runner.scheduler import TIMER_GRAIN, Pacer
+from runner.scheduler import SETTLE_SECONDS, TIMER_GRAIN, Pacer
 
 
 @dataclass
@@ -314,3 +314,27 @@ def test_workers_share_one_learned_rate(pg_url: str) -> None:
         ledger.reserve_slots("shared", 1, 0.1)  # the slot timeline still works beside it
     finally:
         ledger.close()
+
+
+def test_near_the_end_the_rate_holds_under_the_refused_rate() -> None:
+    """Within SETTLE_SECONDS of the end the controller stops probing past a refused rate (a
+    429 there costs its row a whole second, the run's own time); before it, it probes."""
+    pacer = Pacer(20.0, auto=True, clock=lambda: 0.0)
+    control = pacer.control
+    assert control is not None
+    control.refused(sent_at=0.0, now=0.01, seq=1, after=1.0)
+    t = 1.0
+    for _ in range(400):  # back to the plateau and past the hold
+        control.sent(t)
+        t += 1.0 / control.rate
+    probing = control.rate
+    pacer.near_end(int(control.rate * SETTLE_SECONDS) - 1)
+    for _ in range(200):
+        control.sent(t)
+        t += 1.0 / control.rate
+    assert control.rate == probing
+    pacer.near_end(None)  # more may come (a shared run's cards): probing again
+    for _ in range(50):
+        control.sent(t)
+        t += 1.0 / control.rate
+    assert control.rate > probing

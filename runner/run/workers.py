@@ -164,6 +164,7 @@ class Workers:
             now = self.clock()
             wake_at = math.inf
             if dispatcher.queued:
+                pacer.near_end(None if cards.feeding else len(dispatcher))
                 await pacer.refill()  # slots of a shared rate limit, when none are held
                 now = self.clock()
                 free_at = pacer.next_free()
