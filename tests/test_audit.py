@@ -213,7 +213,8 @@ async def test_after_a_kill_and_resume_the_report_totals_are_what_the_wallet_pai
         token=TOKEN, cooldown=0.05, fault_rate=0.3, fault_kinds=("drop_after", "error_after"),
         seed=2,
     )  # fmt: skip
-    more = ("--timeout", "0.5", "--apply-grace", "0.2", "--max-attempts", "10")
+    more = ("--timeout", "0.5", "--apply-grace", "0.2", "--max-attempts", "10",
+            "--rate-limit", "200", "--concurrency", "16")  # fmt: skip
     async with serve_sandbox(config) as sb:
         process = await anyio.open_process(
             command("run", str(job), *run_args(sb, tmp_path, *more)),
@@ -320,7 +321,7 @@ FAULTY = ("--timeout", "0.5", "--apply-grace", "0.3", "--max-attempts", "10",
 async def test_faults_and_two_kills_leave_no_discrepancy(tmp_path: Path, lag: float) -> None:
     """~10 % faults of every kind, two SIGKILLs, a final rerun: the audit finds nothing, also
     when the list lags behind the money (the deposit proves what the list does not show)."""
-    job, amounts = unique_amount_job(tmp_path, rows=160, cards=60, seed=9)
+    job, amounts = unique_amount_job(tmp_path, rows=100, cards=40, seed=9)
     config = SandboxConfig(
         token=TOKEN, cooldown=0.05, fault_rate=0.1, slow_seconds=0.8, seed=6, list_lag=lag
     )
