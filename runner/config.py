@@ -23,6 +23,7 @@ from runner.guard.options import (
     GUARD_CONVERT,
     GUARD_OPERATOR_ONLY,
     check_guard_settings,
+    flag,
 )
 from runner.targets import (
     LOOPBACK_HOST,
@@ -229,17 +230,6 @@ def _number(kind: Callable[[str], Any]) -> Callable[[object], Any]:
     return convert
 
 
-def _flag(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
 def _fraction(value: object) -> Decimal:
     if isinstance(value, bool | float):
         raise ValueError("write the fee rate as a quoted decimal, e.g. '0.025'")
@@ -280,18 +270,18 @@ _CONVERT: Mapping[str, Callable[[object], Any]] = {
     "max_attempts": _number(int),
     "timeout": _number(float),
     "log_format": lambda v: str(v).strip().lower(),
-    "progress": _flag,
+    "progress": flag,
     "wait_settle": _number(float),
-    "allow_partial": _flag,
+    "allow_partial": flag,
     "metrics_file": lambda v: Path(str(v)).expanduser(),
     "fee_rate": _fraction,
     "lease": _number(float),
     "apply_grace": _number(float),
     "group_by": lambda v: str(v).strip() or None,
     "notify": notify_targets,
-    "split_over_max": _flag,
+    "split_over_max": flag,
     **GUARD_CONVERT,
-    "audit": _flag,
+    "audit": flag,
 }
 # Set through another setting's value (rate_limit: auto), not named by a source themselves.
 _DERIVED = ("rate_auto", "rate_ceiling")

@@ -87,7 +87,8 @@ def _keys(value: object) -> tuple[str, ...]:
     return tuple(k for k in (str(item).strip() for item in items) if k)
 
 
-def _flag(value: object) -> bool:
+def flag(value: object) -> bool:
+    """A yes/no setting as flags, TOPUP_* and job settings give it (config's too)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -106,7 +107,7 @@ GUARD_CONVERT: Mapping[str, Callable[[object], Any]] = {
     "recurring": parse_period,
     "max_total": _cap,
     "max_row": _cap,
-    "yes": _flag,
+    "yes": flag,
 }
 # Settings a job file may not choose: who runs it (the runner's own approval must not count),
 # which earlier run it may repeat, and whether the terminal is asked.
