@@ -36,6 +36,7 @@ class TestOperatorOnly:
         assert set(OPERATOR_ONLY) == {
             "base_url", "metrics_file", "ledger", "output", "apply_grace", "notify",
             "by", "allow_repeat_of", "yes",  # who runs it, what it may repeat, no question
+            "repeat_window",  # a job of last month's rows must not switch its own guard off
         }  # fmt: skip
         assert "provider" not in OPERATOR_ONLY
         assert "run_key" not in OPERATOR_ONLY
@@ -48,6 +49,7 @@ class TestOperatorOnly:
             ("ledger", "fresh.sqlite", "--ledger", "TOPUP_LEDGER"),
             ("output", "out.xlsx", "--output", "TOPUP_OUTPUT"),
             ("apply_grace", 0, "--apply-grace", "TOPUP_APPLY_GRACE"),
+            ("repeat_window", 0, "--repeat-window", "TOPUP_REPEAT_WINDOW"),
         ],
     )
     def test_refused_from_a_job_file(self, name: str, value: object, flag: str, env: str) -> None:

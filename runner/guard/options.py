@@ -114,6 +114,7 @@ GUARD_CONVERT: Mapping[str, Callable[[object], Any]] = {
 GUARD_OPERATOR_ONLY = {
     "by": "it names who runs the job, whose own approval does not count",
     "allow_repeat_of": "it lets the job pay again what another run paid",
+    "repeat_window": "it sets how far back the job may not pay again what another run paid",
     "yes": "it skips the confirmation the operator is asked for",
 }
 
